@@ -1,0 +1,1 @@
+"""The dispatcher service: routes each request to a worker with a policy from `policies/`."""

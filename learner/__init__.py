@@ -1,0 +1,1 @@
+"""The learner service: learns TTFT online from telemetry and publishes model snapshots."""

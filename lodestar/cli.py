@@ -1,0 +1,18 @@
+"""The `lodestar` command line: the composition root.
+
+Each subcommand lives in `lodestar/commands/` and imports the service it runs inside the command,
+so the core never imports a service package at import time.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from lodestar.commands import topics
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Lodestar: a learned LLM request router.")
+app.add_typer(topics.app, name="topics")
+
+
+if __name__ == "__main__":
+    app()

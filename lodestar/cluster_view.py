@@ -1,0 +1,82 @@
+"""What a router knows when it routes one request: the request's shape and the cluster's state.
+
+These types are the inputs and output of every routing policy (dispatcher/policies). The live
+dispatcher fills them from Redis, the simulator from its engines (with the same staleness rules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from lodestar.hardware import relative_speed
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """A request as a router sees it."""
+
+    request_id: str
+    prompt_tokens: int
+    block_hashes: tuple[int, ...] = ()
+    tokens_per_block: int = 16
+    session_id: str | None = None
+    max_new_tokens: int = 128
+
+
+@dataclass(slots=True)
+class ClusterView:
+    """Per-worker arrays (index i = worker i) of live state, plus this request's matched prefix."""
+
+    worker_ids: list[str]
+    gpu_types: list[str]
+    running: np.ndarray
+    waiting: np.ndarray
+    inflight: np.ndarray
+    pending_prefill_tokens: np.ndarray
+    kv_usage: np.ndarray
+    max_kv_tokens: np.ndarray
+    recent_ttft_ms: np.ndarray
+    matched_prefix_tokens: np.ndarray
+    gpu_speed: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    now_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        n = len(self.worker_ids)
+        if len(self.gpu_speed) != n:
+            self.gpu_speed = np.array([relative_speed(t) for t in self.gpu_types], dtype=np.float64)
+        for name in ("running", "waiting", "inflight", "pending_prefill_tokens", "kv_usage",
+                     "max_kv_tokens", "recent_ttft_ms", "matched_prefix_tokens"):
+            arr = getattr(self, name)
+            if len(arr) != n:
+                raise ValueError(f"ClusterView.{name} has {len(arr)} entries for {n} workers")
+
+    @property
+    def size(self) -> int:
+        return len(self.worker_ids)
+
+    def with_matched(self, matched_prefix_tokens: np.ndarray) -> ClusterView:
+        """The same state with another request's matched prefix (cheap: arrays are shared)."""
+        return replace(self, matched_prefix_tokens=matched_prefix_tokens)
+
+    @classmethod
+    def empty_like(cls, worker_ids: list[str], gpu_types: list[str]) -> ClusterView:
+        """An idle cluster view (all zeros) over the given workers."""
+        n = len(worker_ids)
+        z = np.zeros(n, dtype=np.float64)
+        return cls(list(worker_ids), list(gpu_types), z.copy(), z.copy(), z.copy(), z.copy(), z.copy(),
+                   z.copy(), z.copy(), z.copy())
+
+
+@dataclass(slots=True)
+class Decision:
+    """A policy's choice for one request."""
+
+    index: int
+    worker_id: str
+    policy: str
+    scores: np.ndarray | None = None
+    explored: bool = False
+    predicted_ttft_ms: float | None = None
+    model_version: int = 0

@@ -1,0 +1,1 @@
+"""Subcommands of the `lodestar` CLI, one module each."""

@@ -1,0 +1,50 @@
+"""Prefix block hashing: chained 64-bit xxhash over fixed-size blocks.
+
+Block i's hash covers blocks 0..i (it is seeded with block i-1's hash), so equal hashes mean equal
+prefixes and two chains diverge for good at the first differing block. Only whole blocks are hashed:
+a trailing partial block is not cacheable as a unit, as in SGLang's paged radix cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import xxhash
+
+ROOT_SEED = 0x10DE57A2
+
+
+def _chain(blocks: Iterable[bytes]) -> list[int]:
+    out: list[int] = []
+    seed = ROOT_SEED
+    for block in blocks:
+        seed = xxhash.xxh64_intdigest(block, seed=seed)
+        out.append(seed)
+    return out
+
+
+def token_block_hashes(tokens: Sequence[int], tokens_per_block: int) -> list[int]:
+    """Chained hashes of the whole `tokens_per_block`-token blocks of a token sequence."""
+    if tokens_per_block < 1:
+        raise ValueError("tokens_per_block must be >= 1")
+    arr = np.asarray(tokens, dtype=np.uint32)
+    n_blocks = len(arr) // tokens_per_block
+    raw = arr[: n_blocks * tokens_per_block].tobytes()
+    step = 4 * tokens_per_block
+    return _chain(raw[i * step : (i + 1) * step] for i in range(n_blocks))
+
+
+def text_block_hashes(text: str, chars_per_block: int) -> list[int]:
+    """Chained hashes of the whole `chars_per_block`-character blocks of a text prompt."""
+    if chars_per_block < 1:
+        raise ValueError("chars_per_block must be >= 1")
+    n_blocks = len(text) // chars_per_block
+    return _chain(
+        text[i * chars_per_block : (i + 1) * chars_per_block].encode() for i in range(n_blocks)
+    )
+
+
+def trace_block_hashes(hash_ids: Sequence[int]) -> list[int]:
+    """Chained hashes for a trace's per-block hash ids (Mooncake `hash_ids`), one per id."""
+    return _chain(int(h).to_bytes(8, "little", signed=False) for h in hash_ids)

@@ -1,0 +1,45 @@
+"""Creating Lodestar's topics on the broker (idempotent)."""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from lodestar.names import Topics
+from lodestar.settings import Settings
+
+
+def fixed_topic_partitions(settings: Settings) -> dict[str, int]:
+    """The fixed topics and the partitions each should have."""
+    k = settings.kafka
+    t = Topics(k.topic_prefix)
+    return {
+        t.requests: k.request_partitions,
+        t.results: k.results_partitions,
+        t.telemetry: k.telemetry_partitions,
+        t.dlq: 1,
+    }
+
+
+async def ensure_topics(settings: Settings, topics: dict[str, int]) -> dict[str, str]:
+    """Create each topic with its partitions unless it exists; returns topic -> 'created'|'exists'."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        outcome = {name: "exists" for name in topics if name in existing}
+        new = [
+            NewTopic(name, num_partitions=parts, replication_factor=settings.kafka.replication_factor)
+            for name, parts in topics.items()
+            if name not in existing
+        ]
+        if new:
+            try:
+                await admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # a concurrent creator won the race; the topic exists, which is all we need
+            for nt in new:
+                outcome[nt.name] = "created"
+        return outcome
+    finally:
+        await admin.close()

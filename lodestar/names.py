@@ -1,0 +1,84 @@
+"""Kafka topic names and Redis key builders, in one place."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+def check_worker_id(worker_id: str) -> str:
+    """Validate a worker id (it becomes part of a topic name and Redis keys)."""
+    if not _WORKER_ID.match(worker_id):
+        raise ValueError(f"worker id {worker_id!r} must match {_WORKER_ID.pattern}")
+    return worker_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names under a configurable prefix (default `lodestar.`)."""
+
+    prefix: str = "lodestar."
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}requests"
+
+    @property
+    def results(self) -> str:
+        return f"{self.prefix}results"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.prefix}telemetry"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}dlq"
+
+    def worker(self, worker_id: str) -> str:
+        """The topic a worker consumes its routed requests from."""
+        return f"{self.prefix}worker.{check_worker_id(worker_id)}"
+
+    def fixed(self) -> list[str]:
+        """The topics that exist independently of workers."""
+        return [self.requests, self.results, self.telemetry, self.dlq]
+
+
+@dataclass(frozen=True)
+class RedisKeys:
+    """Redis key builders under a configurable prefix (default `lodestar:`)."""
+
+    prefix: str = "lodestar:"
+
+    @property
+    def workers(self) -> str:
+        """Set of registered worker ids."""
+        return f"{self.prefix}workers"
+
+    def worker_state(self, worker_id: str) -> str:
+        """Hash of one worker's live state, with a TTL renewed by heartbeats."""
+        return f"{self.prefix}worker:{check_worker_id(worker_id)}"
+
+    def prefix_index(self, worker_id: str) -> str:
+        """Sorted set of block hashes believed cached on a worker, scored by last use."""
+        return f"{self.prefix}prefix:{check_worker_id(worker_id)}"
+
+    @property
+    def snapshot(self) -> str:
+        """Hash holding the current model snapshot (version, payload, signature)."""
+        return f"{self.prefix}model:snapshot"
+
+    @property
+    def snapshot_channel(self) -> str:
+        """Pub/sub channel announcing a new snapshot version."""
+        return f"{self.prefix}model:announce"
+
+    def dedupe(self, request_id: str) -> str:
+        """Marker that a worker has taken a request id (at-least-once dedupe)."""
+        return f"{self.prefix}dedupe:{request_id}"
+
+    def result(self, request_id: str) -> str:
+        """Cached final result of a request, replayed if the request is redelivered."""
+        return f"{self.prefix}result:{request_id}"

@@ -1,0 +1,1 @@
+"""Engine model, SGLang-API emulator, discrete-event simulator and workloads."""

@@ -1,0 +1,1 @@
+"""The worker service: wraps one SGLang engine, serves routed requests, reports telemetry."""
