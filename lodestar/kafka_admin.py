@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
@@ -34,10 +36,9 @@ async def ensure_topics(settings: Settings, topics: dict[str, int]) -> dict[str,
             if name not in existing
         ]
         if new:
-            try:
+            # A concurrent creator may win the race; the topic then exists, which is all we need.
+            with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # a concurrent creator won the race; the topic exists, which is all we need
             for nt in new:
                 outcome[nt.name] = "created"
         return outcome
