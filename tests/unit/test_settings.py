@@ -1,0 +1,60 @@
+"""Settings precedence: CLI > env > YAML file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lodestar.settings import load_settings
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "lodestar.yaml"
+    path.write_text("kafka:\n  bootstrap_servers: file:1\n  request_partitions: 7\nredis:\n  url: redis://file:2/0\n")
+    monkeypatch.setenv("LODESTAR_CONFIG", str(path))
+    for var in ("LODESTAR_KAFKA__BOOTSTRAP_SERVERS", "LODESTAR_REDIS__URL", "LODESTAR_KAFKA__REQUEST_PARTITIONS"):
+        monkeypatch.delenv(var, raising=False)
+    return path
+
+
+def test_defaults_without_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LODESTAR_CONFIG", str(tmp_path / "absent.yaml"))
+    monkeypatch.delenv("LODESTAR_KAFKA__BOOTSTRAP_SERVERS", raising=False)
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "127.0.0.1:19092"
+    assert s.kafka.request_partitions == 12
+
+
+def test_file_overrides_defaults(config_file: Path) -> None:
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "file:1"
+    assert s.kafka.request_partitions == 7
+    assert s.kafka.topic_prefix == "lodestar."  # untouched keys keep their defaults
+
+
+def test_env_overrides_file(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LODESTAR_KAFKA__BOOTSTRAP_SERVERS", "env:3")
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "env:3"
+    assert s.kafka.request_partitions == 7  # the file still supplies what env does not set
+    assert s.redis.url == "redis://file:2/0"
+
+
+def test_cli_overrides_env(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LODESTAR_KAFKA__BOOTSTRAP_SERVERS", "env:3")
+    s = load_settings(kafka={"bootstrap_servers": "cli:4"})
+    assert s.kafka.bootstrap_servers == "cli:4"
+    assert s.kafka.request_partitions == 7
+
+
+def test_bad_value_is_a_clear_error(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LODESTAR_KAFKA__REQUEST_PARTITIONS", "0")
+    with pytest.raises(ValueError, match="request_partitions"):
+        load_settings()
+
+
+def test_unknown_section_rejected(config_file: Path) -> None:
+    with pytest.raises(ValueError, match="nonsense"):
+        load_settings(nonsense={"a": 1})
