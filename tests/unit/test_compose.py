@@ -1,0 +1,62 @@
+"""compose.yaml is checked by parsing (Docker does not run here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel
+
+from lodestar.settings import PROJECT_ROOT, Settings
+
+COMPOSE = PROJECT_ROOT / "compose.yaml"
+
+
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(Path(COMPOSE).read_text())
+
+
+def _settings_env_names() -> set[str]:
+    names: set[str] = set()
+    for field_name, field in Settings.model_fields.items():
+        sub = field.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            for inner in sub.model_fields:
+                names.add(f"LODESTAR_{field_name}__{inner}".upper())
+        else:
+            names.add(f"LODESTAR_{field_name}".upper())
+    return names
+
+
+def test_services_present_with_expected_images() -> None:
+    services = _compose()["services"]
+    assert services["kafka"]["image"].startswith("apache/kafka:4")
+    assert services["redis"]["image"].startswith("redis:")
+    assert services["dispatcher"]["deploy"]["replicas"] == 2
+    for name in ("learner", "worker-h100", "worker-a30", "emulator-h100", "emulator-a30", "jaeger"):
+        assert name in services, name
+    gpu = services["sglang"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+
+
+def test_every_lodestar_env_var_is_a_setting() -> None:
+    known = _settings_env_names()
+    for name, service in _compose()["services"].items():
+        for var in (service.get("environment") or {}):
+            if var.startswith("LODESTAR_"):
+                assert var in known, f"{name}: {var} does not match any field of the settings model"
+
+
+def test_services_commands_are_lodestar_subcommands() -> None:
+    import typer.main
+
+    from lodestar.cli import app
+
+    click_app = typer.main.get_command(app)
+    commands = set(click_app.commands)  # type: ignore[attr-defined]
+    for name, service in _compose()["services"].items():
+        if service.get("image") == "lodestar:latest":
+            assert service["command"][0] in commands, f"{name} runs unknown subcommand {service['command'][0]}"
