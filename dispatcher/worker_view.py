@@ -1,0 +1,110 @@
+"""The dispatcher's view of the workers: the Redis registry, at most `staleness_s` old, as a ClusterView.
+
+Worker heartbeats lag the dispatcher's own decisions, so the view also remembers what this dispatcher
+assigned since: an assignment counts on top of a worker's reported state until that worker publishes a
+state written `settle_ms` after the assignment (by then it has consumed the request and counts it itself).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lodestar.cluster_view import ClusterView
+from lodestar.registry import WorkerRegistry
+from lodestar.schemas import WorkerState, now_ms
+
+SETTLE_MS = 100.0
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """One request this dispatcher sent to a worker, not yet visible in the worker's own state."""
+
+    routed_at_ms: float
+    uncached_tokens: int
+
+
+class WorkerView:
+    """Routable workers (heartbeat alive, not draining) and their state plus recent local assignments."""
+
+    def __init__(
+        self,
+        registry: WorkerRegistry,
+        staleness_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        settle_ms: float = SETTLE_MS,
+    ):
+        self._registry = registry
+        self._staleness_s = staleness_s
+        self._clock = clock
+        self._settle_ms = settle_ms
+        self._refreshed_at: float | None = None
+        self._live: list[WorkerState] = []
+        self._pending: dict[str, deque[Assignment]] = {}
+
+    @property
+    def live(self) -> list[WorkerState]:
+        """Every worker whose heartbeat has not expired, draining or not, as of the last refresh."""
+        return list(self._live)
+
+    @property
+    def routable(self) -> list[WorkerState]:
+        """Workers that may be given new requests: alive and not draining."""
+        return [w for w in self._live if not w.draining]
+
+    async def refresh(self, *, force: bool = False) -> bool:
+        """Re-read the registry if the view is older than the staleness bound; True if it did."""
+        now = self._clock()
+        if not force and self._refreshed_at is not None and now - self._refreshed_at < self._staleness_s:
+            return False
+        self.replace(await self._registry.live_workers())
+        self._refreshed_at = now
+        return True
+
+    def replace(self, live: list[WorkerState]) -> None:
+        """Install a fresh registry listing and drop the local assignments the workers now report."""
+        self._live = sorted(live, key=lambda w: w.worker_id)
+        states = {w.worker_id: w for w in self._live}
+        for wid in list(self._pending):
+            state = states.get(wid)
+            if state is None:
+                del self._pending[wid]
+                continue
+            queue = self._pending[wid]
+            while queue and queue[0].routed_at_ms + self._settle_ms <= state.updated_at:
+                queue.popleft()
+
+    def note_assigned(self, worker_id: str, uncached_tokens: int, routed_at_ms: float | None = None) -> None:
+        """Remember that this dispatcher sent a request to `worker_id` (counted until the worker reports it)."""
+        at = now_ms() if routed_at_ms is None else routed_at_ms
+        self._pending.setdefault(worker_id, deque()).append(Assignment(at, uncached_tokens))
+
+    def cluster_view(self) -> ClusterView:
+        """A fresh ClusterView over the routable workers (own arrays; matched prefix all zero)."""
+        workers = self.routable
+        n = len(workers)
+        inflight = np.empty(n, dtype=np.float64)
+        pending_prefill = np.empty(n, dtype=np.float64)
+        for i, w in enumerate(workers):
+            local = self._pending.get(w.worker_id, ())
+            inflight[i] = w.inflight + len(local)
+            pending_prefill[i] = w.pending_prefill_tokens + sum(a.uncached_tokens for a in local)
+        return ClusterView(
+            worker_ids=[w.worker_id for w in workers],
+            gpu_types=[w.gpu_type for w in workers],
+            running=np.array([w.running for w in workers], dtype=np.float64),
+            waiting=np.array([w.waiting for w in workers], dtype=np.float64),
+            inflight=inflight,
+            pending_prefill_tokens=pending_prefill,
+            kv_usage=np.array([w.kv_usage for w in workers], dtype=np.float64),
+            max_kv_tokens=np.array([w.max_kv_tokens for w in workers], dtype=np.float64),
+            recent_ttft_ms=np.array([w.recent_ttft_ms for w in workers], dtype=np.float64),
+            matched_prefix_tokens=np.zeros(n, dtype=np.float64),
+            now_ms=now_ms(),
+        )

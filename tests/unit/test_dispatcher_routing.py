@@ -1,0 +1,119 @@
+"""Batch routing: in-batch view updates, prefix matches created by the batch, decisions on the wire."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dispatcher.routing import CHARS_PER_TOKEN, BatchRouter, describe
+from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.features import FEATURE_NAMES, candidate_matrix, from_dict
+from lodestar.hashing import text_block_hashes, token_block_hashes
+from lodestar.schemas import InferenceRequest
+from lodestar.settings import PrefixSettings
+
+PREFIX = PrefixSettings(tokens_per_block=4, chars_per_block=8)
+
+
+class PrefixThenLeastLoaded:
+    """Longest match wins; ties go to the fewest in-flight, then the lowest index."""
+
+    name = "test_prefix_then_load"
+
+    def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
+        order = np.lexsort((np.arange(view.size), view.inflight, -view.matched_prefix_tokens))
+        i = int(order[0])
+        return Decision(index=i, worker_id=view.worker_ids[i], policy=self.name, predicted_ttft_ms=12.5,
+                        model_version=3)
+
+
+def idle_view(n: int) -> ClusterView:
+    return ClusterView.empty_like([f"w{i}" for i in range(n)], ["H100"] * n)
+
+
+def req(ids: list[int]) -> InferenceRequest:
+    return InferenceRequest(input_ids=ids)
+
+
+def test_describe_token_prompt_uses_token_blocks() -> None:
+    r = req(list(range(10)))
+    info = describe(r, PREFIX)
+    assert info.prompt_tokens == 10
+    assert info.block_hashes == tuple(token_block_hashes(list(range(10)), 4))
+    assert len(info.block_hashes) == 2 and info.tokens_per_block == 4
+
+
+def test_describe_text_prompt_uses_char_blocks() -> None:
+    text = "x" * 30
+    info = describe(InferenceRequest(prompt=text), PREFIX)
+    assert info.block_hashes == tuple(text_block_hashes(text, 8))
+    assert info.prompt_tokens == -(-30 // CHARS_PER_TOKEN)
+    assert info.tokens_per_block == 8 // CHARS_PER_TOKEN
+
+
+def test_in_batch_load_spreads_requests() -> None:
+    requests = [req([i * 100 + k for k in range(8)]) for i in range(6)]
+    infos = [describe(r, PREFIX) for r in requests]
+    view = idle_view(3)
+    plan = BatchRouter(PrefixThenLeastLoaded(), "d1").route(requests, infos, np.zeros((6, 3)), view)
+    chosen = [r.decision.worker_id for r in plan.routed]
+    assert sorted(chosen) == ["w0", "w0", "w1", "w1", "w2", "w2"]
+    assert view.inflight.tolist() == [2.0, 2.0, 2.0]
+    assert view.pending_prefill_tokens.sum() == 6 * 8
+
+
+def test_batch_sees_prefixes_created_by_earlier_requests() -> None:
+    shared = list(range(12))
+    requests = [req(shared + [1000 + i, 2000 + i, 3000 + i, 4000 + i]) for i in range(3)]
+    infos = [describe(r, PREFIX) for r in requests]
+    plan = BatchRouter(PrefixThenLeastLoaded(), "d1").route(requests, infos, np.zeros((3, 2)), idle_view(2))
+    assert [r.decision.worker_id for r in plan.routed] == ["w0", "w0", "w0"]
+    assert [r.decision.matched_prefix_tokens for r in plan.routed] == [0, 12, 12]
+    assert [r.uncached_tokens for r in plan.routed] == [16, 4, 4]
+    assert plan.inserts == {"w0": [i.block_hashes for i in infos]}
+
+
+def test_stored_matches_are_used_and_extended() -> None:
+    shared = list(range(16))
+    first, second = req(shared), req(shared + [99, 98, 97, 96])
+    infos = [describe(first, PREFIX), describe(second, PREFIX)]
+    matched = np.array([[0, 2], [0, 2]])  # the index holds 2 leading blocks on w1
+    plan = BatchRouter(PrefixThenLeastLoaded(), "d1").route([first, second], infos, matched, idle_view(2))
+    assert [r.decision.worker_id for r in plan.routed] == ["w1", "w1"]
+    # the first request brought blocks 2 and 3 to w1, so the second matches all 4 shared blocks
+    assert [r.decision.matched_prefix_tokens for r in plan.routed] == [8, 16]
+
+
+def test_matched_tokens_leave_at_least_one_token_to_compute() -> None:
+    r = req(list(range(8)))
+    plan = BatchRouter(PrefixThenLeastLoaded(), "d1").route([r], [describe(r, PREFIX)], np.array([[2]]),
+                                                             idle_view(1))
+    assert plan.routed[0].decision.matched_prefix_tokens == 7
+    assert plan.routed[0].uncached_tokens == 1
+
+
+def test_decision_carries_features_of_the_chosen_worker_and_policy_outputs() -> None:
+    r = req(list(range(8)))
+    info = describe(r, PREFIX)
+    view = idle_view(2)
+    view.running[:] = [5, 0]
+    rows = candidate_matrix(info, view)
+    plan = BatchRouter(PrefixThenLeastLoaded(), "disp-7").route([r], [info], np.zeros((1, 2)), view,
+                                                                 attempts=[2])
+    d = plan.routed[0].decision
+    assert set(d.features) == set(FEATURE_NAMES)
+    assert d.worker_id == "w0"
+    np.testing.assert_array_equal(from_dict(d.features), rows[0])
+    assert not np.array_equal(from_dict(d.features), rows[1])
+    assert (d.policy, d.model_version, d.predicted_ttft_ms, d.dispatcher_id, d.attempt) == (
+        "test_prefix_then_load", 3, 12.5, "disp-7", 2)
+
+
+def test_misaligned_inputs_are_rejected() -> None:
+    r = req(list(range(8)))
+    with pytest.raises(ValueError, match="line up"):
+        BatchRouter(PrefixThenLeastLoaded(), "d").route([r], [describe(r, PREFIX)], np.zeros((1, 3)),
+                                                         idle_view(2))
+    with pytest.raises(ValueError, match="no worker"):
+        BatchRouter(PrefixThenLeastLoaded(), "d").route([r], [describe(r, PREFIX)], np.zeros((1, 0)),
+                                                         idle_view(0))
