@@ -41,6 +41,11 @@ class Topics:
         """The topic a worker consumes its routed requests from."""
         return f"{self.prefix}worker.{check_worker_id(worker_id)}"
 
+    def worker_group(self, worker_id: str) -> str:
+        """The consumer group of a worker on its topic (`lodestar-worker-<id>` under the default prefix);
+        a dispatcher joins it to take over a dead worker's backlog."""
+        return f"{self.prefix.rstrip('.')}-worker-{check_worker_id(worker_id)}"
+
     def fixed(self) -> list[str]:
         """The topics that exist independently of workers."""
         return [self.requests, self.results, self.telemetry, self.dlq]
@@ -74,6 +79,15 @@ class RedisKeys:
     def snapshot_channel(self) -> str:
         """Pub/sub channel announcing a new snapshot version."""
         return f"{self.prefix}model:announce"
+
+    @property
+    def workers_seen(self) -> str:
+        """Sorted set of every worker id ever heard from, scored by its last heartbeat (ms)."""
+        return f"{self.prefix}workers:seen"
+
+    def takeover_lock(self, worker_id: str) -> str:
+        """Lock held by the one dispatcher re-routing a dead worker's backlog."""
+        return f"{self.prefix}takeover:{check_worker_id(worker_id)}"
 
     def dedupe(self, request_id: str) -> str:
         """Marker that a worker has taken a request id (at-least-once dedupe)."""
