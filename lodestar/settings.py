@@ -61,6 +61,7 @@ class DispatcherSettings(BaseModel):
     registry_staleness_s: float = Field(0.25, gt=0)
     no_worker_backoff_s: float = Field(0.2, gt=0)
     no_worker_max_wait_s: float = Field(300.0, gt=0)
+    dead_worker_timeout_s: float = Field(15.0, gt=0)  # heartbeat gone this long: re-route its backlog
     consumer_group: str = "lodestar-dispatchers"
     metrics_port: int = Field(0, ge=0)
 
