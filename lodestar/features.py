@@ -1,16 +1,50 @@
 """The one feature definition: ordered names and the candidate matrix for a request.
 
 Used by the dispatcher (live routing), the learner (training) and the simulator, so a model trained
-on telemetry sees exactly what the router computed when it decided.
+on telemetry sees exactly what the router computed when it decided. Every feature is computable from
+what a router knows: the request's prompt length, the router-side prefix index (matched tokens on each
+worker) and each worker's published live state (Redis hash / simulator view) plus its GPU type.
+
+The raw quantities follow the paper's list (input tokens, expected prefix hit on that instance,
+running and waiting requests, in-flight work, pending prefill tokens, KV usage, GPU model); the
+derived ones divide work by the GPU's speed so that TTFT is close to linear in them: the time to
+prefill this request's uncached tokens, the time to drain the prefill backlog ahead of it, and the
+queue depth per unit of speed. GPU model enters as its public compute and memory-bandwidth figures
+relative to an A100 (unique per known type, and meaningful for a type never seen in training).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.hardware import GPUS, REFERENCE_GPU, gpu
 
 FEATURE_NAMES: tuple[str, ...] = (
+    "prompt_tokens",
+    "matched_prefix_tokens",
+    "uncached_tokens",
+    "prefix_hit_ratio",
+    "running",
+    "waiting",
+    "inflight",
+    "pending_prefill_tokens",
+    "kv_usage",
+    "gpu_speed",
+    "gpu_mem_bw",
+    "recent_ttft_ms",
+    "uncached_per_speed",
+    "backlog_tokens_per_speed",
+    "queue_per_speed",
+    "running_per_mem_bw",
+)
+N_FEATURES = len(FEATURE_NAMES)
+FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
+
+# Counts, token amounts and latencies: non-negative and heavy-tailed, so models see them as log1p.
+HEAVY_TAILED: tuple[str, ...] = (
     "prompt_tokens",
     "matched_prefix_tokens",
     "uncached_tokens",
@@ -18,14 +52,26 @@ FEATURE_NAMES: tuple[str, ...] = (
     "waiting",
     "inflight",
     "pending_prefill_tokens",
-    "kv_usage",
-    "gpu_speed",
     "recent_ttft_ms",
     "uncached_per_speed",
     "backlog_tokens_per_speed",
     "queue_per_speed",
+    "running_per_mem_bw",
 )
-N_FEATURES = len(FEATURE_NAMES)
+
+
+@lru_cache(maxsize=256)
+def _mem_bw(gpu_types: tuple[str, ...]) -> np.ndarray:
+    """Memory bandwidth relative to the reference GPU; unknown types count as 1.0."""
+    ref = GPUS[REFERENCE_GPU].mem_bw_gbs
+    out = np.ones(len(gpu_types), dtype=np.float64)
+    for i, name in enumerate(gpu_types):
+        try:
+            out[i] = gpu(name).mem_bw_gbs / ref
+        except KeyError:
+            continue
+    out.setflags(write=False)
+    return out
 
 
 def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
@@ -33,22 +79,28 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     n = view.size
     x = np.empty((n, N_FEATURES), dtype=np.float64)
     prompt = float(request.prompt_tokens)
+    # An engine always recomputes at least the last prompt token (SGLang caps cached at prompt - 1).
     matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
     uncached = prompt - matched
     speed = np.maximum(view.gpu_speed, 1e-6)
+    mem_bw = _mem_bw(tuple(view.gpu_types))
+    queue = view.waiting + view.inflight
     x[:, 0] = prompt
     x[:, 1] = matched
     x[:, 2] = uncached
-    x[:, 3] = view.running
-    x[:, 4] = view.waiting
-    x[:, 5] = view.inflight
-    x[:, 6] = view.pending_prefill_tokens
-    x[:, 7] = view.kv_usage
-    x[:, 8] = view.gpu_speed
-    x[:, 9] = view.recent_ttft_ms
-    x[:, 10] = uncached / speed
-    x[:, 11] = (view.pending_prefill_tokens + uncached) / speed
-    x[:, 12] = (view.waiting + view.inflight) / speed
+    x[:, 3] = matched / max(prompt, 1.0)
+    x[:, 4] = view.running
+    x[:, 5] = view.waiting
+    x[:, 6] = view.inflight
+    x[:, 7] = view.pending_prefill_tokens
+    x[:, 8] = view.kv_usage
+    x[:, 9] = view.gpu_speed
+    x[:, 10] = mem_bw
+    x[:, 11] = view.recent_ttft_ms
+    x[:, 12] = uncached / speed
+    x[:, 13] = (view.pending_prefill_tokens + uncached) / speed
+    x[:, 14] = queue / speed
+    x[:, 15] = view.running / mem_bw
     return x
 
 
@@ -63,3 +115,11 @@ def from_dict(features: dict[str, float]) -> np.ndarray:
     if missing:
         raise KeyError(f"features missing: {', '.join(missing)}")
     return np.array([features[n] for n in FEATURE_NAMES], dtype=np.float64)
+
+
+def column_indices(names: tuple[str, ...] | list[str]) -> np.ndarray:
+    """Positions of `names` in FEATURE_NAMES (a model trained on a subset picks its columns)."""
+    unknown = [n for n in names if n not in FEATURE_INDEX]
+    if unknown:
+        raise KeyError(f"unknown features: {', '.join(unknown)}")
+    return np.array([FEATURE_INDEX[n] for n in names], dtype=np.intp)

@@ -1,0 +1,135 @@
+"""Numpy evaluator of a model snapshot: predicted TTFT for every candidate at once.
+
+The dispatcher uses this (it must not import the learner), and tests use it to check that what the
+dispatcher computes equals what the learner's model predicts. One snapshot kind, `dense`, covers both
+model families: a fixed input transform, standardization, then a stack of affine layers with ReLU
+between them (a linear model is a stack of one), then the inverse target transform:
+
+    z = x[:, columns];  z[:, log1p_columns] = log1p(max(z, 0))
+    h = (z - x_center) * x_inv_scale
+    h = relu(h @ layer{i}_w + layer{i}_b) for every layer but the last, which has no ReLU
+    ttft_ms = inverse_target(h[:, 0] * target.scale + target.center)
+
+Arrays: `x_center`, `x_inv_scale`, `layer{i}_w` (in x out), `layer{i}_b`, and optionally
+`feature_min`/`feature_max` (raw features seen in training, for the out-of-range fallback).
+Meta: `layers`, `log1p_features`, `target` ({transform, center, scale}), `range_margin`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lodestar.features import column_indices
+from lodestar.snapshot import Snapshot, SnapshotError
+
+KIND_DENSE = "dense"
+TARGET_TRANSFORMS = ("log1p", "identity")
+# exp(25) ms is about 2 days: far beyond any TTFT, and keeps expm1 finite.
+_MAX_LOG_TTFT = 25.0
+
+
+def forward_target(ttft_ms: np.ndarray | float, transform: str) -> np.ndarray:
+    """TTFT in ms to the space a model regresses in."""
+    y = np.maximum(np.asarray(ttft_ms, dtype=np.float64), 0.0)
+    return np.log1p(y) if transform == "log1p" else y
+
+
+def inverse_target(z: np.ndarray | float, transform: str) -> np.ndarray:
+    """A model's output back to TTFT in ms (never negative)."""
+    z = np.asarray(z, dtype=np.float64)
+    if transform == "log1p":
+        return np.expm1(np.clip(z, 0.0, _MAX_LOG_TTFT))
+    return np.maximum(z, 0.0)
+
+
+def transform_inputs(x: np.ndarray, log1p_mask: np.ndarray) -> np.ndarray:
+    """The fixed input transform: log1p of the heavy-tailed columns (clamped at 0), others as is."""
+    z = np.array(x, dtype=np.float64, copy=True)
+    if log1p_mask.any():
+        z[:, log1p_mask] = np.log1p(np.maximum(z[:, log1p_mask], 0.0))
+    return z
+
+
+class TTFTModel:
+    """A decoded snapshot, ready to predict TTFT (ms) for candidate matrices built by lodestar.features."""
+
+    def __init__(self, snapshot: Snapshot):
+        if snapshot.kind != KIND_DENSE:
+            raise SnapshotError(f"unsupported snapshot kind {snapshot.kind!r} (supported: {KIND_DENSE})")
+        meta = snapshot.meta
+        try:
+            self.columns = column_indices(snapshot.feature_names)
+        except KeyError as exc:
+            raise SnapshotError(f"snapshot uses features this build does not compute: {exc}") from None
+        n = len(snapshot.feature_names)
+        log1p = meta.get("log1p_features", [])
+        if not isinstance(log1p, list) or not set(log1p) <= set(snapshot.feature_names):
+            raise SnapshotError("meta.log1p_features must list some of the snapshot's features")
+        self.log1p_mask = np.array([name in log1p for name in snapshot.feature_names], dtype=bool)
+        target = meta.get("target")
+        if not isinstance(target, dict) or target.get("transform") not in TARGET_TRANSFORMS:
+            raise SnapshotError(f"meta.target.transform must be one of {TARGET_TRANSFORMS}")
+        self.target_transform: str = target["transform"]
+        self.target_center = _number(target.get("center"), "meta.target.center")
+        self.target_scale = _number(target.get("scale"), "meta.target.scale")
+        self.x_center = _vector(snapshot.arrays, "x_center", n)
+        self.x_inv_scale = _vector(snapshot.arrays, "x_inv_scale", n)
+        n_layers = meta.get("layers")
+        if not isinstance(n_layers, int) or n_layers < 1:
+            raise SnapshotError("meta.layers must be a positive integer")
+        self.layers: list[tuple[np.ndarray, np.ndarray]] = []
+        width = n
+        for i in range(n_layers):
+            w = snapshot.arrays.get(f"layer{i}_w")
+            b = snapshot.arrays.get(f"layer{i}_b")
+            if w is None or b is None or w.ndim != 2 or b.ndim != 1:
+                raise SnapshotError(f"layer {i}: needs 2-d layer{i}_w and 1-d layer{i}_b")
+            if w.shape[0] != width or b.shape[0] != w.shape[1]:
+                raise SnapshotError(f"layer {i}: shapes {w.shape} and {b.shape} do not chain from width {width}")
+            self.layers.append((w.astype(np.float64), b.astype(np.float64)))
+            width = w.shape[1]
+        if width != 1:
+            raise SnapshotError(f"the last layer must have one output, has {width}")
+        self.feature_min: np.ndarray | None = None
+        self.feature_max: np.ndarray | None = None
+        if "feature_min" in snapshot.arrays or "feature_max" in snapshot.arrays:
+            self.feature_min = _vector(snapshot.arrays, "feature_min", n)
+            self.feature_max = _vector(snapshot.arrays, "feature_max", n)
+        self.range_margin = _number(meta.get("range_margin", 0.1), "meta.range_margin")
+        self.version = snapshot.version
+        self.family = snapshot.family
+        self.validated = snapshot.validated
+        self.meta: dict[str, Any] = dict(meta)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted TTFT in ms for each row of a (n, N_FEATURES) candidate matrix."""
+        h = (transform_inputs(x[:, self.columns], self.log1p_mask) - self.x_center) * self.x_inv_scale
+        last = len(self.layers) - 1
+        for i, (w, b) in enumerate(self.layers):
+            h = h @ w + b
+            if i < last:
+                np.maximum(h, 0.0, out=h)
+        return inverse_target(h[:, 0] * self.target_scale + self.target_center, self.target_transform)
+
+    def out_of_range(self, x: np.ndarray) -> np.ndarray:
+        """Per row: whether any feature lies outside the training range widened by the margin."""
+        if self.feature_min is None or self.feature_max is None:
+            return np.zeros(len(x), dtype=bool)
+        z = x[:, self.columns]
+        slack = self.range_margin * (self.feature_max - self.feature_min)
+        return np.any((z < self.feature_min - slack) | (z > self.feature_max + slack), axis=1)
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise SnapshotError(f"{name} must be a finite number")
+    return float(value)
+
+
+def _vector(arrays: dict[str, np.ndarray], name: str, n: int) -> np.ndarray:
+    a = arrays.get(name)
+    if a is None or a.shape != (n,):
+        raise SnapshotError(f"array {name} must have shape ({n},)")
+    return a.astype(np.float64)
