@@ -1,0 +1,103 @@
+"""The `learned` policy: predict every candidate's TTFT from the current model snapshot, pick the least.
+
+The snapshot comes from the learner (hot-swapped with `load_snapshot`, never per request). For each
+request the shared candidate matrix (lodestar.features) is evaluated by lodestar.ttft_model with numpy
+over all workers at once. A heuristic decides instead (default `gpu_speed_queue`, built by
+`make_policy`) while there is no snapshot, while the snapshot is not validated on held-out telemetry,
+and whenever any candidate's features fall outside the range the model was trained on (with the
+snapshot's margin): the model's guesses there are extrapolation. Exploration is epsilon-greedy with a
+decaying epsilon and a seeded RNG; explored decisions are flagged so telemetry can tell them apart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dispatcher.policies.base import Policy, make_policy, register
+from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.features import candidate_matrix
+from lodestar.snapshot import Snapshot
+from lodestar.ttft_model import TTFTModel
+
+NAME = "learned"
+
+
+@register(NAME)
+class LearnedPolicy:
+    """Least predicted TTFT under the current snapshot, with exploration and a heuristic fallback."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        snapshot: Snapshot | None = None,
+        fallback: str | Policy = "gpu_speed_queue",
+        epsilon_start: float = 0.05,
+        epsilon_min: float = 0.002,
+        epsilon_half_life: float = 2000.0,
+        require_validated: bool = True,
+        check_range: bool = True,
+        seed: int = 0,
+    ):
+        if not 0.0 <= epsilon_min <= epsilon_start <= 1.0:
+            raise ValueError("need 0 <= epsilon_min <= epsilon_start <= 1")
+        if epsilon_half_life <= 0:
+            raise ValueError("epsilon_half_life must be positive")
+        self.fallback: Policy = make_policy(fallback) if isinstance(fallback, str) else fallback
+        self.fallback_name = f"{NAME}/{self.fallback.name}"
+        self.epsilon_start = epsilon_start
+        self.epsilon_min = epsilon_min
+        self.epsilon_half_life = epsilon_half_life
+        self.require_validated = require_validated
+        self.check_range = check_range
+        self.rng = np.random.default_rng(seed)
+        self.decisions = 0
+        self.model: TTFTModel | None = None
+        if snapshot is not None:
+            self.load_snapshot(snapshot)
+
+    def load_snapshot(self, snapshot: Snapshot) -> None:
+        """Swap in a new model; a snapshot this build cannot evaluate raises SnapshotError (model kept)."""
+        self.model = TTFTModel(snapshot)
+
+    @property
+    def model_version(self) -> int:
+        return 0 if self.model is None else self.model.version
+
+    @property
+    def epsilon(self) -> float:
+        """The exploration probability of the next decision (halves every `epsilon_half_life` decisions)."""
+        decay = 0.5 ** (self.decisions / self.epsilon_half_life)
+        return self.epsilon_min + (self.epsilon_start - self.epsilon_min) * decay
+
+    def _model_usable(self) -> bool:
+        return self.model is not None and (self.model.validated or not self.require_validated)
+
+    def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
+        """The candidate with the least predicted TTFT, or the fallback's choice; maybe explore."""
+        explore = view.size > 1 and self.rng.random() < self.epsilon
+        self.decisions += 1
+        predicted: np.ndarray | None = None
+        if self._model_usable():
+            assert self.model is not None
+            x = candidate_matrix(request, view)
+            if not (self.check_range and self.model.out_of_range(x).any()):
+                predicted = self.model.predict(x)
+        if predicted is None:
+            decision = self.fallback.choose(request, view)
+            index, policy = decision.index, self.fallback_name
+        else:
+            best = np.flatnonzero(predicted <= predicted.min())
+            index = int(best[0] if len(best) == 1 else self.rng.choice(best))
+            policy = NAME
+        if explore:  # any other candidate, uniformly
+            index = int((index + 1 + self.rng.integers(view.size - 1)) % view.size)
+        return Decision(
+            index=index,
+            worker_id=view.worker_ids[index],
+            policy=policy,
+            scores=predicted,
+            explored=explore,
+            predicted_ttft_ms=None if predicted is None else float(predicted[index]),
+            model_version=self.model_version,
+        )

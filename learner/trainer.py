@@ -1,0 +1,364 @@
+"""The I/O-free learning loop: replay buffer, retrain cadence, held-out validation, snapshot cadence.
+
+The live learner service (telemetry from Kafka) and the simulator's telemetry hook (virtual time)
+drive this same class, so the simulator measures what the live system does:
+
+    learner = make_learner("mlp")
+    learner.observe(features_row, observed_ttft_ms, now_s)   # per completed request
+    snap = learner.maybe_snapshot(now_s)                     # a Snapshot every N events or T seconds
+
+Every sample is first predicted by the current model (prequential: the online prediction error is
+measured on data the model has not learned yet), then one in `holdout_every` goes to a held-out set
+that is never trained on, and the rest feed the model: incremental models learn each sample at once;
+batch models (MLP) are retrained every `retrain_every` samples (sooner during warm-up) on the recent
+samples plus a stratified sample of older ones (strata: GPU speed x TTFT octave), as the paper does.
+A snapshot carries its held-out error and whether it passed validation; the dispatcher falls back to
+a heuristic until one did. `checkpoint()` / `restore()` save and resume everything as JSON-able data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from learner.models import OnlineTTFTModel, make_model, model_from_state
+from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.snapshot import Snapshot, decode_array, encode_array
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """Cadences, buffer sizes and validation thresholds of the learning loop."""
+
+    snapshot_every_events: int = 1000
+    snapshot_every_s: float = 30.0
+    retrain_every: int = 1000
+    first_retrain_at: int = 100
+    recent_capacity: int = 5000
+    diverse_capacity: int = 5000
+    diverse_per_stratum: int = 500
+    holdout_every: int = 10
+    holdout_capacity: int = 1000
+    min_train_samples: int = 100
+    min_holdout_samples: int = 20
+    max_holdout_log_mae: float = 0.6
+    min_holdout_skill: float = 0.2
+    error_window: int = 1000
+    range_margin: float = 0.1
+    seed: int = 0
+
+
+class _Ring:
+    """A fixed-capacity ring of (feature row, ttft) samples; oldest overwritten first."""
+
+    def __init__(self, capacity: int):
+        self.x = np.zeros((capacity, N_FEATURES))
+        self.y = np.zeros(capacity)
+        self.size = 0
+        self.next = 0
+
+    def add(self, x: np.ndarray, y: float) -> None:
+        self.x[self.next] = x
+        self.y[self.next] = y
+        self.next = (self.next + 1) % len(self.y)
+        self.size = min(self.size + 1, len(self.y))
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.x[: self.size], self.y[: self.size]
+
+    def state(self) -> dict[str, Any]:
+        x, y = self.arrays()
+        return {"x": encode_array(x), "y": encode_array(y), "next": self.next}
+
+    def load(self, state: dict[str, Any]) -> None:
+        x, y = decode_array(state["x"], "ring.x"), decode_array(state["y"], "ring.y")
+        self.size = len(y)
+        self.x[: self.size] = x.reshape(self.size, N_FEATURES)
+        self.y[: self.size] = y
+        self.next = int(state["next"])
+
+
+class _StratifiedReservoir:
+    """Per-stratum reservoir samples of everything seen, so rare regimes stay in the replay."""
+
+    def __init__(self, per_stratum: int):
+        self.per_stratum = per_stratum
+        self.strata: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.seen: dict[str, int] = {}
+
+    @staticmethod
+    def key(x: np.ndarray, y: float) -> str:
+        speed = round(float(x[FEATURE_INDEX["gpu_speed"]]), 3)
+        return f"{speed}|{int(math.log2(1.0 + max(y, 0.0)))}"
+
+    def add(self, x: np.ndarray, y: float, rng: np.random.Generator) -> None:
+        k = self.key(x, y)
+        if k not in self.strata:
+            self.strata[k] = (np.zeros((self.per_stratum, N_FEATURES)), np.zeros(self.per_stratum))
+            self.seen[k] = 0
+        xs, ys = self.strata[k]
+        n = self.seen[k]
+        slot = n if n < self.per_stratum else int(rng.integers(0, n + 1))
+        if slot < self.per_stratum:
+            xs[slot] = x
+            ys[slot] = y
+        self.seen[k] = n + 1
+
+    def sample(self, total: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Up to `total` samples drawn evenly across strata (all of a small stratum)."""
+        keys = sorted(self.strata)
+        if not keys:
+            return np.zeros((0, N_FEATURES)), np.zeros(0)
+        share = max(1, total // len(keys))
+        xs, ys = [], []
+        for k in keys:
+            n = min(self.seen[k], self.per_stratum)
+            take = np.arange(n) if n <= share else rng.choice(n, size=share, replace=False)
+            xs.append(self.strata[k][0][take])
+            ys.append(self.strata[k][1][take])
+        return np.concatenate(xs), np.concatenate(ys)
+
+    def state(self) -> dict[str, Any]:
+        out = {}
+        for k, (xs, ys) in self.strata.items():
+            n = min(self.seen[k], self.per_stratum)
+            out[k] = {"x": encode_array(xs[:n]), "y": encode_array(ys[:n]), "seen": self.seen[k]}
+        return out
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.strata, self.seen = {}, {}
+        for k, s in state.items():
+            xs, ys = np.zeros((self.per_stratum, N_FEATURES)), np.zeros(self.per_stratum)
+            y = decode_array(s["y"], "stratum.y")
+            xs[: len(y)] = decode_array(s["x"], "stratum.x").reshape(len(y), N_FEATURES)
+            ys[: len(y)] = y
+            self.strata[k] = (xs, ys)
+            self.seen[k] = int(s["seen"])
+
+
+def _log_errors(pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.abs(np.log1p(np.maximum(pred, 0.0)) - np.log1p(np.maximum(y, 0.0)))
+
+
+class Learner:
+    """Learns TTFT from (features, observed TTFT) samples and emits validated snapshots. No I/O."""
+
+    def __init__(self, model: OnlineTTFTModel, config: LearnerConfig | None = None):
+        self.model = model
+        self.config = config or LearnerConfig()
+        c = self.config
+        self.rng = np.random.default_rng(c.seed)
+        self.recent = _Ring(c.recent_capacity)
+        self.diverse = _StratifiedReservoir(c.diverse_per_stratum)
+        self.holdout = _Ring(c.holdout_capacity)
+        self.n_seen = 0
+        self.n_trained = 0
+        self.since_retrain = 0
+        self.next_retrain_at = c.first_retrain_at
+        self.version = 0
+        self.events_since_snapshot = 0
+        self.last_snapshot_s: float | None = None
+        self.model_changed = False
+        self.feature_min = np.full(N_FEATURES, np.inf)
+        self.feature_max = np.full(N_FEATURES, -np.inf)
+        self._pending_x: list[np.ndarray] = []
+        self._pending_y: list[float] = []
+        self.errors: deque[tuple[float, float, float]] = deque(maxlen=c.error_window)
+        self.last_validation: dict[str, Any] = {}
+
+    # -- learning ---------------------------------------------------------------------------------
+
+    def observe(self, features_row: np.ndarray, observed_ttft_ms: float, now_s: float) -> None:
+        """One completed request: the features of the chosen worker as routed, and its TTFT."""
+        x = np.asarray(features_row, dtype=np.float64).reshape(N_FEATURES)
+        y = float(observed_ttft_ms)
+        if not (math.isfinite(y) and y >= 0.0 and np.all(np.isfinite(x))):
+            raise ValueError(f"bad sample: ttft={observed_ttft_ms!r}, finite features={np.all(np.isfinite(x))}")
+        if self.last_snapshot_s is None:
+            self.last_snapshot_s = now_s
+        self.n_seen += 1
+        self.events_since_snapshot += 1
+        if self.model.trained:
+            self._pending_x.append(x)
+            self._pending_y.append(y)
+        if self.n_seen % self.config.holdout_every == 0:
+            self.holdout.add(x, y)
+            return
+        np.minimum(self.feature_min, x, out=self.feature_min)
+        np.maximum(self.feature_max, x, out=self.feature_max)
+        self.recent.add(x, y)
+        self.diverse.add(x, y, self.rng)
+        self.n_trained += 1
+        self.since_retrain += 1
+        if self.model.incremental:
+            self._score_pending()
+            self.model.learn_one(x, y)
+            self.model_changed = True
+        elif self.n_trained >= self.next_retrain_at:
+            self.retrain()
+
+    def retrain(self) -> None:
+        """Train the batch model on recent + stratified replayed samples (no-op for incremental)."""
+        if self.model.incremental or self.n_trained == 0:
+            return
+        self._score_pending()
+        rx, ry = self.recent.arrays()
+        dx, dy = self.diverse.sample(self.config.diverse_capacity, self.rng)
+        self.model.learn_many(np.concatenate([rx, dx]), np.concatenate([ry, dy]))
+        self.since_retrain = 0
+        self.next_retrain_at = self.n_trained + min(self.config.retrain_every, max(self.n_trained, 1))
+        self.model_changed = True
+
+    def _score_pending(self) -> None:
+        """Prequential error: predict the samples that arrived since the model last changed."""
+        if not self._pending_x:
+            return
+        pred = self.model.predict(np.stack(self._pending_x))
+        y = np.array(self._pending_y)
+        for p, t in zip(pred, y, strict=True):
+            self.errors.append((abs(p - t) / max(t, 1e-9), abs(p - t), float(_log_errors(p, t))))
+        self._pending_x.clear()
+        self._pending_y.clear()
+
+    # -- publishing -------------------------------------------------------------------------------
+
+    def maybe_snapshot(self, now_s: float) -> Snapshot | None:
+        """A new snapshot if the model changed and N events or T seconds passed since the last one."""
+        c = self.config
+        if not (self.model.trained and self.model_changed and self.events_since_snapshot > 0):
+            return None
+        elapsed = now_s - (self.last_snapshot_s if self.last_snapshot_s is not None else now_s)
+        if self.events_since_snapshot < c.snapshot_every_events and elapsed < c.snapshot_every_s:
+            return None
+        return self.snapshot(now_s)
+
+    def snapshot(self, now_s: float) -> Snapshot:
+        """Validate the current model on the held-out set and export it with a new version."""
+        self.version += 1
+        self.events_since_snapshot = 0
+        self.last_snapshot_s = now_s
+        self.model_changed = False
+        validation = self.validate()
+        snap = self.model.to_snapshot(self.version)
+        arrays = dict(snap.arrays)
+        if self.n_trained > 0:
+            arrays["feature_min"] = self.feature_min[list(_columns(snap))].copy()
+            arrays["feature_max"] = self.feature_max[list(_columns(snap))].copy()
+        meta = {
+            **snap.meta,
+            "validated": validation["validated"],
+            "holdout": validation,
+            "range_margin": self.config.range_margin,
+            "n_seen": self.n_seen,
+            "n_trained": self.n_trained,
+            "online_error": self.online_error(),
+            "created_at_s": float(now_s),
+        }
+        return replace(snap, arrays=arrays, meta=meta)
+
+    def validate(self) -> dict[str, Any]:
+        """Held-out error of the current model, against predicting the training median."""
+        c = self.config
+        hx, hy = self.holdout.arrays()
+        result: dict[str, Any] = {"samples": int(len(hy)), "validated": False}
+        if len(hy) == 0 or not self.model.trained:
+            self.last_validation = result
+            return result
+        pred = self.model.predict(hx)
+        log_mae = float(np.mean(_log_errors(pred, hy)))
+        median = float(np.median(self.recent.arrays()[1])) if self.recent.size else 0.0
+        baseline = float(np.mean(_log_errors(np.full_like(hy, median), hy)))
+        skill = 1.0 - log_mae / baseline if baseline > 0 else 0.0
+        result.update(
+            log_mae=log_mae,
+            mape=float(np.mean(np.abs(pred - hy) / np.maximum(hy, 1e-9))),
+            mae_ms=float(np.mean(np.abs(pred - hy))),
+            baseline_log_mae=baseline,
+            skill=skill,
+        )
+        result["validated"] = bool(
+            self.n_trained >= c.min_train_samples
+            and len(hy) >= c.min_holdout_samples
+            and log_mae <= c.max_holdout_log_mae
+            and skill >= c.min_holdout_skill
+        )
+        self.last_validation = result
+        return result
+
+    def online_error(self) -> dict[str, float]:
+        """Rolling prequential error over the last `error_window` predicted samples."""
+        self._score_pending()
+        if not self.errors:
+            return {"samples": 0}
+        e = np.array(self.errors)
+        return {
+            "samples": len(e),
+            "mape": float(e[:, 0].mean()),
+            "mae_ms": float(e[:, 1].mean()),
+            "log_mae": float(e[:, 2].mean()),
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Everything needed to resume learning identically, as JSON-able data."""
+        pend_x = np.stack(self._pending_x) if self._pending_x else np.zeros((0, N_FEATURES))
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": asdict(self.config),
+            "model": self.model.state_dict(),
+            "rng": self.rng.bit_generator.state,
+            "recent": self.recent.state(),
+            "diverse": self.diverse.state(),
+            "holdout": self.holdout.state(),
+            "counters": {
+                "n_seen": self.n_seen, "n_trained": self.n_trained, "since_retrain": self.since_retrain,
+                "next_retrain_at": self.next_retrain_at, "version": self.version,
+                "events_since_snapshot": self.events_since_snapshot, "last_snapshot_s": self.last_snapshot_s,
+                "model_changed": self.model_changed,
+            },
+            "feature_min": [None if not math.isfinite(v) else float(v) for v in self.feature_min],
+            "feature_max": [None if not math.isfinite(v) else float(v) for v in self.feature_max],
+            "pending": {"x": encode_array(pend_x), "y": list(self._pending_y)},
+            "errors": [list(e) for e in self.errors],
+        }
+
+    @classmethod
+    def restore(cls, state: dict[str, Any]) -> Learner:
+        """A learner that continues exactly where `checkpoint()` left off."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"unsupported learner checkpoint format {state.get('format')!r}")
+        learner = cls(model_from_state(state["model"]), LearnerConfig(**state["config"]))
+        learner.rng.bit_generator.state = state["rng"]
+        learner.recent.load(state["recent"])
+        learner.diverse.load(state["diverse"])
+        learner.holdout.load(state["holdout"])
+        for name, value in state["counters"].items():
+            setattr(learner, name, value)
+        learner.feature_min = np.array([np.inf if v is None else v for v in state["feature_min"]])
+        learner.feature_max = np.array([-np.inf if v is None else v for v in state["feature_max"]])
+        px = decode_array(state["pending"]["x"], "pending.x").reshape(-1, N_FEATURES)
+        learner._pending_x = list(px)
+        learner._pending_y = [float(v) for v in state["pending"]["y"]]
+        learner.errors.extend(tuple(e) for e in state["errors"])
+        return learner
+
+
+def _columns(snap: Snapshot) -> list[int]:
+    return [FEATURE_INDEX[n] for n in snap.feature_names]
+
+
+LEARNER_MODELS = ("river", "mlp")
+
+
+def make_learner(name: str, config: LearnerConfig | None = None, **model_params: Any) -> Learner:
+    """A learner around a fresh model of the named family (`river` or `mlp`)."""
+    if name not in LEARNER_MODELS:
+        raise KeyError(f"unknown learner model {name!r}; known: {', '.join(LEARNER_MODELS)}")
+    return Learner(make_model(name, **model_params), config)

@@ -1,0 +1,76 @@
+"""The shared feature definition: shapes, physics-derived columns, and the named round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.features import (
+    FEATURE_INDEX,
+    FEATURE_NAMES,
+    HEAVY_TAILED,
+    N_FEATURES,
+    as_dict,
+    candidate_matrix,
+    column_indices,
+    from_dict,
+)
+from lodestar.hardware import relative_speed
+
+
+def view() -> ClusterView:
+    return ClusterView(
+        worker_ids=["a", "b", "c"],
+        gpu_types=["H100", "L4", "mystery"],
+        running=np.array([4.0, 0.0, 1.0]),
+        waiting=np.array([2.0, 0.0, 0.0]),
+        inflight=np.array([1.0, 0.0, 3.0]),
+        pending_prefill_tokens=np.array([3000.0, 0.0, 100.0]),
+        kv_usage=np.array([0.5, 0.0, 0.9]),
+        max_kv_tokens=np.array([1e6, 1e5, 1e5]),
+        recent_ttft_ms=np.array([80.0, 0.0, 30.0]),
+        matched_prefix_tokens=np.array([512.0, 0.0, 5000.0]),
+    )
+
+
+def col(x: np.ndarray, name: str) -> np.ndarray:
+    return x[:, FEATURE_INDEX[name]]
+
+
+def test_matrix_shape_and_prefix_accounting() -> None:
+    x = candidate_matrix(RequestInfo("r", prompt_tokens=1000), view())
+    assert x.shape == (3, N_FEATURES)
+    # the match on c exceeds the prompt: capped at prompt - 1, as SGLang reports cached tokens
+    np.testing.assert_array_equal(col(x, "matched_prefix_tokens"), [512.0, 0.0, 999.0])
+    np.testing.assert_array_equal(col(x, "uncached_tokens"), [488.0, 1000.0, 1.0])
+    np.testing.assert_allclose(col(x, "prefix_hit_ratio"), [0.512, 0.0, 0.999])
+
+
+def test_speed_normalized_columns() -> None:
+    x = candidate_matrix(RequestInfo("r", prompt_tokens=1000), view())
+    speed = np.array([relative_speed("H100"), relative_speed("L4"), 1.0])
+    np.testing.assert_allclose(col(x, "gpu_speed"), speed)
+    np.testing.assert_allclose(col(x, "uncached_per_speed"), np.array([488.0, 1000.0, 1.0]) / speed)
+    np.testing.assert_allclose(col(x, "backlog_tokens_per_speed"), np.array([3488.0, 1000.0, 101.0]) / speed)
+    np.testing.assert_allclose(col(x, "queue_per_speed"), np.array([3.0, 0.0, 3.0]) / speed)
+    bw = col(x, "gpu_mem_bw")
+    assert bw[0] > 1.0 > bw[1] and bw[2] == 1.0  # H100 > A100 > L4; unknown counts as the reference
+    np.testing.assert_allclose(col(x, "running_per_mem_bw"), np.array([4.0, 0.0, 1.0]) / bw)
+
+
+def test_named_round_trip_and_missing_names() -> None:
+    x = candidate_matrix(RequestInfo("r", prompt_tokens=10), view())
+    row = x[1]
+    np.testing.assert_array_equal(from_dict(as_dict(row)), row)
+    d = as_dict(row)
+    del d["kv_usage"]
+    with pytest.raises(KeyError, match="kv_usage"):
+        from_dict(d)
+
+
+def test_column_indices_and_heavy_tailed_are_known_names() -> None:
+    assert set(HEAVY_TAILED) <= set(FEATURE_NAMES)
+    np.testing.assert_array_equal(column_indices(["gpu_speed", "prompt_tokens"]), [FEATURE_INDEX["gpu_speed"], 0])
+    with pytest.raises(KeyError, match="nope"):
+        column_indices(["nope"])

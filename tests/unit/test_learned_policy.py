@@ -1,0 +1,128 @@
+"""The `learned` policy: least predicted TTFT, decaying exploration, heuristic fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dispatcher.policies.learned import LearnedPolicy
+from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.snapshot import Snapshot, SnapshotError
+
+REQ = RequestInfo("r", prompt_tokens=2000)
+
+
+class AlwaysLast:
+    """A stand-in heuristic that is easy to recognise."""
+
+    name = "always_last"
+
+    def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
+        i = view.size - 1
+        return Decision(index=i, worker_id=view.worker_ids[i], policy=self.name)
+
+
+def linear_snapshot(weight: float = 1.0, validated: bool = True, version: int = 4,
+                    lo: float = 0.0, hi: float = 1e6) -> Snapshot:
+    """TTFT(ms) = 1 + weight * uncached_per_speed, trained on uncached_per_speed in [lo, hi]."""
+    return Snapshot(
+        version=version,
+        family="river",
+        kind="dense",
+        feature_names=("uncached_per_speed",),
+        arrays={
+            "x_center": np.zeros(1), "x_inv_scale": np.ones(1),
+            "layer0_w": np.array([[weight]]), "layer0_b": np.array([1.0]),
+            "feature_min": np.array([lo]), "feature_max": np.array([hi]),
+        },
+        meta={"layers": 1, "log1p_features": [], "range_margin": 0.1, "validated": validated,
+              "target": {"transform": "identity", "center": 0.0, "scale": 1.0}},
+    )
+
+
+def hetero_view() -> ClusterView:
+    # w0 is an L4 (slow), w1 an H100 (fast), w2 an A100; all idle, no cached prefix.
+    return ClusterView.empty_like(["w0", "w1", "w2"], ["L4", "H100", "A100"])
+
+
+def policy(**kw) -> LearnedPolicy:
+    kw.setdefault("epsilon_start", 0.0)
+    kw.setdefault("epsilon_min", 0.0)
+    return LearnedPolicy(fallback=AlwaysLast(), **kw)
+
+
+def test_prefers_the_instance_the_model_says_is_fastest() -> None:
+    p = policy(snapshot=linear_snapshot())
+    d = p.choose(REQ, hetero_view())
+    assert (d.worker_id, d.policy, d.explored, d.model_version) == ("w1", "learned", False, 4)
+    assert d.predicted_ttft_ms == pytest.approx(1.0 + 2000 / (989 / 312))
+    assert d.scores is not None and d.scores.shape == (3,)
+
+
+def test_hot_swap_changes_the_choice() -> None:
+    p = policy(snapshot=linear_snapshot())
+    p.load_snapshot(linear_snapshot(weight=-1e-4, version=5))  # a model that (wrongly) likes slow GPUs
+    d = p.choose(REQ, hetero_view())
+    assert (d.worker_id, d.model_version) == ("w0", 5)
+
+
+def test_cold_start_uses_the_fallback() -> None:
+    d = policy().choose(REQ, hetero_view())
+    assert (d.worker_id, d.policy, d.model_version, d.predicted_ttft_ms) == ("w2", "learned/always_last", 0, None)
+
+
+def test_unvalidated_snapshot_uses_the_fallback() -> None:
+    d = policy(snapshot=linear_snapshot(validated=False)).choose(REQ, hetero_view())
+    assert d.policy == "learned/always_last" and d.model_version == 4
+    d = policy(snapshot=linear_snapshot(validated=False), require_validated=False).choose(REQ, hetero_view())
+    assert d.policy == "learned"
+
+
+def test_out_of_range_inputs_use_the_fallback() -> None:
+    # trained on uncached_per_speed in [0, 1000]; margin 10% -> up to 1100. The L4 sees 2000/0.39.
+    p = policy(snapshot=linear_snapshot(hi=1000.0))
+    assert p.choose(REQ, hetero_view()).policy == "learned/always_last"
+    assert p.choose(RequestInfo("small", prompt_tokens=300), hetero_view()).policy == "learned"
+    p = policy(snapshot=linear_snapshot(hi=1000.0), check_range=False)
+    assert p.choose(REQ, hetero_view()).policy == "learned"
+
+
+def test_a_snapshot_it_cannot_evaluate_is_refused_and_the_old_model_kept() -> None:
+    p = policy(snapshot=linear_snapshot())
+    bad = Snapshot(9, "tree", "tree", ("uncached_per_speed",), {}, {})
+    with pytest.raises(SnapshotError, match="kind"):
+        p.load_snapshot(bad)
+    assert p.model_version == 4
+
+
+def test_exploration_decays_and_flags_decisions() -> None:
+    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.5, epsilon_min=0.01,
+                      epsilon_half_life=500, seed=1)
+    assert p.epsilon == pytest.approx(0.5)
+    decisions = [p.choose(REQ, hetero_view()) for _ in range(4000)]
+    assert p.epsilon == pytest.approx(0.01 + 0.49 * 0.5**8)
+    early = sum(d.explored for d in decisions[:500]) / 500
+    late = sum(d.explored for d in decisions[-1000:]) / 1000
+    assert early > 0.25 and late < 0.05
+    # an explored decision goes elsewhere than the greedy choice; an unexplored one does not
+    assert all((d.worker_id != "w1") == d.explored for d in decisions)
+
+
+def test_same_seed_same_decisions() -> None:
+    def run() -> list[int]:
+        p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.3, seed=7)
+        return [p.choose(REQ, hetero_view()).index for _ in range(200)]
+
+    assert run() == run()
+
+
+def test_ties_are_broken_at_random_not_always_first() -> None:
+    p = policy(snapshot=linear_snapshot())
+    view = ClusterView.empty_like(["a", "b", "c", "d"], ["H100"] * 4)
+    chosen = {p.choose(REQ, view).worker_id for _ in range(100)}
+    assert chosen == {"a", "b", "c", "d"}
+
+
+def test_invalid_epsilon_settings() -> None:
+    with pytest.raises(ValueError):
+        LearnedPolicy(fallback=AlwaysLast(), epsilon_start=0.1, epsilon_min=0.2)
