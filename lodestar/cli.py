@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import typer
 
-from lodestar.commands import topics
+from lodestar.commands import bench, topics
+from lodestar.commands.submit import submit
+from lodestar.commands.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Lodestar: a learned LLM request router.")
 app.add_typer(topics.app, name="topics")
+app.add_typer(bench.app, name="bench")
+app.command("worker")(worker)
+app.command("submit")(submit)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,459 @@
+"""The worker service: serves the routed requests of one SGLang engine, at least once, answered once.
+
+One process per engine. It creates its topic `lodestar.worker.<id>`, consumes it in the consumer
+group `Topics.worker_group(id)` (`lodestar-worker-<id>`: a dispatcher may join that group to
+re-route the backlog of a worker that stays dead), and registers in Redis (WorkerRegistry), renewing
+its state every min(load_poll_s, heartbeat_s) while its engine answers load polls.
+
+Each record is handled by `WorkerService.handle_record`, many at once (up to max_concurrency; the
+engine batches): decode (invalid -> DLQ), dedupe by request id (see workers/dedupe.py), stream the
+generation from the engine (workers/sglang_client.py), publish the InferenceResult to the request's
+reply topic and a TelemetryEvent to the telemetry topic, await both acks, then mark the record
+complete. Offsets are committed in order (workers/offsets.py): a partition's commit point only
+passes records whose work is complete, so a crash redelivers exactly the unfinished ones.
+
+Engine failures become results, never lost records: 503/connection errors are retried with
+exponential backoff, then an `error` result; a 400 is a `rejected` result. Redis or broker
+failures are retried until they heal (the record stays uncommitted meanwhile).
+
+SIGTERM/SIGINT drain: the state is published with draining=true (dispatchers stop routing here),
+fetching stops, in-flight requests finish and are committed, the worker deregisters and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError
+
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.names import RedisKeys, Topics, check_worker_id
+from lodestar.registry import WorkerRegistry
+from lodestar.schemas import (
+    InferenceResult,
+    InvalidMessage,
+    RoutedRequest,
+    Status,
+    TelemetryEvent,
+    decode,
+    now_ms,
+)
+from lodestar.settings import Settings
+from workers.dedupe import Claim, CompletedRequest, RequestLedger
+from workers.live_state import LiveState, estimate_uncached_tokens
+from workers.offsets import OffsetTracker
+from workers.sglang_client import EngineError, EngineRejected, Generation, RetryPolicy, SGLangClient
+
+log = logging.getLogger(__name__)
+
+SERVICE = "worker"
+FETCH_WAIT_MS = 100
+FULL_WAIT_S = 1.0  # when every slot is busy: how long to wait for one before polling Kafka again
+CLAIM_POLL_S = 0.2  # how often to look again at a request id leased by another worker
+INFRA_BACKOFF_MAX_S = 5.0
+
+T = TypeVar("T")
+
+
+class WorkerService:
+    """Consumes `lodestar.worker.<id>`, serves each request on the engine, publishes result and telemetry."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        engine: SGLangClient | None = None,
+        redis_client: aioredis.Redis | None = None,
+    ):
+        w = settings.worker
+        self.settings = settings
+        self.worker_id = check_worker_id(w.worker_id)
+        self.instance = uuid.uuid4().hex[:12]
+        self.topics = Topics(settings.kafka.topic_prefix)
+        self.topic = self.topics.worker(self.worker_id)
+        self.group_id = self.topics.worker_group(self.worker_id)
+        self.engine = engine or SGLangClient(
+            w.sglang_url,
+            request_timeout_s=w.request_timeout_s,
+            retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s),
+        )
+        self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
+        self._redis = redis_client or aioredis.from_url(settings.redis.url)
+        keys = RedisKeys(settings.redis.key_prefix)
+        self.registry = WorkerRegistry(self._redis, keys, w.state_ttl_s)
+        self.ledger = RequestLedger(
+            self._redis, keys, owner=f"{self.worker_id}/{self.instance}", lease_s=w.state_ttl_s,
+            done_ttl_s=w.dedupe_ttl_s,
+        )
+        self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._active: dict[str, asyncio.Future[None]] = {}  # request id -> its handling in this process
+        self._claimed: set[str] = set()  # request ids whose lease this instance renews
+        self._draining = asyncio.Event()
+        self._slot_free = asyncio.Event()
+        self._commit_wanted = asyncio.Event()
+        self._commit_lock = asyncio.Lock()
+        self._engine_ok_at = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def request_drain(self) -> None:
+        """Stop taking work, finish what is in flight, then leave (SIGTERM/SIGINT)."""
+        if self._draining.is_set():
+            return
+        log.info("worker %s draining: %d in flight", self.worker_id, len(self._tasks))
+        self.state.draining = True
+        self._draining.set()
+        self._slot_free.set()
+
+    async def run(self) -> None:
+        """Serve until drained (returns) or cancelled (in-flight work is abandoned to redelivery)."""
+        k = self.settings.kafka
+        await ensure_topics(self.settings, {**fixed_topic_partitions(self.settings), self.topic: k.worker_partitions})
+        self._producer = make_producer(self.settings, client_id=f"worker-{self.worker_id}")
+        self._consumer = make_consumer(
+            self.settings, group_id=self.group_id, client_id=f"worker-{self.worker_id}",
+            max_poll_records=self.settings.worker.max_concurrency,
+        )
+        background: list[asyncio.Task[None]] = []
+        drained = False
+        try:
+            await self._producer.start()
+            await self._consumer.start()
+            self._consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
+            await self._wait_for_engine()
+            await self._publish_state()
+            background = [asyncio.create_task(self._state_loop()), asyncio.create_task(self._commit_loop())]
+            log.info("worker %s serving %s (group %s, gpu %s)", self.worker_id, self.topic, self.group_id,
+                     self.state.gpu_type)
+            await self._fetch_loop()
+            await self._publish_state()
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            await self._commit()
+            drained = True
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if not drained:
+                await self._abandon_in_flight()
+            await self._shutdown()
+
+    async def _wait_for_engine(self) -> None:
+        """Register only once the engine answers: until then nothing should be routed here."""
+        tick = min(self.settings.worker.load_poll_s, self.settings.worker.heartbeat_s)
+        warned_at = 0.0
+        while not self._draining.is_set():
+            try:
+                self.state.engine = await self.engine.load()
+                self._engine_ok_at = time.monotonic()
+                return
+            except EngineError as exc:
+                if time.monotonic() - warned_at > 5.0:
+                    log.warning("worker %s waiting for its engine: %s", self.worker_id, exc)
+                    warned_at = time.monotonic()
+            await asyncio.sleep(tick)
+
+    async def _abandon_in_flight(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        for rid in list(self._claimed):
+            with contextlib.suppress(RedisError, OSError):
+                await self.ledger.release(rid)
+        self._claimed.clear()
+
+    async def _shutdown(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.registry.deregister(self.worker_id)
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+        await self.engine.aclose()
+        await self._redis.aclose()
+        log.info("worker %s stopped", self.worker_id)
+
+    # ---- consuming -------------------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        limit = self.settings.worker.max_concurrency
+        paused = False
+        while not self._draining.is_set():
+            self._slot_free.clear()
+            free = limit - len(self._tasks)
+            if free <= 0:
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_free.wait(), FULL_WAIT_S)
+                await consumer.getmany(timeout_ms=0)  # paused: returns nothing, keeps the group membership
+                continue
+            if paused:
+                consumer.resume(*consumer.assignment())
+                paused = False
+            batches = await consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=free)
+            for tp, records in batches.items():
+                for record in records:
+                    self.offsets.fetched(tp, record.offset)
+                    task = asyncio.create_task(self._run_record(record))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slot_free.set()
+
+    async def _run_record(self, record: ConsumerRecord) -> None:
+        try:
+            await self.handle_record(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not stall the partition: the record goes to the DLQ
+            log.exception("worker %s failed on %s[%d]@%d", self.worker_id, record.topic, record.partition,
+                          record.offset)
+            await self._dead_letter(record, "handle", f"internal error: {exc!r}")
+        self._complete(record)
+
+    async def handle_record(self, record: ConsumerRecord) -> None:
+        """The one place a consumed record is handled: decode, dedupe, serve, publish."""
+        try:
+            routed = self._decode(record)
+        except InvalidMessage as exc:
+            await self._dead_letter(record, "decode", exc.reason)
+            return
+        rid = routed.request.request_id
+        earlier = self._active.get(rid)
+        if earlier is not None:  # the same id is being served here already: its outcome is ours too
+            await asyncio.shield(earlier)
+            return
+        handled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._active[rid] = handled
+        try:
+            await self._serve(routed)
+            handled.set_result(None)
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                handled.cancel()
+            else:
+                handled.set_exception(exc)
+            raise
+        finally:
+            self._active.pop(rid, None)
+            if handled.done() and not handled.cancelled():
+                handled.exception()  # mark retrieved: waiters may not exist
+
+    def _decode(self, record: ConsumerRecord) -> RoutedRequest:
+        if not isinstance(record.value, bytes | bytearray) or not record.value:
+            raise InvalidMessage("empty message")
+        routed = decode(RoutedRequest, record.value)
+        if routed.decision.worker_id != self.worker_id:
+            raise InvalidMessage(
+                f"routed to worker {routed.decision.worker_id!r} but found on {self.topic!r}"
+            )
+        reply = routed.request.reply_to
+        t = self.topics
+        if reply is not None and (reply in (t.requests, t.telemetry, t.dlq) or reply.startswith(f"{t.prefix}worker.")):
+            raise InvalidMessage(f"reply_to {reply!r} is a Lodestar system topic")
+        return routed
+
+    def _complete(self, record: ConsumerRecord) -> None:
+        if self.offsets.completed(TopicPartition(record.topic, record.partition), record.offset):
+            self._commit_wanted.set()
+
+    # ---- serving ---------------------------------------------------------------------------------
+
+    async def _serve(self, routed: RoutedRequest) -> None:
+        rid = routed.request.request_id
+        claim = await self._claim(rid)
+        if claim.state == "done":
+            log.info("worker %s: request %s already answered; skipping the redelivery", self.worker_id, rid)
+            return
+        if claim.stored is not None:
+            log.info("worker %s: request %s was finished by a predecessor; publishing it", self.worker_id, rid)
+            completed = claim.stored
+        else:
+            completed = await self._generate(routed)
+            await self._infra_retry(lambda: self.ledger.store(completed), "store the outcome")
+        await self._infra_retry(lambda: self._publish(completed), "publish result and telemetry")
+        await self._infra_retry(lambda: self.ledger.mark_done(rid), "mark the request done")
+        self._claimed.discard(rid)
+
+    async def _claim(self, rid: str) -> Claim:
+        """Own the request id, or learn it is done; waits while another live worker holds it."""
+        waited = False
+        while True:
+            claim = await self._infra_retry(lambda: self.ledger.claim(rid), "claim the request")
+            if claim.state == "claimed":
+                self._claimed.add(rid)
+            if claim.state != "held":
+                return claim
+            if not waited:
+                log.info("worker %s: request %s is held by %s; waiting", self.worker_id, rid, claim.holder)
+                waited = True
+            await asyncio.sleep(CLAIM_POLL_S)
+
+    async def _generate(self, routed: RoutedRequest) -> CompletedRequest:
+        """Run the request on the engine and build its result and telemetry (errors included)."""
+        request, decision = routed.request, routed.decision
+        rid = request.request_id
+        started = time.perf_counter()
+        sent_at = now_ms()
+        self.state.started(rid, estimate_uncached_tokens(routed))
+        status: Status = "ok"
+        error: str | None = None
+        gen: Generation | None = None
+        try:
+            gen = await self.engine.generate(request, on_first_token=lambda: self.state.first_token(rid))
+        except EngineRejected as exc:
+            status, error = "rejected", str(exc)
+        except EngineError as exc:
+            status, error = "error", str(exc)
+        finally:
+            self.state.finished(rid, gen.ttft_ms if gen is not None else None)
+        if error is not None:
+            log.warning("worker %s: request %s %s: %s", self.worker_id, rid, status, error)
+        e2e_ms = gen.e2e_ms if gen else (time.perf_counter() - started) * 1000.0
+        prompt_tokens = gen.prompt_tokens if gen else len(request.input_ids or ())
+        result = InferenceResult(
+            request_id=rid,
+            worker_id=self.worker_id,
+            status=status,
+            text=gen.text if gen else "",
+            prompt_tokens=prompt_tokens,
+            cached_tokens=gen.cached_tokens if gen else 0,
+            completion_tokens=gen.completion_tokens if gen else 0,
+            ttft_ms=gen.ttft_ms if gen else None,
+            tpot_ms=gen.tpot_ms if gen else None,
+            e2e_ms=e2e_ms,
+            finish_reason=gen.finish_reason if gen else None,
+            error=error,
+        )
+        telemetry = TelemetryEvent(
+            request_id=rid,
+            decision=decision,
+            gpu_type=self.state.gpu_type,
+            status=status,
+            ttft_ms=result.ttft_ms,
+            tpot_ms=result.tpot_ms,
+            e2e_ms=e2e_ms,
+            queue_ms=max(sent_at - decision.decided_at, 0.0),
+            prompt_tokens=prompt_tokens,
+            cached_tokens=result.cached_tokens,
+            completion_tokens=result.completion_tokens,
+            sent_at=gen.sent_at_ms if gen else sent_at,
+            first_token_at=gen.first_token_at_ms if gen else None,
+            finished_at=now_ms(),
+        )
+        reply_topic = request.reply_to or self.topics.results
+        return CompletedRequest(reply_topic=reply_topic, result=result, telemetry=telemetry)
+
+    async def _publish(self, completed: CompletedRequest) -> None:
+        """Send result and telemetry and wait for the broker to acknowledge both."""
+        assert self._producer is not None
+        rid = completed.result.request_id
+        await asyncio.gather(
+            self._producer.send_and_wait(completed.reply_topic, completed.result.to_bytes(), key=rid.encode()),
+            self._producer.send_and_wait(
+                self.topics.telemetry, completed.telemetry.to_bytes(), key=self.worker_id.encode()
+            ),
+        )
+
+    async def _dead_letter(self, record: ConsumerRecord, stage: str, reason: str) -> None:
+        assert self._producer is not None
+        producer = self._producer
+        letter = dead_letter_for(record, stage=stage, service=SERVICE, reason=reason)
+        await self._infra_retry(lambda: send_dead_letter(producer, self.topics, letter), "send a dead letter")
+
+    async def _infra_retry(self, action: Callable[[], Awaitable[T]], what: str) -> T:
+        """Retry an action on Redis or the broker until it succeeds: the record stays uncommitted meanwhile."""
+        delay = self.settings.worker.retry_backoff_s
+        while True:
+            try:
+                return await action()
+            except (RedisError, KafkaError, OSError) as exc:
+                log.warning("worker %s could not %s (%r); retrying in %.1fs", self.worker_id, what, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, INFRA_BACKOFF_MAX_S)
+
+    # ---- state and commits -----------------------------------------------------------------------
+
+    async def _publish_state(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.registry.publish(self.state.snapshot())
+
+    async def _state_loop(self) -> None:
+        """Poll the engine's load, publish the live state (the heartbeat) and renew request leases."""
+        w = self.settings.worker
+        tick = min(w.load_poll_s, w.heartbeat_s)
+        next_poll = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_poll:
+                next_poll = now + w.load_poll_s
+                try:
+                    self.state.engine = await self.engine.load()
+                    self._engine_ok_at = time.monotonic()
+                except EngineError as exc:
+                    log.warning("worker %s: engine load unavailable: %s", self.worker_id, exc)
+            engine_alive = time.monotonic() - self._engine_ok_at <= w.state_ttl_s
+            try:
+                # An engine silent for longer than the state TTL stops the heartbeat: the entry expires
+                # and dispatchers stop routing here until the engine answers again.
+                if engine_alive or self.state.draining:
+                    await self.registry.publish(self.state.snapshot())
+                await self.ledger.renew(list(self._claimed))
+            except (RedisError, OSError) as exc:
+                log.warning("worker %s: heartbeat failed: %r", self.worker_id, exc)
+            await asyncio.sleep(tick)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            self._commit_wanted.clear()
+            await self._commit()
+
+    async def _commit(self) -> None:
+        """Commit every partition's contiguous completed prefix."""
+        assert self._consumer is not None
+        async with self._commit_lock:
+            offsets = self.offsets.committable()
+            if not offsets:
+                return
+            try:
+                await self._consumer.commit(offsets)
+            except KafkaError as exc:  # e.g. a rebalance took the partition: its records come again
+                log.warning("worker %s: commit of %s failed: %r", self.worker_id, offsets, exc)
+                return
+            self.offsets.committed(offsets)
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):
+    """Commit what is complete before a partition moves to another member, then forget it."""
+
+    def __init__(self, service: WorkerService):
+        self._service = service
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self._service._commit()
+        self._service.offsets.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("worker %s assigned %s", self._service.worker_id, sorted(map(str, assigned)))
