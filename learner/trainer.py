@@ -27,6 +27,7 @@ import numpy as np
 
 from learner.models import OnlineTTFTModel, make_model, model_from_state
 from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.settings import LearnerSettings
 from lodestar.snapshot import Snapshot, decode_array, encode_array
 
 CHECKPOINT_FORMAT = 1
@@ -52,6 +53,12 @@ class LearnerConfig:
     error_window: int = 1000
     range_margin: float = 0.1
     seed: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: LearnerSettings, **overrides: Any) -> LearnerConfig:
+        """The live snapshot cadence from settings (`learner.snapshot_every_*`), plus overrides."""
+        return cls(**{"snapshot_every_events": settings.snapshot_every_events,
+                      "snapshot_every_s": settings.snapshot_every_s, **overrides})
 
 
 class _Ring:

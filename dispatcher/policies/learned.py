@@ -43,7 +43,7 @@ class LearnedPolicy:
             raise ValueError("need 0 <= epsilon_min <= epsilon_start <= 1")
         if epsilon_half_life <= 0:
             raise ValueError("epsilon_half_life must be positive")
-        self.fallback: Policy = make_policy(fallback) if isinstance(fallback, str) else fallback
+        self.fallback: Policy = make_policy(fallback, seed=seed) if isinstance(fallback, str) else fallback
         self.fallback_name = f"{NAME}/{self.fallback.name}"
         self.epsilon_start = epsilon_start
         self.epsilon_min = epsilon_min
