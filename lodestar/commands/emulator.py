@@ -1,0 +1,37 @@
+"""`lodestar emulator`: serve the calibrated engine model behind SGLang's HTTP API."""
+
+from __future__ import annotations
+
+import typer
+
+
+def emulator(
+    gpu: str = typer.Option("H100", help="GPU type the engine model emulates (H100, A100, L40S, L4, A10G, ...)."),
+    model: str = typer.Option("llama-3.1-8b", help="Model the engine model emulates (llama-3.1-8b, qwen2.5-7b)."),
+    port: int = typer.Option(30000, help="Port to listen on (SGLang's default is 30000)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    time_scale: float = typer.Option(
+        1.0, min=0.001,
+        help="Wall seconds per emulated second: 2.0 makes every engine step take twice its modelled time "
+             "(use on a slow host), 0.5 half. Latencies clients see are wall-clock; divide by this to get "
+             "modelled GPU time.",
+    ),
+    max_queued_requests: int | None = typer.Option(
+        None, min=1, help="Reject new requests with 503 once this many wait (SGLang --max-queued-requests)."),
+    max_running_requests: int | None = typer.Option(
+        None, min=1, help="Cap on the running batch (default: derived from KV capacity, as SGLang does)."),
+    seed: int = typer.Option(0, help="Seed of the engine model."),
+    block_tokens: int = typer.Option(16, min=1, help="Prefix-cache block (page) size in tokens."),
+    served_model_name: str | None = typer.Option(None, help="Model name to report (default: the HF path)."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Run an SGLang-compatible server whose timing comes from the calibrated engine model."""
+    from sim.emulator.emulator import EmulatorConfig
+    from sim.emulator.server import serve
+
+    config = EmulatorConfig(
+        gpu=gpu, model=model, host=host, port=port, time_scale=time_scale,
+        max_queued_requests=max_queued_requests, max_running_requests=max_running_requests, seed=seed,
+        block_tokens=block_tokens, served_model_name=served_model_name,
+    )
+    serve(config, log_level=log_level)
