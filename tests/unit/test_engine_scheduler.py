@@ -1,0 +1,166 @@
+"""Scheduler invariants of the SGLang engine model."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from engine_driver import make_request, run
+
+from sim.engine import Engine, EngineConfig, QueueFull, RequestTooLarge
+
+
+def small_engine(**cfg) -> Engine:
+    """An L4 whose KV pool is squeezed to a few thousand tokens, so memory pressure is easy to create."""
+    e = Engine("L4", config=EngineConfig(**cfg))
+    e.max_kv_tokens = 6000
+    return e
+
+
+def kv_invariants(e: Engine) -> None:
+    load = e.load()
+    assert e._available() >= 0
+    assert e.cache.total_tokens + e._private <= e.max_kv_tokens
+    assert 0 <= load.used_kv_tokens <= load.max_kv_tokens
+    assert e._private == sum(r.private for r in e.running) + (e.chunked.private if e.chunked else 0)
+    assert e._running_ctx == sum(r.kv_len for r in e.running)
+    unlocked = sum(e.cache.node_tokens(n) for n in e.cache._lru)
+    assert unlocked == e.cache.evictable_tokens
+
+
+def random_workload(seed: int, n: int = 120):
+    rng = random.Random(seed)
+    reqs = []
+    t = 0.0
+    for i in range(n):
+        t += rng.expovariate(40.0)
+        prompt = rng.randint(20, 1500)
+        reqs.append(make_request(f"r{i}", prompt, t, max_new_tokens=rng.randint(1, 300),
+                                 prefix_id=rng.randint(1, 4), shared_blocks=rng.randint(0, 60),
+                                 stop_after=rng.choice([None, rng.randint(1, 200)])))
+    return reqs
+
+
+@pytest.mark.parametrize("cfg", [{}, {"enable_mixed_chunk": True, "chunked_prefill_size": 512},
+                                 {"schedule_policy": "lpm", "max_running_requests": 16}])
+def test_kv_never_over_budget_and_every_request_completes(cfg):
+    e = small_engine(**cfg)
+    reqs = random_workload(1)
+    log = run(e, reqs, check=kv_invariants)
+    assert set(log.finished) == {r.rid for r in reqs}
+    for r in reqs:
+        f = log.finished[r.rid]
+        limit = r.max_new_tokens if r.stop_after is None else min(r.stop_after, r.max_new_tokens)
+        assert f.completion_tokens == log.tokens[r.rid] == limit
+        assert f.reason == ("stop" if r.stop_after is not None and r.stop_after < r.max_new_tokens else "length")
+        assert 0 <= f.cached_tokens <= r.prompt_len - 1
+    assert e.load().used_kv_tokens == 0
+    assert e.cache.protected_tokens == 0
+
+
+def test_fcfs_first_prefill_order():
+    e = Engine("H100", config=EngineConfig(chunked_prefill_size=1024, max_prefill_tokens=2048))
+    reqs = [make_request(f"r{i}", 300 + 97 * i, arrival_s=0.0) for i in range(30)]
+    log = run(e, reqs)
+    assert log.first_order == [r.rid for r in reqs]
+
+
+def test_cached_tokens_capped_at_prompt_minus_one():
+    e = Engine("H100")
+    a = make_request("a", 512, 0.0, max_new_tokens=4, prefix_id=7, shared_blocks=32)
+    b = make_request("b", 512, 1.0, max_new_tokens=4, prefix_id=7, shared_blocks=32)
+    log = run(e, [a, b])
+    assert log.cached["a"] == 0
+    assert log.cached["b"] == 511
+
+
+def test_prefix_reuse_lowers_ttft():
+    e = Engine("A100")
+    a = make_request("a", 4000, 0.0, max_new_tokens=8, prefix_id=3, shared_blocks=250)
+    b = make_request("b", 4000, 5.0, max_new_tokens=8, prefix_id=3, shared_blocks=250)
+    log = run(e, [a, b])
+    assert log.cached["b"] == 3999
+    assert log.first_token_s["b"] - 5.0 < 0.2 * (log.first_token_s["a"] - 0.0)
+
+
+def test_retraction_happens_and_requests_still_complete():
+    # new_token_ratio decays during long decodes, admission turns optimistic, and the KV pool runs out
+    e = small_engine(chunked_prefill_size=2048)
+    rng = random.Random(0)
+    reqs = [make_request(f"r{i}", 100, 0.0, max_new_tokens=1500, stop_after=rng.randint(20, 1500))
+            for i in range(60)]
+    log = run(e, reqs, check=kv_invariants)
+    assert log.retracted, "the KV pool is too small for all outputs: SGLang would retract"
+    assert e.num_retracted == len(log.retracted)
+    for r in reqs:
+        assert log.finished[r.rid].completion_tokens == log.tokens[r.rid] == r.stop_after
+    assert len(log.first_order) == len(reqs)  # a retracted request does not emit a second first token
+
+
+def test_fused_decode_matches_single_steps():
+    reqs = random_workload(7, n=60)
+    single = run(Engine("A10G"), reqs, fuse=False)
+    fused = run(Engine("A10G"), reqs, fuse=True)
+    assert fused.iterations == single.iterations
+    assert fused.steps < single.steps
+    assert fused.tokens == single.tokens
+    assert {k: f.completion_tokens for k, f in fused.finished.items()} == \
+        {k: f.completion_tokens for k, f in single.finished.items()}
+    for rid, t in single.finish_s.items():
+        assert fused.finish_s[rid] == pytest.approx(t, rel=1e-9, abs=1e-9)
+    for rid, t in single.first_token_s.items():
+        assert fused.first_token_s[rid] == pytest.approx(t, rel=1e-9, abs=1e-9)
+
+
+def test_deterministic_by_seed():
+    cfg = EngineConfig(step_time_jitter=0.05)
+    a = run(Engine("L40S", config=cfg, seed=3), random_workload(2, 40))
+    b = run(Engine("L40S", config=cfg, seed=3), random_workload(2, 40))
+    c = run(Engine("L40S", config=cfg, seed=4), random_workload(2, 40))
+    assert a.finish_s == b.finish_s and a.first_token_s == b.first_token_s
+    assert a.finish_s != c.finish_s
+
+
+def test_clone_is_independent():
+    reqs = random_workload(5, 40)
+    ref = run(Engine("A30"), reqs)
+    e = Engine("A30")
+    for r in reqs[:20]:
+        e.add(r, 0.0)
+    for _ in range(5):
+        e.step(0.0)
+    before = e.load()
+    c = e.clone()
+    while c.has_work():
+        c.step(0.0, until=float("inf"))
+    assert e.load() == before
+    assert c.load().running == 0 and before.running > 0
+    assert ref.finished  # sanity: the workload is valid
+    assert e.cache.total_tokens != c.cache.total_tokens or e.cache.evictable_tokens != c.cache.evictable_tokens
+
+
+def test_queue_full_and_too_large_and_abort():
+    e = Engine("H100", config=EngineConfig(max_queued_requests=2))
+    e.add(make_request("a", 100), 0.0)
+    e.add(make_request("b", 100), 0.0)
+    with pytest.raises(QueueFull):
+        e.add(make_request("c", 100), 0.0)
+    with pytest.raises(RequestTooLarge):
+        Engine("L4").add(make_request("huge", 60_000), 0.0)
+    assert e.abort("b") and not e.abort("zzz")
+    out = e.step(0.0)
+    assert [f.rid for f in out.finished if f.reason == "abort"] == ["b"]
+    assert [f.rid for f in out.first_tokens] == ["a"]
+    e.step(out.duration_s)
+    assert e.abort("a")  # running: its KV is released
+    e.step(1.0)
+    assert not e.has_work() and e.load().used_kv_tokens == 0
+    assert e.flush_cache() and e.cache.total_tokens == 0
+
+
+def test_slowdown_scales_step_time():
+    e1, e2 = Engine("H100"), Engine("H100")
+    e2.set_slowdown(2.0)
+    for e in (e1, e2):
+        e.add(make_request("a", 2000), 0.0)
+    assert e2.step(0.0).duration_s == pytest.approx(2 * e1.step(0.0).duration_s)
