@@ -1,7 +1,8 @@
 """The simulator's telemetry hook: where a learner observes completions and publishes new policies.
 
 The simulator calls `observe(record)` for every completed request, in virtual-time order, and
-`tick(now_s)` after every event it processes (arrival or engine step). `tick` returns a policy to route
+`tick(now_s)` before every event it processes (arrival or engine step), so a policy returned by
+`tick(t)` routes the arrivals at t. `tick` returns a policy to route
 with from now on (e.g. the learned policy with a fresh snapshot) or None to keep the current one, so a
 learner publishes at its own cadence in virtual time, as the live learner does in wall-clock time.
 """

@@ -1,0 +1,60 @@
+"""A routing benchmark: every policy x seed on one cluster and one workload, with identical arrivals."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sim.cluster import ClusterSpec
+from sim.metrics import summarize
+from sim.policy_factory import build_policy
+from sim.simulator import SimResult, Simulator
+from sim.workloads import Workload
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """One (policy, seed) run: its results row and the per-request series the plots need."""
+
+    row: dict[str, Any]
+    arrival_s: np.ndarray
+    ttft_s: np.ndarray
+
+
+def result_row(result: SimResult, *, policy: str, seed: int, cluster: str, workload: str) -> dict[str, Any]:
+    """The results.json object of one run: identification, bench_serving metrics, simulator speed."""
+    row: dict[str, Any] = {"policy": policy, "seed": seed, "cluster": cluster, "workload": workload}
+    row.update(summarize(result.records, result.itl_s, result.itl_tokens, result.routed_gpu_types,
+                         result.gpu_types, failed=result.failed))
+    row["retracted"] = result.retracted
+    row["wall_s"] = result.wall_s
+    row["sim_requests_per_wall_s"] = result.arrivals / result.wall_s if result.wall_s > 0 else 0.0
+    return row
+
+
+def run_one(cluster: ClusterSpec, workload: Workload, policy: str, seed: int, *, refresh_interval_s: float = 0.1,
+            progress: Callable[[float], None] | None = None, **policy_options: Any) -> RunOutcome:
+    """Simulate `workload` (stream seeded by `seed`) on `cluster` under `policy`."""
+    setup = build_policy(policy, seed=seed, cluster=cluster, **policy_options)
+    sim = Simulator(cluster, setup.policy, seed=seed, refresh_interval_s=refresh_interval_s, sink=setup.sink)
+    result = sim.run(workload.requests(seed), workload.slowdowns, progress=progress)
+    row = result_row(result, policy=policy, seed=seed, cluster=cluster.name, workload=workload.name)
+    arrival = np.fromiter((r.arrival_s for r in result.records), np.float64, len(result.records))
+    ttft = np.fromiter((r.ttft_s for r in result.records), np.float64, len(result.records))
+    return RunOutcome(row, arrival, ttft)
+
+
+def run_benchmark(cluster: ClusterSpec, workload: Workload, policies: Sequence[str], seeds: Sequence[int], *,
+                  refresh_interval_s: float = 0.1,
+                  on_run: Callable[[str, int], Callable[[float], None] | None] | None = None) -> list[RunOutcome]:
+    """Every policy under every seed. `on_run(policy, seed)` may return a progress callback for that run."""
+    outcomes = []
+    for policy in policies:
+        for seed in seeds:
+            progress = on_run(policy, seed) if on_run is not None else None
+            outcomes.append(run_one(cluster, workload, policy, seed, refresh_interval_s=refresh_interval_s,
+                                    progress=progress))
+    return outcomes
