@@ -17,7 +17,7 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -83,11 +83,26 @@ class PrefixIndex(Protocol):
         ...
 
 
+@dataclass(slots=True)
+class _WorkerBlocks:
+    """One worker's entries, and the same entries grouped by last use for eviction."""
+
+    bit: int
+    entries: dict[int, tuple[float, int]] = field(default_factory=dict)  # hash -> (last_use, depth)
+    # last_use -> [(-depth, hash)]: every touch appends; items whose entry moved on are stale.
+    buckets: dict[float, list[tuple[int, int]]] = field(default_factory=dict)
+    times: list[float] = field(default_factory=list)  # heap of the bucket keys
+    queued: int = 0  # items in all buckets, stale included
+
+
 class InMemoryPrefixIndex:
-    """The reference store: dicts per worker, a lazily cleaned heap for eviction order.
+    """The reference store: dicts per worker, eviction candidates grouped by last use.
 
     `match` costs one dict lookup per matched block whatever the number of workers (a global map from
-    hash to a bitmask of the workers holding it); `insert` costs O(log n) per new or refreshed block.
+    hash to a bitmask of the workers holding it). `insert` costs a few dict operations per block: a
+    touched block is appended to the bucket of its new last use; eviction takes the oldest bucket,
+    sorted by (-depth, hash), and skips items a later touch made stale. Buckets are rebuilt from the
+    live entries when stale items outnumber them.
     """
 
     def __init__(self, capacity_blocks: int):
@@ -95,24 +110,21 @@ class InMemoryPrefixIndex:
             raise ValueError("capacity_blocks must be >= 0")
         self.capacity_blocks = capacity_blocks
         self._capacity: dict[str, int] = {}
-        self._entries: dict[str, dict[int, tuple[float, int]]] = {}  # worker -> hash -> (last_use, depth)
-        self._heaps: dict[str, list[tuple[float, int, int]]] = {}  # worker -> [(last_use, -depth, hash)]
+        self._workers: dict[str, _WorkerBlocks] = {}
         self._holders: dict[int, int] = {}  # hash -> bitmask of worker bits
-        self._bits: dict[str, int] = {}
         self._free_bits: list[int] = []
 
-    def _bit(self, worker_id: str) -> int:
-        bit = self._bits.get(worker_id)
-        if bit is None:
-            bit = heapq.heappop(self._free_bits) if self._free_bits else len(self._bits)
-            self._bits[worker_id] = bit
-            self._entries[worker_id] = {}
-            self._heaps[worker_id] = []
-        return bit
+    def _worker(self, worker_id: str) -> _WorkerBlocks:
+        w = self._workers.get(worker_id)
+        if w is None:
+            bit = heapq.heappop(self._free_bits) if self._free_bits else len(self._workers)
+            w = self._workers[worker_id] = _WorkerBlocks(bit)
+        return w
 
     def match(self, block_hashes: Sequence[int], worker_ids: Sequence[str]) -> np.ndarray:
         """Matched leading blocks of `block_hashes` per worker in `worker_ids` (int64 array)."""
-        bits = [self._bits.get(w) for w in worker_ids]
+        known = [self._workers.get(w) for w in worker_ids]
+        bits = [None if w is None else w.bit for w in known]
         alive = 0
         for b in bits:
             if b is not None:
@@ -139,82 +151,96 @@ class InMemoryPrefixIndex:
 
     def insert(self, worker_id: str, block_hashes: Sequence[int], now: float) -> None:
         """Touch or add the chain's blocks for `worker_id` at time `now`, then evict down to capacity."""
-        mask = 1 << self._bit(worker_id)
-        entries = self._entries[worker_id]
-        heap = self._heaps[worker_id]
-        holders = self._holders
+        w = self._worker(worker_id)
+        mask = 1 << w.bit
+        entries, holders = w.entries, self._holders
+        bucket = w.buckets.get(now)
+        if bucket is None:
+            bucket = w.buckets[now] = []
+            heapq.heappush(w.times, now)
+        queued = len(bucket)
         for depth, h in enumerate(block_hashes):
             old = entries.get(h)
             if old is None:
                 entries[h] = (now, depth)
-                heapq.heappush(heap, (now, -depth, h))
+                bucket.append((-depth, h))
                 holders[h] = holders.get(h, 0) | mask
             elif old[0] < now:
                 entries[h] = (now, old[1])
-                heapq.heappush(heap, (now, -old[1], h))
-        self._evict_to_capacity(worker_id)
-        if len(heap) > 2 * len(entries) + 1024:
-            self._heaps[worker_id] = [(t, -d, h) for h, (t, d) in entries.items()]
-            heapq.heapify(self._heaps[worker_id])
+                bucket.append((-old[1], h))
+        w.queued += len(bucket) - queued
+        self._evict_to_capacity(worker_id, w)
+        if w.queued > 2 * len(entries) + 1024:
+            self._rebuild_buckets(w)
 
-    def _evict_to_capacity(self, worker_id: str) -> None:
-        entries = self._entries[worker_id]
+    @staticmethod
+    def _rebuild_buckets(w: _WorkerBlocks) -> None:
+        buckets: dict[float, list[tuple[int, int]]] = {}
+        for h, (t, d) in w.entries.items():
+            buckets.setdefault(t, []).append((-d, h))
+        w.buckets, w.times, w.queued = buckets, list(buckets), len(w.entries)
+        heapq.heapify(w.times)
+
+    def _evict_to_capacity(self, worker_id: str, w: _WorkerBlocks) -> None:
+        entries = w.entries
         excess = len(entries) - self._capacity.get(worker_id, self.capacity_blocks)
-        if excess <= 0:
-            return
-        heap = self._heaps[worker_id]
-        keep = ~(1 << self._bits[worker_id])
+        keep = ~(1 << w.bit)
         holders = self._holders
         while excess > 0:
-            t, _, h = heapq.heappop(heap)
-            entry = entries.get(h)
-            if entry is None or entry[0] != t:
-                continue  # superseded by a later touch (or already evicted)
-            del entries[h]
-            rest = holders[h] & keep
-            if rest:
-                holders[h] = rest
-            else:
-                del holders[h]
-            excess -= 1
+            t = w.times[0]
+            bucket = w.buckets[t]
+            bucket.sort(reverse=True)  # the next victim, smallest (-depth, hash), at the end
+            while excess > 0 and bucket:
+                _, h = bucket.pop()
+                w.queued -= 1
+                entry = entries.get(h)
+                if entry is None or entry[0] != t:
+                    continue  # a later touch moved it to a newer bucket (or it is gone)
+                del entries[h]
+                rest = holders[h] & keep
+                if rest:
+                    holders[h] = rest
+                else:
+                    del holders[h]
+                excess -= 1
+            if not bucket:
+                del w.buckets[t]
+                heapq.heappop(w.times)
 
     def set_capacity(self, worker_id: str, capacity_blocks: int) -> None:
         """Set `worker_id`'s capacity in blocks, evicting at once if it holds more."""
         if capacity_blocks < 0:
             raise ValueError("capacity_blocks must be >= 0")
-        self._bit(worker_id)
         self._capacity[worker_id] = capacity_blocks
-        self._evict_to_capacity(worker_id)
+        self._evict_to_capacity(worker_id, self._worker(worker_id))
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget everything about `worker_id`."""
         self._capacity.pop(worker_id, None)
-        bit = self._bits.pop(worker_id, None)
-        if bit is None:
+        w = self._workers.pop(worker_id, None)
+        if w is None:
             return
-        keep = ~(1 << bit)
+        keep = ~(1 << w.bit)
         holders = self._holders
-        for h in self._entries.pop(worker_id):
+        for h in w.entries:
             rest = holders[h] & keep
             if rest:
                 holders[h] = rest
             else:
                 del holders[h]
-        del self._heaps[worker_id]
-        heapq.heappush(self._free_bits, bit)
+        heapq.heappush(self._free_bits, w.bit)
 
     def clear(self) -> None:
         """Forget everything about every worker."""
         self._capacity.clear()
-        self._entries.clear()
-        self._heaps.clear()
+        self._workers.clear()
         self._holders.clear()
-        self._bits.clear()
         self._free_bits.clear()
 
     def size(self, worker_id: str) -> int:
         """Number of blocks held for `worker_id`."""
-        return len(self._entries.get(worker_id, ()))
+        w = self._workers.get(worker_id)
+        return 0 if w is None else len(w.entries)
 
 
 # Operation log: a store-independent record of operations, for conformance between stores.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 
@@ -60,23 +61,26 @@ class AIBrixPrefixCache:
         """Imbalance filter, then best prefix match within the load bound, else least request."""
         require_workers(view)
         load = outstanding_requests(view)
+        loads = load.tolist()
         candidates = _least_loaded_if_imbalanced(load, self.imbalance_abs_count)
         total_blocks = len(request.block_hashes) or request.prompt_tokens // max(request.tokens_per_block, 1)
         if total_blocks > 0:
-            blocks = matched_blocks(view, request.tokens_per_block)
+            blocks = matched_blocks(view, request.tokens_per_block).tolist()
             matched = [i for i in candidates if blocks[i] > 0]
             if matched:
-                percent = (np.minimum(blocks, total_blocks) * 100) // total_blocks
-                bound = float(load.mean()) + self.std_factor * (float(load.std(ddof=1)) if view.size > 1 else 0.0)
+                percent = {i: int(min(blocks[i], total_blocks)) * 100 // total_blocks for i in matched}
+                n = len(loads)
+                mean = sum(loads) / n
+                std = math.sqrt(sum((x - mean) ** 2 for x in loads) / (n - 1)) if n > 1 else 0.0
+                bound = mean + self.std_factor * std
                 self._rng.shuffle(matched)
-                matched.sort(key=lambda i: (-percent[i], load[i]))
-                for i in matched:
-                    if load[i] <= bound:
-                        scores = np.full(view.size, -np.inf)
-                        eligible = [j for j in matched if load[j] <= bound]
-                        scores[eligible] = percent[eligible]
-                        return decide(self.name, view, i, scores)
-        i = argmin_random_tie(load.tolist(), self._rng)
+                matched.sort(key=lambda i: (-percent[i], loads[i]))
+                eligible = [i for i in matched if loads[i] <= bound]
+                if eligible:
+                    scores = np.full(view.size, -np.inf)
+                    scores[eligible] = [percent[i] for i in eligible]
+                    return decide(self.name, view, eligible[0], scores)
+        i = argmin_random_tie(loads, self._rng)
         return decide(self.name, view, i, -load)
 
 
