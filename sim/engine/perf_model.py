@@ -84,9 +84,8 @@ class StepCoefficients:
         L = m.layers
         b = m.dtype_bytes
         q_dim = m.heads * m.head_dim
-        kv_dim = m.kv_heads * m.head_dim
-        layer_params = m.hidden * (q_dim + 2 * kv_dim) + q_dim * m.hidden + 3 * m.hidden * m.intermediate
-        kv_layer_bytes = 2 * kv_dim * b
+        params = layer_params(m)
+        kv_layer_bytes = 2 * m.kv_heads * m.head_dim * b
         return cls(
             fixed_s=cal.host_overhead_s + cal.step_fixed_s + cal.sampler_fixed_s
             + L * (cal.layer_fixed_s + cal.attn_fixed_s),
@@ -94,8 +93,8 @@ class StepCoefficients:
             attn_fixed_s=L * cal.attn_fixed_s,
             sampler_fixed_s=cal.sampler_fixed_s,
             per_token_s=L * elementwise_bytes(m) / (bw * cal.elem_bw_eff),
-            gemm_flop_s=L * 2 * layer_params / (flops * cal.gemm_flops_eff),
-            gemm_weight_s=L * layer_params * b / (bw * cal.gemm_bw_eff),
+            gemm_flop_s=L * 2 * params / (flops * cal.gemm_flops_eff),
+            gemm_weight_s=L * params * b / (bw * cal.gemm_bw_eff),
             gemm_p=cal.gemm_p,
             lm_flop_s=2 * m.vocab * m.hidden / (flops * cal.gemm_flops_eff),
             lm_weight_s=m.vocab * m.hidden * b / (bw * cal.lm_bw_eff),
@@ -105,6 +104,13 @@ class StepCoefficients:
             dec_seq_s=L * cal.dec_seq_s,
             dec_ctx_s=L * kv_layer_bytes / (bw * cal.dec_kv_bw_eff),
         )
+
+
+def layer_params(m: ModelSpec) -> int:
+    """Weights of one decoder layer's linear projections (q, k, v, o, gate, up, down)."""
+    q_dim = m.heads * m.head_dim
+    kv_dim = m.kv_heads * m.head_dim
+    return m.hidden * (q_dim + 2 * kv_dim) + q_dim * m.hidden + 3 * m.hidden * m.intermediate
 
 
 def elementwise_bytes(m: ModelSpec) -> float:
@@ -129,7 +135,7 @@ def pnorm(a: float, b: float, p: float) -> float:
 class PerfModel:
     """Step time of one engine iteration on one GPU type serving one model."""
 
-    __slots__ = ("gpu_type", "model_name", "coef", "_decode_cache")
+    __slots__ = ("gpu_type", "model_name", "spec", "cal", "coef", "_decode_cache")
 
     def __init__(self, gpu_type: str, model_name: str = "llama-3.1-8b",
                  calibration: dict[str, Any] | None = None) -> None:
@@ -142,6 +148,8 @@ class PerfModel:
             raise KeyError(f"no calibration for GPU {spec.name!r} in {CALIBRATION_FILE.name}") from None
         self.gpu_type = spec.name
         self.model_name = m.name
+        self.spec = spec
+        self.cal = cal
         self.coef = StepCoefficients.build(cal, spec, m)
         self._decode_cache: dict[int, float] = {}
 
@@ -169,6 +177,15 @@ class PerfModel:
             + n_decode * c.dec_seq_s
             + decode_ctx * c.dec_ctx_s
         )
+
+    def dense_layer_time(self, shape: ModelSpec, tokens: int) -> float:
+        """One decoder layer's non-attention time (linear layers + element-wise) for any model shape."""
+        cal = self.cal
+        bw = self.spec.mem_bw_gbs * 1e9
+        params = layer_params(shape)
+        gemm = pnorm(tokens * 2 * params / (self.spec.tflops * 1e12 * cal.gemm_flops_eff),
+                     params * shape.dtype_bytes / (bw * cal.gemm_bw_eff), cal.gemm_p)
+        return cal.layer_fixed_s + gemm + tokens * elementwise_bytes(shape) / (bw * cal.elem_bw_eff)
 
     def attention_and_logits_time(self, chunks: list[tuple[int, int]], n_decode: int, decode_ctx: int) -> float:
         """The terms Vidur's mlp.csv does not measure: attention, lm_head and sampler (with their

@@ -163,7 +163,9 @@ class ProfileReference:
     """Idle prefill/decode step times of Llama-3.1-8B built from one GPU's measurements alone.
 
     Non-attention layers: interpolated in tokens (linear beyond the largest measured count, where the
-    layers are compute-bound). Attention, lm_head and sampler: interpolated from the LLMServingSim
+    layers are compute-bound). Where the GPU was profiled only on Llama-2-7B (H100, A40), the measured
+    time is carried to the Llama-3.1-8B shape by the ratio of the fitted model's layer times for the
+    two shapes (about +8% in FLOPs). Attention, lm_head and sampler: interpolated from the LLMServingSim
     tables when the GPU has them; otherwise (Vidur GPUs) taken from `model`, the fitted model's own
     terms, because Vidur's mlp.csv does not measure them. No profile measures host overhead, so the
     model's assumed per-iteration host overhead is added to every step.
@@ -175,6 +177,7 @@ class ProfileReference:
         # prefer the profile measured on the Llama-3 shape
         dense = next((d for d in prof.dense if d.shape.intermediate == shape.intermediate), prof.dense[0])
         self.dense = dense
+        self.shape = shape
         self.layers = shape.layers
         self.prof = prof
         self.model = model
@@ -189,12 +192,16 @@ class ProfileReference:
             self._decode_kv = a.kv_decode[dec][order]
             self._decode_t = a.time_s[dec][order]
 
-    def _dense_layer(self, tokens: float) -> float:
+    def _dense_layer(self, tokens: int) -> float:
         d = self.dense
         t = d.gemm_s + d.elem_s
         if tokens <= d.tokens[-1]:
-            return float(np.interp(tokens, d.tokens, t))
-        return float(t[-1] * tokens / d.tokens[-1])
+            measured = float(np.interp(tokens, d.tokens, t))
+        else:
+            measured = float(t[-1] * tokens / d.tokens[-1])
+        if d.shape.intermediate == self.shape.intermediate:
+            return measured
+        return measured * self.model.dense_layer_time(self.shape, tokens) / self.model.dense_layer_time(d.shape, tokens)
 
     def _step_extra(self, tokens: float) -> float:
         d = self.dense

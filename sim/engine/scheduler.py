@@ -20,11 +20,16 @@ The scheduling follows SGLang 0.5.x (`managers/scheduler.py`, `schedule_policy.p
 There is no clock inside: `step(now)` computes one iteration starting at `now` and applies its effects
 at once; the caller treats them as happening at `now + duration_s`. Given the same calls and seed the
 engine is deterministic (randomness is used only for the optional step-time jitter).
+
+Cost: a decode iteration is O(1) in the number of running requests apart from building the token
+dict (in C): running requests advance by a shared decode counter and are materialized only when they
+leave the batch, and finishes come off a heap keyed by the counter value at which each one ends.
 """
 
 from __future__ import annotations
 
 import copy
+import heapq
 import math
 import random
 from dataclasses import dataclass, field
@@ -115,7 +120,7 @@ class _Req:
     """Scheduler state of one request."""
 
     __slots__ = ("req", "rid", "prompt_len", "hashes", "bt", "max_new", "limit", "stop_reason", "output",
-                 "kv_len", "node", "locked_blocks", "cached_tokens", "queued_s")
+                 "kv_len", "node", "locked_blocks", "cached_tokens", "queued_s", "clock0", "epoch")
 
     def __init__(self, req: EngineRequest) -> None:
         self.req = req
@@ -133,6 +138,8 @@ class _Req:
         self.locked_blocks = 0
         self.cached_tokens = -1  # set at the first prefill admission
         self.queued_s = 0.0
+        self.clock0 = 0  # while running: output and kv_len are as of this value of the decode counter
+        self.epoch = 0  # bumped on joining or leaving the running batch (invalidates finish-heap entries)
 
     @property
     def fill_len(self) -> int:
@@ -171,7 +178,12 @@ class Engine:
         self._rng = random.Random(seed)
         self.cache = BlockRadixCache()
         self.waiting: list[_Req] = []
-        self.running: list[_Req] = []
+        self.running: dict[str, _Req] = {}  # decoding requests, by rid, in join order
+        self._clock = 0  # decode iterations applied to the running batch
+        self._finish_heap: list[tuple[int, int, _Req, int]] = []  # (clock at finish, seq, request, epoch)
+        self._heap_seq = 0
+        self._rem_base = 0  # sum over running (not in _big) of max_new - output + clock0
+        self._big: dict[str, _Req] = {}  # running requests whose remaining max_new exceeded the clip
         self.chunked: _Req | None = None
         self.batch_is_full = False
         self._private = 0  # KV tokens of requests outside the cache
@@ -214,11 +226,10 @@ class Engine:
             self._pending_prefill -= r.fill_len - r.kv_len
             self._release(r)
         else:
-            r = next((x for x in self.running if x.rid == rid), None)
+            r = self.running.get(rid)
             if r is None:
                 return False
-            self.running.remove(r)
-            self._running_ctx -= r.kv_len
+            self._leave_running(r)
             self._release(r)
             self.batch_is_full = False
         self._pending_aborts.append(Finished(rid, "abort", r.prompt_len, r.output, max(r.cached_tokens, 0)))
@@ -261,8 +272,7 @@ class Engine:
         cache = self.cache
         clip = cfg.clip_max_new_tokens
         mixed = running_bs if cfg.enable_mixed_chunk and running else 0
-        offset_total = mixed + self.new_token_ratio * sum(
-            min(r.max_new - r.output, clip) for r in running)
+        offset_total = mixed + self.new_token_ratio * self._remaining_new_tokens()
         offset_cur = mixed
         rem_input = cfg.max_prefill_tokens - mixed
         rem_chunk = self.chunk_size - mixed if self.chunk_size is not None else None
@@ -398,8 +408,8 @@ class Engine:
         if mix:
             self._advance_decode(1, out)
             self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
-        self.running.extend(joined)
-        self._running_ctx += sum(r.kv_len for r in joined)
+        for r in joined:
+            self._join_running(r)
         if finished_any:
             self.batch_is_full = False
 
@@ -410,21 +420,20 @@ class Engine:
             self._retract(out)
             if self._available() + cache.evictable_tokens < len(self.running):
                 # a lone request longer than the whole KV pool: SGLang aborts it
-                for r in self.running:
-                    self._running_ctx -= r.kv_len
+                for r in list(self.running.values()):
+                    self._leave_running(r)
                     self._finish(r, out, "abort")
-                self.running = []
                 return
             n = len(self.running)
-            total_out = sum(r.output for r in self.running)
-            total_max = sum(r.max_new for r in self.running)
+            total_out = sum(r.output for r in self.running.values())  # materialized by _retract
+            total_max = sum(r.max_new for r in self.running.values())
             self.new_token_ratio = min(1.0, (total_out + self.cfg.retract_decode_steps * n) / max(total_max, 1))
             k = 1
         else:
             k = 1
             can_fuse = self.chunked is None and (not self.waiting or self.batch_is_full)
             if until is not None and can_fuse and until > now:
-                k_finish = min(r.limit - r.output for r in self.running)
+                k_finish = self._next_finish_clock() - self._clock
                 k_mem = (self._available() + cache.evictable_tokens) // n
                 if k_finish > 1 and k_mem > 1:
                     budget = (until - now) / self.slowdown
@@ -449,47 +458,88 @@ class Engine:
 
     def _advance_decode(self, k: int, out: StepOutcome) -> None:
         """Every running request writes k tokens' KV and emits k tokens; some may finish."""
-        running = self.running
-        tokens = out.tokens
-        done: list[_Req] = []
-        for r in running:
-            r.output += k
-            r.kv_len += k
-            tokens[r.rid] = tokens.get(r.rid, 0) + k
-            if r.output >= r.limit:
-                done.append(r)
-        n = len(running)
+        n = len(self.running)
+        self._clock += k
+        if out.tokens:
+            out.tokens.update(dict.fromkeys(self.running, k))
+        else:
+            out.tokens = dict.fromkeys(self.running, k)
         self._private += n * k
         self._running_ctx += n * k
-        if done:
-            for r in done:
-                self._running_ctx -= r.kv_len
+        heap = self._finish_heap
+        finished_any = False
+        while heap and heap[0][0] <= self._clock:
+            _, _, r, epoch = heapq.heappop(heap)
+            if epoch == r.epoch:
+                self._leave_running(r)
                 self._finish(r, out)
-            gone = {id(r) for r in done}
-            self.running = [r for r in running if id(r) not in gone]
+                finished_any = True
+        if finished_any:
             self.batch_is_full = False
+
+    def _join_running(self, r: _Req) -> None:
+        clock = self._clock
+        r.clock0 = clock
+        r.epoch += 1
+        self.running[r.rid] = r
+        self._running_ctx += r.kv_len
+        heapq.heappush(self._finish_heap, (clock + r.limit - r.output, self._heap_seq, r, r.epoch))
+        self._heap_seq += 1
+        if r.max_new - r.output > self.cfg.clip_max_new_tokens:
+            self._big[r.rid] = r
+        else:
+            self._rem_base += r.max_new - r.output + clock
+
+    def _materialize(self, r: _Req) -> None:
+        """Bring a running request's output and kv_len up to the decode counter."""
+        d = self._clock - r.clock0
+        if d:
+            r.output += d
+            r.kv_len += d
+            r.clock0 = self._clock
+
+    def _leave_running(self, r: _Req) -> None:
+        self._materialize(r)
+        del self.running[r.rid]
+        self._running_ctx -= r.kv_len
+        if self._big.pop(r.rid, None) is None:
+            self._rem_base -= r.max_new - r.output + self._clock
+        r.epoch += 1
+
+    def _next_finish_clock(self) -> int:
+        heap = self._finish_heap
+        while heap[0][3] != heap[0][2].epoch:
+            heapq.heappop(heap)
+        return heap[0][0]
+
+    def _remaining_new_tokens(self) -> int:
+        """Sum over running requests of min(max_new_tokens - output, clip), as PrefillAdder reserves."""
+        clip = self.cfg.clip_max_new_tokens
+        clock = self._clock
+        total = self._rem_base - (len(self.running) - len(self._big)) * clock
+        for r in self._big.values():
+            total += min(r.max_new - r.output - (clock - r.clock0), clip)
+        return total
 
     def _retract(self, out: StepOutcome) -> None:
         """Free KV by sending requests back to the waiting queue (SGLang's retract_decode)."""
-        order = sorted(self.running, key=lambda r: (r.output, -r.prompt_len), reverse=True)
+        for r in self.running.values():
+            self._materialize(r)
+        order = sorted(self.running.values(), key=lambda r: (r.output, -r.prompt_len), reverse=True)
         need_each = self.cfg.retract_decode_steps
-        retracted: list[_Req] = []
         first = True
         while first or self._available() + self.cache.evictable_tokens < need_each * len(order):
             if len(order) == 1:
                 break
             first = False
             r = order.pop()
-            retracted.append(r)
-            self._running_ctx -= r.kv_len
+            self._leave_running(r)
             self._release(r)
             r.kv_len = 0
             self._pending_prefill += r.fill_len
             self.waiting.append(r)
             out.retracted.append(r.rid)
-        gone = {id(r) for r in retracted}
-        self.running = [r for r in self.running if id(r) not in gone]
-        self.num_retracted += len(retracted)
+            self.num_retracted += 1
         self.batch_is_full = False
 
     # ---- KV bookkeeping ------------------------------------------------------------------------
@@ -563,11 +613,15 @@ class Engine:
         """An independent copy in the same state (for look-ahead simulation)."""
         c = copy.copy(self)
         c.cache = self.cache.clone()
-        mapping = {id(r): copy.copy(r) for r in (*self.waiting, *self.running)}
+        mapping = {id(r): copy.copy(r) for r in (*self.waiting, *self.running.values())}
         if self.chunked is not None:
             mapping[id(self.chunked)] = copy.copy(self.chunked)
         c.waiting = [mapping[id(r)] for r in self.waiting]
-        c.running = [mapping[id(r)] for r in self.running]
+        c.running = {rid: mapping[id(r)] for rid, r in self.running.items()}
+        c._big = {rid: mapping[id(r)] for rid, r in self._big.items()}
+        c._finish_heap = [(fc, seq, mapping[id(r)], epoch) for fc, seq, r, epoch in self._finish_heap
+                          if epoch == r.epoch]
+        heapq.heapify(c._finish_heap)
         c.chunked = mapping[id(self.chunked)] if self.chunked is not None else None
         c._pending_aborts = list(self._pending_aborts)
         c._rng = random.Random()

@@ -22,8 +22,13 @@ def kv_invariants(e: Engine) -> None:
     assert e._available() >= 0
     assert e.cache.total_tokens + e._private <= e.max_kv_tokens
     assert 0 <= load.used_kv_tokens <= load.max_kv_tokens
-    assert e._private == sum(r.private for r in e.running) + (e.chunked.private if e.chunked else 0)
-    assert e._running_ctx == sum(r.kv_len for r in e.running)
+    running = list(e.running.values())
+    for r in running:
+        e._materialize(r)
+    assert e._private == sum(r.private for r in running) + (e.chunked.private if e.chunked else 0)
+    assert e._running_ctx == sum(r.kv_len for r in running)
+    clip = e.cfg.clip_max_new_tokens
+    assert e._remaining_new_tokens() == sum(min(r.max_new - r.output, clip) for r in running)
     unlocked = sum(e.cache.node_tokens(n) for n in e.cache._lru)
     assert unlocked == e.cache.evictable_tokens
 
