@@ -35,6 +35,7 @@ def worker(
         level=settings.telemetry.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call and load poll otherwise
     asyncio.run(_serve(settings))
 
 

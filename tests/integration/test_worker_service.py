@@ -1,0 +1,186 @@
+"""The worker on the real broker and Redis, in front of a real emulator subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from worker_harness import (
+    LODESTAR,
+    ROOT,
+    TopicReader,
+    committed_offset,
+    create_topics,
+    emulator,
+    engine_requests_total,
+    isolated_settings,
+    produce,
+    registry,
+    require_services,
+    routed,
+    running_worker,
+    settings_env,
+    wait_committed,
+    wait_registered,
+)
+
+from lodestar.names import Topics
+from lodestar.schemas import InferenceResult, TelemetryEvent
+from workers.dedupe import CompletedRequest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    require_services(isolated_settings())
+    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
+        yield url
+
+
+async def test_routed_request_yields_one_result_and_one_telemetry_event(engine_url: str):
+    settings = isolated_settings(sglang_url=engine_url)
+    topics = Topics(settings.kafka.topic_prefix)
+    await create_topics(settings)
+    msg = routed(max_new_tokens=12)
+    async with running_worker(settings) as service, TopicReader(settings, topics.results, topics.telemetry) as reader:
+        await produce(settings, topics.worker("w1"), [msg.to_bytes()], key=msg.request.request_id.encode())
+        await reader.wait_for(lambda m: m[topics.results] and m[topics.telemetry], timeout=20)
+        await reader.poll(1.0)  # anything extra would arrive now
+        await wait_committed(settings, service.group_id, topics.worker("w1"), 1)
+    assert len(reader.messages[topics.results]) == 1 and len(reader.messages[topics.telemetry]) == 1
+    result = InferenceResult.model_validate(reader.messages[topics.results][0])
+    event = TelemetryEvent.model_validate(reader.messages[topics.telemetry][0])
+    assert result.request_id == msg.request.request_id and result.status == "ok" and result.worker_id == "w1"
+    assert result.completion_tokens == 12 and result.prompt_tokens > 0 and result.text
+    assert 0 < result.ttft_ms < result.e2e_ms < 20_000
+    assert result.tpot_ms is not None and result.tpot_ms > 0
+    assert event.decision == msg.decision and event.gpu_type == "H100" and event.status == "ok"
+    assert event.ttft_ms == result.ttft_ms and event.first_token_at is not None and event.queue_ms is not None
+    assert service.group_id == f"{settings.kafka.topic_prefix.rstrip('.')}-worker-w1"
+
+
+async def test_redelivered_request_is_generated_once_and_answered_once(engine_url: str):
+    settings = isolated_settings(sglang_url=engine_url)
+    topics = Topics(settings.kafka.topic_prefix)
+    await create_topics(settings)
+    msg = routed(request_id="dup-1", max_new_tokens=6)
+    before = engine_requests_total(engine_url)
+    async with running_worker(settings) as service, TopicReader(settings, topics.results, topics.telemetry) as reader:
+        # Two deliveries at once (e.g. a dispatcher that died before committing), ...
+        await produce(settings, topics.worker("w1"), [msg.to_bytes(), msg.to_bytes()], key=b"dup-1")
+        await reader.wait_for(lambda m: m[topics.results], timeout=20)
+        # ... and one after the result is out (e.g. a worker that died before committing).
+        await produce(settings, topics.worker("w1"), [msg.to_bytes()], key=b"dup-1")
+        await wait_committed(settings, service.group_id, topics.worker("w1"), 3)
+        await reader.poll(1.0)
+    assert [r["request_id"] for r in reader.messages[topics.results]] == ["dup-1"]
+    assert len(reader.messages[topics.telemetry]) == 1
+    assert engine_requests_total(engine_url) - before == 1
+    client, keys, _ = registry(settings)
+    assert await client.get(keys.dedupe("dup-1")) == "done"
+    assert CompletedRequest.model_validate_json(await client.get(keys.result("dup-1"))).result.status == "ok"
+    await client.aclose()
+
+
+async def test_interrupted_requests_resume_without_double_generation(engine_url: str):
+    """A predecessor's live lease is waited out; a predecessor's stored outcome is published, not regenerated."""
+    settings = isolated_settings(sglang_url=engine_url)
+    topics = Topics(settings.kafka.topic_prefix)
+    await create_topics(settings)
+    leased, stored = routed(request_id="leased-1", max_new_tokens=4), routed(request_id="stored-1")
+    client, keys, _ = registry(settings)
+    await client.set(keys.dedupe("leased-1"), "w1/dead-instance", px=1500)
+    outcome = CompletedRequest(
+        reply_topic=topics.results,
+        result=InferenceResult(request_id="stored-1", worker_id="w1", status="ok", text="from before the crash"),
+        telemetry=TelemetryEvent(request_id="stored-1", decision=stored.decision, gpu_type="H100", status="ok"),
+    )
+    await client.set(keys.result("stored-1"), outcome.model_dump_json())
+    before = engine_requests_total(engine_url)
+    async with running_worker(settings) as service, TopicReader(settings, topics.results, topics.telemetry) as reader:
+        await produce(settings, topics.worker("w1"), [leased.to_bytes(), stored.to_bytes()])
+        await reader.wait_for(lambda m: len(m[topics.results]) >= 2, timeout=20)
+        await wait_committed(settings, service.group_id, topics.worker("w1"), 2)
+        await reader.poll(0.5)
+    by_id = {r["request_id"]: r for r in reader.messages[topics.results]}
+    assert len(reader.messages[topics.results]) == 2 and len(reader.messages[topics.telemetry]) == 2
+    assert by_id["stored-1"]["text"] == "from before the crash"
+    assert by_id["leased-1"]["status"] == "ok" and by_id["leased-1"]["completion_tokens"] == 4
+    assert engine_requests_total(engine_url) - before == 1  # only the leased one was generated
+    assert await client.get(keys.dedupe("leased-1")) == "done" and await client.get(keys.dedupe("stored-1")) == "done"
+    await client.aclose()
+
+
+async def test_invalid_messages_go_to_the_dlq_with_a_reason(engine_url: str):
+    settings = isolated_settings(sglang_url=engine_url)
+    topics = Topics(settings.kafka.topic_prefix)
+    await create_topics(settings)
+    good = routed(request_id="good-1", max_new_tokens=3)
+    bad = [
+        b"this is not json",
+        routed(worker_id="someone-else").to_bytes(),
+        routed(reply_to=topics.telemetry).to_bytes(),
+        b'{"schema_version": 1, "request": {"prompt": "x"}}',
+    ]
+    async with running_worker(settings) as service, TopicReader(settings, topics.dlq, topics.results) as reader:
+        await produce(settings, topics.worker("w1"), [*bad, good.to_bytes()])
+        await reader.wait_for(lambda m: len(m[topics.dlq]) >= 4 and m[topics.results], timeout=20)
+        await wait_committed(settings, service.group_id, topics.worker("w1"), 5)
+    reasons = [d["reason"] for d in reader.messages[topics.dlq]]
+    assert len(reasons) == 4
+    assert "Invalid JSON" in reasons[0]
+    assert "routed to worker 'someone-else'" in reasons[1]
+    assert "system topic" in reasons[2]
+    assert "decision" in reasons[3]
+    letter = reader.messages[topics.dlq][0]
+    assert letter["payload"] == "this is not json" and letter["service"] == "worker" and letter["offset"] == 0
+    assert [r["request_id"] for r in reader.messages[topics.results]] == ["good-1"]
+
+
+async def test_sigterm_drains_in_flight_work_then_deregisters(engine_url: str, tmp_path: Path):
+    settings = isolated_settings(sglang_url=engine_url)
+    topics = Topics(settings.kafka.topic_prefix)
+    await create_topics(settings)
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        [LODESTAR, "worker", "--id", "w1", "--sglang-url", engine_url, "--gpu-type", "H100"],
+        env=settings_env(settings), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    client, keys, _ = registry(settings)
+    try:
+        await wait_registered(settings)
+        msg = routed(request_id="long-1", max_new_tokens=400)  # a few seconds of decoding on the emulator
+        async with TopicReader(settings, topics.results) as reader:
+            await produce(settings, topics.worker("w1"), [msg.to_bytes()])
+            deadline = time.monotonic() + 20
+            while await client.hget(keys.worker_state("w1"), "inflight") != "1":
+                assert time.monotonic() < deadline, "the request never went in flight"
+                await asyncio.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            saw_draining = False
+            while proc.poll() is None:
+                state = await client.hgetall(keys.worker_state("w1"))
+                saw_draining = saw_draining or state.get("draining") == "1"
+                assert time.monotonic() < deadline + 30, "the worker did not exit"
+                await asyncio.sleep(0.05)
+            await reader.wait_for(lambda m: m[topics.results], timeout=5)
+        assert proc.returncode == 0, (tmp_path / "worker.log").read_text()[-2000:]
+        assert saw_draining
+        result = reader.messages[topics.results][0]
+        assert result["request_id"] == "long-1" and result["status"] == "ok" and result["completion_tokens"] == 400
+        assert not await client.exists(keys.worker_state("w1"))
+        assert "w1" not in await client.smembers(keys.workers)
+        assert await committed_offset(settings, Topics(settings.kafka.topic_prefix).worker_group("w1"),
+                                      topics.worker("w1")) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        await client.aclose()

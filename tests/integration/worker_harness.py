@@ -1,0 +1,251 @@
+"""Helpers for the worker and client integration tests: an emulator subprocess, isolated settings
+(unique topic and key prefixes per test), topic readers and a worker running in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.names import RedisKeys, Topics
+from lodestar.registry import WorkerRegistry
+from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
+from lodestar.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+LODESTAR = str(Path(sys.executable).with_name("lodestar"))
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def require_services(settings: Settings) -> None:
+    """Skip the test unless the broker and Redis answer (start them with `scripts/services start`)."""
+    host, _, port = settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        pytest.skip(f"Kafka is not reachable at {settings.kafka.bootstrap_servers}")
+
+    async def ping() -> None:
+        client = aioredis.from_url(settings.redis.url)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(ping())
+    except (OSError, RedisConnectionError):
+        pytest.skip(f"Redis is not reachable at {settings.redis.url}")
+
+
+@contextlib.contextmanager
+def emulator(gpu: str = "H100", log_path: Path | None = None) -> Iterator[str]:
+    """Run `lodestar emulator` on a free loopback port; yields its base URL."""
+    if shutil.which(LODESTAR) is None:
+        pytest.skip("the lodestar command is not installed in this environment")
+    port = free_port()
+    log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [LODESTAR, "emulator", "--gpu", gpu, "--port", str(port), "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"emulator exited with {proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v1/loads", timeout=1).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail("emulator did not answer within 60 s")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def isolated_settings(worker_id: str = "w1", sglang_url: str = "", **worker: Any) -> Settings:
+    """Settings whose topics and Redis keys no other test shares."""
+    tag = uuid.uuid4().hex[:10]
+    return Settings(
+        kafka={"topic_prefix": f"it{tag}.", "request_partitions": 2, "results_partitions": 2,
+               "telemetry_partitions": 1},
+        redis={"key_prefix": f"it{tag}:"},
+        worker={"worker_id": worker_id, "sglang_url": sglang_url, "gpu_type": "H100",
+                "retry_backoff_s": 0.05, **worker},
+    )
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Environment that makes a `lodestar` subprocess use these settings' broker, Redis and prefixes."""
+    return {
+        **os.environ,
+        "LODESTAR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+        "LODESTAR_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "LODESTAR_KAFKA__REQUEST_PARTITIONS": str(settings.kafka.request_partitions),
+        "LODESTAR_KAFKA__RESULTS_PARTITIONS": str(settings.kafka.results_partitions),
+        "LODESTAR_KAFKA__TELEMETRY_PARTITIONS": str(settings.kafka.telemetry_partitions),
+        "LODESTAR_REDIS__URL": settings.redis.url,
+        "LODESTAR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+    }
+
+
+def routed(
+    worker_id: str = "w1", request_id: str | None = None, prompt: str = "tell me about the stars",
+    max_new_tokens: int = 8, **request: Any,
+) -> RoutedRequest:
+    """A request as a dispatcher would route it to `worker_id`."""
+    req = InferenceRequest(
+        prompt=prompt, sampling=SamplingParams(max_new_tokens=max_new_tokens),
+        **({"request_id": request_id} if request_id else {}), **request,
+    )
+    return RoutedRequest(request=req, decision=RoutingDecision(worker_id=worker_id, policy="test"))
+
+
+async def create_topics(settings: Settings) -> None:
+    """The fixed topics (with the test's small partition counts) and the worker's topic."""
+    topics = Topics(settings.kafka.topic_prefix)
+    await ensure_topics(settings, {**fixed_topic_partitions(settings),
+                                   topics.worker(settings.worker.worker_id): 1})
+
+
+async def produce(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
+    """Send raw values to a topic and wait for the acks."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await producer.start()
+    try:
+        for value in values:
+            await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+class TopicReader:
+    """Reads topics from their beginning without a consumer group and keeps every decoded message."""
+
+    def __init__(self, settings: Settings, *topics: str):
+        self._consumer = AIOKafkaConsumer(
+            *topics, bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
+            auto_offset_reset="earliest", enable_auto_commit=False, metadata_max_age_ms=1000,
+        )
+        self.messages: dict[str, list[dict[str, Any]]] = {t: [] for t in topics}
+
+    async def __aenter__(self) -> TopicReader:
+        await self._consumer.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._consumer.stop()
+
+    async def poll(self, seconds: float) -> None:
+        """Read whatever arrives within `seconds`."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            batches = await self._consumer.getmany(timeout_ms=int(min(left, 0.2) * 1000))
+            for tp, records in batches.items():
+                self.messages[tp.topic].extend(json.loads(r.value) for r in records)
+
+    async def wait_for(self, predicate: Callable[[dict[str, list[dict[str, Any]]]], bool], timeout: float) -> None:
+        """Read until `predicate(messages)` holds; fails the test after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.messages):
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out; read so far: { {t: len(m) for t, m in self.messages.items()} }")
+            await self.poll(0.2)
+
+
+async def committed_offset(settings: Settings, group: str, topic: str) -> int | None:
+    """The offset a consumer group has committed on partition 0 of a topic."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group,
+                                enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return await consumer.committed(TopicPartition(topic, 0))
+    finally:
+        await consumer.stop()
+
+
+async def wait_committed(settings: Settings, group: str, topic: str, offset: int, timeout: float = 10.0) -> None:
+    """Wait until the group's committed offset reaches `offset`."""
+    deadline = time.monotonic() + timeout
+    while (got := await committed_offset(settings, group, topic)) != offset:
+        if time.monotonic() > deadline:
+            pytest.fail(f"committed offset is {got}, expected {offset}")
+        await asyncio.sleep(0.2)
+
+
+def registry(settings: Settings) -> tuple[aioredis.Redis, RedisKeys, WorkerRegistry]:
+    """A Redis client on the test's key prefix and the worker registry over it."""
+    client = aioredis.from_url(settings.redis.url, decode_responses=True)
+    keys = RedisKeys(settings.redis.key_prefix)
+    return client, keys, WorkerRegistry(client, keys, settings.worker.state_ttl_s)
+
+
+async def wait_registered(settings: Settings, timeout: float = 30.0) -> None:
+    """Wait until the settings' worker appears among the live workers."""
+    client, _, reg = registry(settings)
+    try:
+        deadline = time.monotonic() + timeout
+        while settings.worker.worker_id not in {w.worker_id for w in await reg.live_workers()}:
+            if time.monotonic() > deadline:
+                pytest.fail(f"worker {settings.worker.worker_id} did not register")
+            await asyncio.sleep(0.1)
+    finally:
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[Any]:
+    """A WorkerService running in this event loop; drained on exit."""
+    from workers.service import WorkerService
+
+    service = WorkerService(settings)
+    task = asyncio.create_task(service.run())
+    try:
+        await wait_registered(settings)
+        yield service
+    finally:
+        service.request_drain()
+        await asyncio.wait_for(task, 30)
+
+
+def engine_requests_total(url: str) -> float:
+    """How many generations the engine has run (SGLang's sglang:num_requests_total counter)."""
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("sglang:num_requests_total", "sglang:num_requests"):
+                return sample.value
+    raise AssertionError("the engine's /metrics has no sglang:num_requests_total")
