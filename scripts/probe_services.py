@@ -1,0 +1,231 @@
+#!/usr/bin/env python3
+"""Readiness probes for the services that scripts/services starts (Kafka, Redis).
+
+Used by scripts/services; runs with the project's venv python when there is one, else any python3:
+with aiokafka / redis-py installed it asks through them (Kafka: admin DescribeCluster, Redis: PING),
+without them it speaks just enough of each wire protocol itself, so `scripts/services start` also
+works before `make setup`.
+
+    probe_services.py kafka BOOTSTRAP [--timeout S] [--pid PID]   # wait until the broker answers
+    probe_services.py redis URL       [--timeout S] [--pid PID]   # wait until PING answers PONG
+    probe_services.py tcp HOST PORT                                # is anything listening there?
+    probe_services.py kafka-cluster-id                             # a fresh id for `StorageTool format`
+
+Exit codes: 0 answers, 1 did not answer within the timeout, 2 the watched --pid died first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import logging
+import os
+import socket
+import struct
+import sys
+import time
+import uuid
+from urllib.parse import unquote, urlparse
+
+ATTEMPT_TIMEOUT_S = 5.0
+RETRY_PAUSE_S = 0.3
+
+
+def split_hostport(addr: str, default_port: int) -> tuple[str, int]:
+    addr = addr.strip()
+    if addr.startswith("["):  # [::1]:9092
+        host, _, rest = addr[1:].partition("]")
+        return host, int(rest.lstrip(":") or default_port)
+    host, sep, port = addr.rpartition(":")
+    if not sep:
+        return addr, default_port
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------- kafka
+
+
+def _kafka_request(sock: socket.socket, api_key: int, version: int, corr: int, body: bytes) -> bytes:
+    client_id = b"lodestar-probe"
+    header = struct.pack(">hhih", api_key, version, corr, len(client_id)) + client_id
+    payload = header + body
+    sock.sendall(struct.pack(">i", len(payload)) + payload)
+    size = struct.unpack(">i", _recv_exact(sock, 4))[0]
+    resp = _recv_exact(sock, size)
+    if struct.unpack(">i", resp[:4])[0] != corr:
+        raise ConnectionError("kafka: correlation id mismatch")
+    return resp[4:]
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return buf
+
+
+def kafka_raw_once(bootstrap: str) -> str:
+    """ApiVersions v0 then Metadata v1 over a plain socket; needs no client library."""
+    host, port = split_hostport(bootstrap.split(",")[0], 9092)
+    with socket.create_connection((host, port), timeout=ATTEMPT_TIMEOUT_S) as sock:
+        sock.settimeout(ATTEMPT_TIMEOUT_S)
+        resp = _kafka_request(sock, 18, 0, 1, b"")  # ApiVersions v0
+        err = struct.unpack(">h", resp[:2])[0]
+        if err:
+            raise ConnectionError(f"kafka ApiVersions error {err}")
+        resp = _kafka_request(sock, 3, 1, 2, struct.pack(">i", 0))  # Metadata v1, no topics
+        n_brokers = struct.unpack(">i", resp[:4])[0]
+        if n_brokers < 1:
+            raise ConnectionError("kafka answers but has no live broker yet")
+        return f"{n_brokers} broker(s) (raw protocol probe)"
+
+
+async def _kafka_aiokafka_once(bootstrap: str) -> str:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="lodestar-probe",
+        request_timeout_ms=int(ATTEMPT_TIMEOUT_S * 1000),
+    )
+    try:
+        await asyncio.wait_for(admin.start(), ATTEMPT_TIMEOUT_S)
+        info = await asyncio.wait_for(admin.describe_cluster(), ATTEMPT_TIMEOUT_S)
+    finally:
+        await admin.close()
+    brokers = info.get("brokers") or []
+    if not brokers:
+        raise ConnectionError("kafka answers but has no live broker yet")
+    return f"cluster {info.get('cluster_id')}, {len(brokers)} broker(s), controller {info.get('controller_id')}"
+
+
+def kafka_once(bootstrap: str) -> str:
+    try:
+        import aiokafka  # noqa: F401
+    except ImportError:
+        return kafka_raw_once(bootstrap)
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    return asyncio.run(_kafka_aiokafka_once(bootstrap))
+
+
+def new_kafka_cluster_id() -> str:
+    """Same format as `kafka-storage.sh random-uuid`: url-safe base64 of 16 random bytes, no padding."""
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):  # Kafka refuses ids that look like command line flags
+            return cid
+
+
+# --------------------------------------------------------------------------- redis
+
+
+def redis_raw_once(url: str) -> str:
+    u = urlparse(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 6379
+    with socket.create_connection((host, port), timeout=ATTEMPT_TIMEOUT_S) as sock:
+        sock.settimeout(ATTEMPT_TIMEOUT_S)
+        f = sock.makefile("rb")
+
+        def cmd(*parts: str) -> bytes:
+            out = f"*{len(parts)}\r\n".encode()
+            for p in parts:
+                b = p.encode()
+                out += b"$%d\r\n%s\r\n" % (len(b), b)
+            sock.sendall(out)
+            return f.readline().rstrip(b"\r\n")
+
+        if u.password:
+            user = unquote(u.username) if u.username else None
+            auth = cmd("AUTH", user, unquote(u.password)) if user else cmd("AUTH", unquote(u.password))
+            if not auth.startswith(b"+OK"):
+                raise ConnectionError(f"redis AUTH failed: {auth!r}")
+        reply = cmd("PING")
+        if reply != b"+PONG":
+            raise ConnectionError(f"redis PING answered {reply!r}")
+        return "PONG (raw protocol probe)"
+
+
+def redis_once(url: str) -> str:
+    try:
+        import redis
+    except ImportError:
+        return redis_raw_once(url)
+    client = redis.Redis.from_url(url, socket_connect_timeout=ATTEMPT_TIMEOUT_S, socket_timeout=ATTEMPT_TIMEOUT_S)
+    try:
+        if not client.ping():
+            raise ConnectionError("redis PING did not answer PONG")
+        version = client.info("server").get("redis_version", "?")
+    finally:
+        client.close()
+    return f"PONG, redis {version}"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is dead for our purposes
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def wait(check, target: str, timeout: float, pid: int | None) -> int:
+    deadline = time.monotonic() + timeout
+    last = "no attempt made"
+    while True:
+        if pid is not None and not pid_alive(pid):
+            print(f"process {pid} exited before {target} answered (last: {last})", file=sys.stderr)
+            return 2
+        try:
+            print(check(target))
+            return 0
+        except Exception as exc:  # any failure means "not (yet) answering"
+            last = f"{type(exc).__name__}: {exc}".strip()
+        if time.monotonic() >= deadline:
+            print(f"{target} did not answer within {timeout:g}s (last: {last})", file=sys.stderr)
+            return 1
+        time.sleep(RETRY_PAUSE_S)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    for name, helptext in (("kafka", "bootstrap servers, host:port[,...]"), ("redis", "redis://host:port/db")):
+        p = sub.add_parser(name)
+        p.add_argument("target", help=helptext)
+        p.add_argument("--timeout", type=float, default=0.0, help="keep trying this long (0 = one try)")
+        p.add_argument("--pid", type=int, default=None, help="give up early if this process exits")
+    p = sub.add_parser("tcp")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    sub.add_parser("kafka-cluster-id")
+    args = ap.parse_args(argv)
+
+    if args.what == "kafka-cluster-id":
+        print(new_kafka_cluster_id())
+        return 0
+    if args.what == "tcp":
+        try:
+            with socket.create_connection((args.host, args.port), timeout=1.0):
+                return 0
+        except OSError:
+            return 1
+    check = kafka_once if args.what == "kafka" else redis_once
+    return wait(check, args.target, args.timeout, args.pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
