@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from sim.emulator.metrics import EmulatorMetrics
 from sim.emulator.model_card import ModelCard, model_card
 from sim.emulator.runner import EngineRunner, RequestState
@@ -20,6 +22,7 @@ from sim.emulator.tokenizer import Tokenizer
 from sim.engine import Engine, EngineConfig
 
 WEIGHT_VERSION = "default"
+QUEUE_FULL_MESSAGE = "The request queue is full."
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,7 @@ class Emulator:
         self.tokenizer = Tokenizer(self.card)
         self.metrics = EmulatorMetrics(self.served_model_name, self.scheduler_values)
         self.runner = EngineRunner(self.engine, self.metrics, config.time_scale, config.block_tokens)
+        self.ready = True  # False while a server warms up: /health answers 503
 
     @property
     def context_len(self) -> int:
@@ -78,15 +82,14 @@ class Emulator:
         if input_ids is not None:  # SGLang uses input_ids when both are given
             if isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list):
                 raise ValueError("Batched requests are not supported by the emulator.")
-            if not isinstance(input_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in input_ids
-            ):
+            arr = np.asarray(input_ids) if isinstance(input_ids, list) else None
+            if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
                 raise ValueError("input_ids must be a list of integers.")
-            if not input_ids:
+            if not arr.size:
                 raise ValueError("input_ids must not be empty.")
-            if any(t < 0 or t >= self.card.vocab for t in input_ids):
+            if int(arr.min()) < 0 or int(arr.max()) >= self.card.vocab:
                 raise ValueError(f"The input_ids contains values outside the vocab size ({self.card.vocab}).")
-            ids = list(input_ids)
+            ids = input_ids
         else:
             if isinstance(text, list):
                 raise ValueError("Batched requests are not supported by the emulator.")
@@ -116,10 +119,12 @@ class Emulator:
         return PreparedRequest(input_ids=ids, max_new_tokens=max_new, stop_at=stop_at,
                                no_stop_trim=params.no_stop_trim)
 
-    def submit(self, rid: str, prepared: PreparedRequest, log_metrics: bool = True) -> RequestState:
-        """Queue a prepared request; raises sim.engine.QueueFull when the waiting queue is full."""
+    def submit(self, rid: str, prepared: PreparedRequest, log_metrics: bool = True,
+               received_wall: float | None = None) -> RequestState:
+        """Queue a prepared request (received at `received_wall`, a perf_counter value, default now);
+        raises sim.engine.QueueFull when the waiting queue is full."""
         return self.runner.submit(rid, prepared.input_ids, prepared.max_new_tokens, prepared.stop_at,
-                                  log_metrics=log_metrics)
+                                  log_metrics=log_metrics, received_wall=received_wall)
 
     def reject(self, rid: str, prompt_tokens: int) -> dict[str, Any]:
         """The output dict of a request the full queue turned away (SGLang's in-band abort)."""
@@ -200,5 +205,3 @@ class Emulator:
             "num_grammar_queue_reqs": 0,
         }
 
-
-QUEUE_FULL_MESSAGE = "The request queue is full."

@@ -115,6 +115,7 @@ class _OpenAIRoutes:
 
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
+        received = time.perf_counter()
         body = await read_json_object(request)
         if "prompt" not in body:
             raise BadRequest("1 validation error for CompletionRequest\nprompt\n  Field required")
@@ -165,12 +166,14 @@ class _OpenAIRoutes:
             if include_usage and state.finished:
                 yield sse(usage_chunk(state))
 
-        return await self._serve(request, rid, text, ids, params, bool(body.get("stream")), stream, final)
+        return await self._serve(request, received, rid, text, ids, params, bool(body.get("stream")), stream,
+                                 final)
 
     # ---- /v1/chat/completions ---------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
+        received = time.perf_counter()
         body = await read_json_object(request)
         messages = body.get("messages")
         if "messages" not in body:
@@ -225,13 +228,15 @@ class _OpenAIRoutes:
                 yield sse({"id": state.rid, "object": "chat.completion.chunk", "created": int(time.time()),
                            "model": model, "choices": [], "usage": self.usage(state)})
 
-        return await self._serve(request, rid, prompt, None, params, bool(body.get("stream")), stream, final)
+        return await self._serve(request, received, rid, prompt, None, params, bool(body.get("stream")), stream,
+                                 final)
 
     # ---- shared -----------------------------------------------------------------------------
 
     async def _serve(
         self,
         request: Request,
+        received: float,
         rid: str,
         text: str | None,
         ids: Any,
@@ -246,7 +251,7 @@ class _OpenAIRoutes:
         except ValueError as exc:
             return error_response(str(exc), "BadRequestError", 400)
         try:
-            state = emu.submit(rid, prepared)
+            state = emu.submit(rid, prepared, received_wall=received)
         except QueueFull:
             emu.metrics.on_abort()
             if streaming:

@@ -12,7 +12,9 @@ round to it": the next step starts where the previous one ended, or at the arriv
 woke an idle engine. The runner then sleeps until the wall time of the step's end and delivers its
 effects. Time spent in Python (the engine's own bookkeeping, HTTP handlers, the event loop waking up
 late) is therefore absorbed instead of accumulated; only when the host falls behind by more than a
-whole step do deliveries slip, and `lag_s` says by how much.
+whole step do deliveries slip, and `lag_s` says by how much. The event loop wakes a sleeper up to a
+millisecond late (epoll's resolution, plus scheduling on a busy host); the runner learns that lateness
+and sets its alarm correspondingly early.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from sim.emulator.metrics import EmulatorMetrics
 from sim.engine import Engine, EngineRequest, StepOutcome
 
 logger = logging.getLogger(__name__)
+
+LATENESS_WEIGHT = 0.1  # of the latest wake-up in the running average of wake-up lateness
+MAX_LATENESS_S = 0.002  # a longer stall (GC, a busy host) is not something to anticipate
 
 
 @dataclass(slots=True)
@@ -94,6 +99,7 @@ class EngineRunner:
         self._clock = 0.0  # emulated end of the latest step
         self._latest_arrival = 0.0
         self._wake = asyncio.Event()
+        self._wake_lateness = 0.0005  # seconds; learnt from how late asyncio.sleep returns
         self._task: asyncio.Task[None] | None = None
 
     # ---- clocks -----------------------------------------------------------------------------
@@ -132,18 +138,21 @@ class EngineRunner:
     # ---- requests ---------------------------------------------------------------------------
 
     def submit(self, rid: str, input_ids: list[int], max_new_tokens: int,
-               stop_at: tuple[int, str | int] | None, log_metrics: bool = True) -> RequestState:
+               stop_at: tuple[int, str | int] | None, log_metrics: bool = True,
+               received_wall: float | None = None) -> RequestState:
         """Queue a request in the engine.
 
         `stop_at` is where a stop string or token ends the generation early (the engine, like SGLang,
         does not know that in advance and budgets KV for `max_new_tokens`). Raises
-        `sim.engine.QueueFull`, `sim.engine.RequestTooLarge` (a ValueError) or `DuplicateRequestId`."""
+        `sim.engine.QueueFull`, `sim.engine.RequestTooLarge` (a ValueError) or `DuplicateRequestId`.
+        `received_wall` is when the HTTP request came in: the request arrives in the engine then, so
+        the time spent parsing and validating it is absorbed rather than added to its latency."""
         if rid in self.states:
             raise DuplicateRequestId(f"Duplicate request ID detected: {rid}")
         if self.error is not None:
             raise RuntimeError(f"The engine runner failed: {self.error!r}")
-        created = time.perf_counter()
-        arrival = max(self.emu_now(), self._latest_arrival)
+        created = time.perf_counter() if received_wall is None else received_wall
+        arrival = (created - self._start_wall) / self.time_scale
         req = EngineRequest(
             rid=rid,
             prompt_len=len(input_ids),
@@ -157,7 +166,7 @@ class EngineRunner:
         state = RequestState(rid=rid, prompt_tokens=len(input_ids), stop_at=stop_at,
                              log_metrics=log_metrics, created_wall=created, arrival_emu=arrival)
         self.states[rid] = state
-        self._latest_arrival = arrival
+        self._latest_arrival = max(self._latest_arrival, arrival)
         self._wake.set()
         return state
 
@@ -195,8 +204,7 @@ class EngineRunner:
                 end = now + outcome.duration_s
                 self._clock = end
                 self.steps += 1
-                delay = self.wall_at(end) - time.perf_counter()
-                await asyncio.sleep(delay if delay > 0.0 else 0.0)
+                await self._sleep_until(self.wall_at(end))
                 self._deliver(outcome, end)
         except asyncio.CancelledError:
             raise
@@ -207,6 +215,18 @@ class EngineRunner:
                 self._finish(state, {"type": "abort", "message": f"Internal engine error: {exc}",
                                      "status_code": 500, "err_type": "InternalServerError"},
                              time.perf_counter(), self.emu_now())
+
+    async def _sleep_until(self, wall: float) -> None:
+        """Sleep until `wall`, aiming early by how late the event loop has been waking us (an average
+        of recent wake-ups), so that deliveries are on time on average rather than always late."""
+        target = wall - self._wake_lateness
+        delay = target - time.perf_counter()
+        if delay <= 0.0:
+            await asyncio.sleep(0)  # behind: deliver now, but let the handlers run first
+            return
+        await asyncio.sleep(delay)
+        late = min(max(time.perf_counter() - target, 0.0), MAX_LATENESS_S)
+        self._wake_lateness += LATENESS_WEIGHT * (late - self._wake_lateness)
 
     def _deliver(self, outcome: StepOutcome, end_emu: float) -> None:
         wall = time.perf_counter()

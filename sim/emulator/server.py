@@ -9,6 +9,7 @@ response shape and where the emulator knowingly differs from SGLang.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -42,7 +44,9 @@ from sim.emulator.runner import RequestState
 from sim.engine import QueueFull
 
 SGLANG_VERSION = "0.5.5"  # the SGLang release whose API the emulator speaks
+WARMUP_TEXT = "The capital city of France is"  # SGLang's warmup prompt
 HEALTH_CHECK_TIMEOUT_S = 20.0
+logger = logging.getLogger(__name__)
 LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 
 
@@ -97,7 +101,8 @@ class _NativeRoutes:
     # ---- generation -------------------------------------------------------------------------
 
     async def generate(self, request: Request) -> Response:
-        """POST /generate: `text` or `input_ids`, `sampling_params`, `stream`, optional `rid`."""
+        """POST /generate: `text` or `input_ids`, `sampling_params`, `stream`, optional `rid`, `log_metrics`."""
+        received = time.perf_counter()
         body = await read_json_object(request)
         emu = self.emu
         stream = bool(body.get("stream", False))
@@ -106,7 +111,8 @@ class _NativeRoutes:
             return native_error("Batched requests are not supported by the emulator.")
         try:
             prepared = emu.prepare(body.get("text"), body.get("input_ids"), body.get("sampling_params"))
-            state = emu.submit(rid, prepared)
+            state = emu.submit(rid, prepared, log_metrics=body.get("log_metrics") is not False,
+                               received_wall=received)
         except QueueFull:
             if stream:
                 return event_stream(events(sse(emu.reject(rid, len(prepared.input_ids))), SSE_DONE))
@@ -151,8 +157,8 @@ class _NativeRoutes:
     # ---- health -----------------------------------------------------------------------------
 
     async def health(self, _: Request) -> Response:
-        """GET /health: 200 while the engine runner is alive, else 503."""
-        return Response(status_code=200 if self.emu.runner.healthy else 503)
+        """GET /health: 200 once warmed up and while the engine runner is alive, else 503."""
+        return Response(status_code=200 if self.emu.ready and self.emu.runner.healthy else 503)
 
     async def health_generate(self, _: Request) -> Response:
         """GET /health_generate: like SGLang, run a one-token generation when the engine is idle."""
@@ -347,7 +353,32 @@ def _loads_prometheus(loads: list[dict[str, Any]]) -> str:
 
 
 def serve(config: EmulatorConfig, log_level: str = "info") -> None:
-    """Run the emulator with uvicorn until interrupted."""
-    app = create_app(Emulator(config))
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_keep_alive=5,
-                access_log=False)
+    """Run the emulator with uvicorn until interrupted; /health answers 503 until it has warmed up."""
+    asyncio.run(_serve(config, log_level))
+
+
+async def _serve(config: EmulatorConfig, log_level: str) -> None:
+    emulator = Emulator(config)
+    emulator.ready = False
+    server = uvicorn.Server(uvicorn.Config(create_app(emulator), host=config.host, port=config.port,
+                                           log_level=log_level, timeout_keep_alive=5, access_log=False))
+    warm_up = asyncio.create_task(_warm_up(server, emulator))
+    try:
+        await server.serve()
+    finally:
+        warm_up.cancel()
+
+
+async def _warm_up(server: uvicorn.Server, emulator: Emulator) -> None:
+    """Like SGLang's start-up warmup: send generate requests through the whole HTTP stack, so that the
+    first client request does not pay for lazy imports and first-use costs."""
+    while not server.started:
+        await asyncio.sleep(0.01)
+    host = "127.0.0.1" if emulator.config.host in ("0.0.0.0", "") else emulator.config.host
+    body = {"text": WARMUP_TEXT, "sampling_params": {"max_new_tokens": 8, "temperature": 0}, "log_metrics": False}
+    async with httpx.AsyncClient(base_url=f"http://{host}:{emulator.config.port}", timeout=60) as client:
+        for stream in (True, False):
+            response = await client.post("/generate", json={**body, "stream": stream})
+            response.raise_for_status()
+    emulator.ready = True
+    logger.info("emulator warmed up: %s on %s", emulator.engine.model_name, emulator.engine.gpu_type)

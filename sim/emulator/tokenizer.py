@@ -16,7 +16,7 @@ piece, so cumulative text grows token by token and re-tokenizing an answer gives
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import xxhash
@@ -93,14 +93,14 @@ class Tokenizer:
                 lo = mid + 1
         return lo
 
-    def first_stop(self, stops: Sequence[str], stop_token_ids: Iterable[int], min_tokens: int,
+    def first_stop(self, stops: Sequence[str], stop_token_ids: Sequence[int], min_tokens: int,
                    max_tokens: int) -> tuple[int, str | int] | None:
         """Where generation stops on a stop string or stop token before `max_tokens` tokens.
 
         Returns (number of tokens generated, the matched string or token id) for the earliest match
         that ends at token `min_tokens` or later, or None when nothing matches.
         """
-        if max_tokens <= 0:
+        if max_tokens <= 0 or not (stops or stop_token_ids):
             return None
         self._grow_filler(max_tokens)
         text_end = self._filler_offsets[max_tokens]

@@ -1,0 +1,296 @@
+"""Benchmark the SGLang-API emulator: fidelity per GPU, and how much load one emulator process sustains.
+
+    .venv/bin/python scripts/bench_emulator.py [--gpus H100,A100,...] [--lengths 1024,4096,16384]
+        [--rates 10,25,50,100,150,200,300] [--level-seconds 8] [--skip-fidelity] [--skip-capacity]
+
+Each emulator runs as its own process (`python -m lodestar.cli emulator`), driven over loopback HTTP by a
+minimal asyncio client (one connection per request, streaming `/generate` with `input_ids`).
+
+1. Fidelity: for every GPU and prompt length, one request on an idle emulator (time scale 1, a fresh
+   random prompt so nothing is cached); the TTFT and TPOT the client measures beside what the engine
+   model predicts for the same request in virtual time.
+2. Capacity (H100): Poisson arrivals at increasing rates of a shared-prefix workload (a 960-token system
+   prompt, cached after the first request, plus 64 unique tokens; 32 output tokens), so the modelled
+   GPU stays far from saturation while the HTTP load grows. The arrival times the client used are
+   replayed through a fresh engine in virtual time; the TTFT shift is measured mean TTFT / predicted
+   mean TTFT - 1. The emulator "sustains" a rate while the shift stays within 5%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from lodestar.hashing import token_block_hashes
+from sim.engine import Engine, EngineRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCK_TOKENS = 16
+VOCAB = 120_000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# ---- the emulator process --------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmulatorProcess:
+    """`lodestar emulator` in a child process."""
+
+    def __init__(self, gpu: str, time_scale: float = 1.0) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lodestar.cli", "emulator", "--gpu", gpu, "--port", str(self.port),
+             "--time-scale", str(time_scale), "--log-level", "warning"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+
+    async def ready(self) -> None:
+        for _ in range(300):
+            try:
+                status, _ = await http_get("127.0.0.1", self.port, "/health")
+                if status == 200:
+                    return
+            except OSError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"emulator exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+            await asyncio.sleep(0.1)
+        raise RuntimeError("emulator did not become healthy")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---- a minimal HTTP/1.1 client ---------------------------------------------------------------
+
+async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    data = await reader.read()
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@dataclass
+class StreamResult:
+    sent: float
+    first: float
+    last: float
+    chunks: int  # data events carrying tokens
+    completion_tokens: int
+
+
+async def stream_generate(host: str, port: int, payload: dict) -> StreamResult:
+    """POST /generate with stream=true; time the first and last token events."""
+    body = json.dumps(payload).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    head = (f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    sent = time.perf_counter()
+    writer.write(head + body)
+    status = await reader.readline()
+    if b" 200 " not in status:
+        raise RuntimeError(f"HTTP status {status!r}")
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass  # headers (uvicorn streams with chunked transfer encoding)
+    first = last = 0.0
+    chunks = 0
+    meta: dict = {}
+    buf = b""
+    done = False
+    while not done:
+        size = int((await reader.readline()).strip(), 16)
+        if size == 0:
+            break
+        buf += (await reader.readexactly(size + 2))[:-2]
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            data = event[len(b"data: "):]
+            if data == b"[DONE]":
+                done = True
+                break
+            now = time.perf_counter()
+            if not first:
+                first = now
+            last = now
+            chunks += 1
+            meta = json.loads(data)["meta_info"]
+    writer.close()
+    return StreamResult(sent, first, last, chunks, int(meta.get("completion_tokens", 0)))
+
+
+# ---- the engine model's prediction ------------------------------------------------------------
+
+@dataclass
+class Arrival:
+    rid: str
+    at: float
+    ids: list[int]
+    max_new: int
+
+
+def replay(gpu: str, arrivals: list[Arrival]) -> dict[str, tuple[float, float]]:
+    """(TTFT, TPOT) per request from a fresh engine fed the same arrivals in virtual time, stepped the
+    way the emulator's runner steps it."""
+    engine = Engine(gpu)
+    pending = sorted(arrivals, key=lambda a: a.at)
+    by_rid = {a.rid: a for a in arrivals}
+    first: dict[str, float] = {}
+    out: dict[str, tuple[float, float]] = {}
+    t, i = 0.0, 0
+    while i < len(pending) or engine.has_work():
+        if not engine.has_work():
+            t = max(t, pending[i].at)
+        while i < len(pending) and pending[i].at <= t:
+            a = pending[i]
+            engine.add(EngineRequest(a.rid, len(a.ids), tuple(token_block_hashes(a.ids, BLOCK_TOKENS)),
+                                     BLOCK_TOKENS, a.max_new, a.at), a.at)
+            i += 1
+        step = engine.step(t)
+        t += step.duration_s
+        for ft in step.first_tokens:
+            first.setdefault(ft.rid, t)
+        for fin in step.finished:
+            a = by_rid[fin.rid]
+            ttft = first[fin.rid] - a.at
+            out[fin.rid] = (ttft, (t - first[fin.rid]) / max(fin.completion_tokens - 1, 1))
+    return out
+
+
+# ---- 1. fidelity -----------------------------------------------------------------------------
+
+async def fidelity(gpus: list[str], lengths: list[int], out_tokens: int) -> None:
+    print(f"\nIdle single request, time scale 1, {out_tokens} output tokens: emulated (client-measured) vs "
+          "engine model")
+    print(f"{'GPU':6s} {'prompt':>7s} {'TTFT ms':>9s} {'model':>9s} {'err':>7s} {'TPOT ms':>9s} {'model':>8s} "
+          f"{'err':>7s}")
+    rng = random.Random(1)
+    for gpu in gpus:
+        emu = EmulatorProcess(gpu)
+        try:
+            await emu.ready()
+            for n in lengths:
+                ids = [rng.randrange(VOCAB) for _ in range(n)]
+                res = await stream_generate("127.0.0.1", emu.port, {
+                    "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}})
+                ttft = res.first - res.sent
+                tpot = (res.last - res.first) / max(res.completion_tokens - 1, 1)
+                p_ttft, p_tpot = replay(gpu, [Arrival("r", 0.0, ids, out_tokens)])["r"]
+                print(f"{gpu:6s} {n:7d} {ttft * 1e3:9.1f} {p_ttft * 1e3:9.1f} {100 * (ttft / p_ttft - 1):+6.1f}% "
+                      f"{tpot * 1e3:9.2f} {p_tpot * 1e3:8.2f} {100 * (tpot / p_tpot - 1):+6.1f}%", flush=True)
+        finally:
+            emu.close()
+
+
+# ---- 2. capacity -----------------------------------------------------------------------------
+
+async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, system: list[int],
+                         rng: random.Random, unique: int, out_tokens: int, tag: str) -> dict[str, float]:
+    tasks: list[asyncio.Task[StreamResult]] = []
+    arrivals: list[Arrival] = []
+    t0 = time.perf_counter()
+    cpu0 = emu.cpu_seconds()
+    next_at = 0.0
+    k = 0
+    while next_at < seconds:
+        delay = t0 + next_at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ids = system + [rng.randrange(VOCAB) for _ in range(unique)]
+        rid = f"{tag}-{k}"
+        k += 1
+        arrivals.append(Arrival(rid, time.perf_counter() - t0, ids, out_tokens))
+        tasks.append(asyncio.create_task(stream_generate("127.0.0.1", emu.port, {
+            "rid": rid, "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}})))
+        next_at += rng.expovariate(rate)
+    results = await asyncio.gather(*tasks)
+    wall = time.perf_counter() - t0
+    cpu = emu.cpu_seconds() - cpu0
+    measured = [r.first - r.sent for r in results]
+    predicted = replay("H100", arrivals)
+    pred = [predicted[a.rid][0] for a in arrivals]
+    warm = slice(1, None)  # the first request of a level pays for the system prompt
+    m_mean, p_mean = statistics.fmean(measured[warm]), statistics.fmean(pred[warm])
+    shifts = sorted(m - p for m, p in zip(measured[warm], pred[warm], strict=True))
+    return {
+        "rate": rate, "req_s": len(results) / wall, "chunks_s": sum(r.chunks for r in results) / wall,
+        "ttft_ms": m_mean * 1e3, "pred_ms": p_mean * 1e3, "shift": m_mean / p_mean - 1,
+        "p90_shift_ms": shifts[int(0.9 * (len(shifts) - 1))] * 1e3, "cpu": cpu / wall,
+    }
+
+
+async def capacity(rates: list[float], seconds: float, unique: int, out_tokens: int) -> None:
+    print(f"\nCapacity, H100, time scale 1: Poisson arrivals, prompt = 960 shared + {unique} unique tokens, "
+          f"{out_tokens} output tokens, {seconds:.0f} s per level")
+    print(f"{'rate':>6s} {'req/s':>7s} {'chunks/s':>9s} {'TTFT ms':>8s} {'model':>7s} {'shift':>7s} "
+          f"{'p90 shift ms':>12s} {'emulator CPU':>12s}")
+    rng = random.Random(2)
+    emu = EmulatorProcess("H100")
+    sustained: dict[str, float] | None = None
+    try:
+        await emu.ready()
+        for level, rate in enumerate(rates):
+            system = [rng.randrange(VOCAB) for _ in range(960)]  # a fresh system prompt per level
+            row = await capacity_level(emu, rate, seconds, system, rng, unique, out_tokens, f"L{level}")
+            print(f"{row['rate']:6.0f} {row['req_s']:7.1f} {row['chunks_s']:9.0f} {row['ttft_ms']:8.1f} "
+                  f"{row['pred_ms']:7.1f} {100 * row['shift']:+6.1f}% {row['p90_shift_ms']:12.1f} "
+                  f"{100 * row['cpu']:11.0f}%", flush=True)
+            if row["shift"] <= 0.05:
+                sustained = row
+            else:
+                break
+    finally:
+        emu.close()
+    if sustained:
+        print(f"\nSustained within 5% TTFT shift: {sustained['req_s']:.0f} req/s, "
+              f"{sustained['chunks_s']:.0f} streamed chunks/s")
+    else:
+        print("\nEven the lowest rate shifts TTFT by more than 5%")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpus", default="H100,A100,L40S,L4,A10G,A30,V100")
+    ap.add_argument("--lengths", default="1024,4096,16384")
+    ap.add_argument("--out-tokens", type=int, default=33)
+    ap.add_argument("--rates", default="10,25,50,100,150,200,300,400")
+    ap.add_argument("--level-seconds", type=float, default=8.0)
+    ap.add_argument("--unique-tokens", type=int, default=64)
+    ap.add_argument("--capacity-out-tokens", type=int, default=32)
+    ap.add_argument("--skip-fidelity", action="store_true")
+    ap.add_argument("--skip-capacity", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_fidelity:
+        asyncio.run(fidelity(args.gpus.split(","), [int(x) for x in args.lengths.split(",")], args.out_tokens))
+    if not args.skip_capacity:
+        asyncio.run(capacity([float(x) for x in args.rates.split(",")], args.level_seconds, args.unique_tokens,
+                             args.capacity_out_tokens))
+
+
+if __name__ == "__main__":
+    main()
