@@ -71,6 +71,11 @@ class RedisKeys:
         return f"{self.prefix}prefix:{check_worker_id(worker_id)}"
 
     @property
+    def prefix_capacity(self) -> str:
+        """Hash of per-worker prefix index capacities in blocks (absent: the configured default)."""
+        return f"{self.prefix}prefix-capacity"
+
+    @property
     def snapshot(self) -> str:
         """Hash holding the current model snapshot (version, payload, signature)."""
         return f"{self.prefix}model:snapshot"

@@ -1,0 +1,256 @@
+"""The Redis store of the router-side prefix index, shared by every dispatcher replica.
+
+Same semantics as `dispatcher.prefix_index.PrefixIndex` (read its docstring), async, and batched: any
+sequence of operations runs as one Lua script, i.e. one round trip, observably equal to applying the
+operations one by one. The dispatcher sends one batch of matches and one batch of inserts per batch of
+requests.
+
+Layout: per worker a sorted set (`RedisKeys.prefix_index`) whose score is the block's last use and
+whose member packs the depth and the hash as `(0xFFFFFFFF - depth, hash)` big-endian, so Redis's order
+for equal scores (bytes, ascending) is the eviction tie-break: deepest block first, then smaller hash.
+`ZADD GT` gives last use = max(previous, now), and eviction is `ZREMRANGEBYRANK 0 excess-1`.
+Per-worker capacities live in one hash (`RedisKeys.prefix_capacity`); absent means the default.
+A match finds the first missing block by galloping then bisecting, valid because every worker's set is
+closed under prefixes (see the semantics), so a match costs O(log matched) lookups per worker.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from dispatcher.prefix_index import (
+    Clear,
+    Insert,
+    Match,
+    Observation,
+    Op,
+    RemoveWorker,
+    SetCapacity,
+    Size,
+)
+from lodestar.names import RedisKeys
+
+_MAX_DEPTH = 0xFFFFFFFF
+_MEMBER = struct.Struct(">IQ")
+
+# KEYS[1] capacity hash, KEYS[1 + w] worker w's sorted set.
+# ARGV[1] default capacity, ARGV[2] number of workers k, ARGV[3..2+k] worker ids, then operations:
+#   I w now n m1..mn      insert          M k w1..wk n m1..mn   match (k results)
+#   C w capacity          set capacity    R w                   remove worker     S w   size (1 result)
+_APPLY = """
+local cap_key = KEYS[1]
+local default_cap = tonumber(ARGV[1])
+local n_workers = tonumber(ARGV[2])
+local ids = {}
+for w = 1, n_workers do ids[w] = ARGV[2 + w] end
+local out = {}
+
+local function evict(w)
+  local cap = tonumber(redis.call('HGET', cap_key, ids[w]) or default_cap)
+  local excess = redis.call('ZCARD', KEYS[1 + w]) - cap
+  if excess > 0 then
+    redis.call('ZREMRANGEBYRANK', KEYS[1 + w], 0, excess - 1)
+  end
+end
+
+local function has(key, base, i)
+  return redis.call('ZSCORE', key, ARGV[base + i]) ~= false
+end
+
+local function leading(key, base, n)
+  if n == 0 or not has(key, base, 1) then return 0 end
+  local lo, hi = 1, 2
+  while hi <= n and has(key, base, hi) do
+    lo = hi
+    hi = hi * 2
+  end
+  if hi > n then
+    if has(key, base, n) then return n end
+    hi = n
+  end
+  while hi - lo > 1 do
+    local mid = math.floor((lo + hi) / 2)
+    if has(key, base, mid) then lo = mid else hi = mid end
+  end
+  return lo
+end
+
+local p = 3 + n_workers
+while p <= #ARGV do
+  local op = ARGV[p]
+  if op == 'I' then
+    local w, now, n = tonumber(ARGV[p + 1]), ARGV[p + 2], tonumber(ARGV[p + 3])
+    local args = {}
+    for i = 1, n do
+      args[#args + 1] = now
+      args[#args + 1] = ARGV[p + 3 + i]
+      if #args >= 1000 then
+        redis.call('ZADD', KEYS[1 + w], 'GT', unpack(args))
+        args = {}
+      end
+    end
+    if #args > 0 then redis.call('ZADD', KEYS[1 + w], 'GT', unpack(args)) end
+    evict(w)
+    p = p + 4 + n
+  elseif op == 'M' then
+    local k = tonumber(ARGV[p + 1])
+    local base = p + 2 + k
+    local n = tonumber(ARGV[base])
+    for j = 1, k do
+      out[#out + 1] = leading(KEYS[1 + tonumber(ARGV[p + 1 + j])], base, n)
+    end
+    p = base + n + 1
+  elseif op == 'C' then
+    local w = tonumber(ARGV[p + 1])
+    redis.call('HSET', cap_key, ids[w], ARGV[p + 2])
+    evict(w)
+    p = p + 3
+  elseif op == 'R' then
+    local w = tonumber(ARGV[p + 1])
+    redis.call('DEL', KEYS[1 + w])
+    redis.call('HDEL', cap_key, ids[w])
+    p = p + 2
+  elseif op == 'S' then
+    out[#out + 1] = redis.call('ZCARD', KEYS[1 + tonumber(ARGV[p + 1])])
+    p = p + 2
+  else
+    return redis.error_reply('unknown prefix index operation ' .. tostring(op))
+  end
+end
+return out
+"""
+
+
+def _members(block_hashes: Sequence[int]) -> list[bytes]:
+    return [_MEMBER.pack(_MAX_DEPTH - depth, h) for depth, h in enumerate(block_hashes)]
+
+
+class RedisPrefixIndex:
+    """Per-worker, capacity-bounded LRU sets of chained block hashes in Redis, batched per round trip."""
+
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, capacity_blocks: int):
+        if capacity_blocks < 0:
+            raise ValueError("capacity_blocks must be >= 0")
+        self.capacity_blocks = capacity_blocks
+        self._r = client
+        self._keys = keys
+        self._apply_script = client.register_script(_APPLY)
+
+    async def apply(self, ops: Sequence[Op]) -> list[Observation]:
+        """Apply `ops` in order, as `prefix_index.replay` would: one round trip per run of ops between
+        `Clear`s. Returns one observation per op: a Match's counts, a Size's count, else None."""
+        out: list[Observation] = []
+        start = 0
+        for i, op in enumerate([*ops, Clear()]):
+            if isinstance(op, Clear):
+                out.extend(await self._run(ops[start:i]))
+                if i < len(ops):
+                    await self.clear()
+                    out.append(None)
+                start = i + 1
+        return out
+
+    async def match_many(self, chains: Sequence[Sequence[int]], worker_ids: Sequence[str]) -> np.ndarray:
+        """Matched leading blocks of every chain on every worker, shape (len(chains), len(worker_ids))."""
+        if not chains or not worker_ids:
+            return np.zeros((len(chains), len(worker_ids)), dtype=np.int64)
+        wids = tuple(worker_ids)
+        obs = await self._run([Match(tuple(c), wids) for c in chains])
+        return np.array(obs, dtype=np.int64).reshape(len(chains), len(wids))
+
+    async def insert_many(self, inserts: Iterable[tuple[str, Sequence[int]]], now: float) -> None:
+        """Insert each (worker, chain) at time `now`, in order, in one round trip."""
+        await self._run([Insert(wid, tuple(chain), now) for wid, chain in inserts if chain])
+
+    async def match(self, block_hashes: Sequence[int], worker_ids: Sequence[str]) -> np.ndarray:
+        """Matched leading blocks of `block_hashes` per worker in `worker_ids` (int64 array)."""
+        return (await self.match_many([block_hashes], worker_ids))[0]
+
+    async def insert(self, worker_id: str, block_hashes: Sequence[int], now: float) -> None:
+        """Touch or add the chain's blocks for `worker_id` at time `now`, then evict down to capacity."""
+        await self._run([Insert(worker_id, tuple(block_hashes), now)])
+
+    async def set_capacity(self, worker_id: str, capacity_blocks: int) -> None:
+        """Set `worker_id`'s capacity in blocks, evicting at once if it holds more."""
+        if capacity_blocks < 0:
+            raise ValueError("capacity_blocks must be >= 0")
+        await self._run([SetCapacity(worker_id, capacity_blocks)])
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """Forget everything about `worker_id`."""
+        await self._run([RemoveWorker(worker_id)])
+
+    async def size(self, worker_id: str) -> int:
+        """Number of blocks held for `worker_id`."""
+        (n,) = await self._run([Size(worker_id)])
+        assert isinstance(n, int)
+        return n
+
+    async def clear(self) -> None:
+        """Forget everything about every worker (scans this key prefix; meant for tests and resets)."""
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self._keys.prefix_index("x")[:-1]) + "*"
+        batch: list[str | bytes] = []
+        async for key in self._r.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await self._r.delete(*batch)
+                batch.clear()
+        if batch:
+            await self._r.delete(*batch)
+        await self._r.delete(self._keys.prefix_capacity)
+
+    async def _run(self, ops: Sequence[Op]) -> list[Observation]:
+        """One script call for `ops` (no Clear among them)."""
+        if not ops:
+            return []
+        slots: dict[str, int] = {}
+
+        def slot(worker_id: str) -> int:
+            if worker_id not in slots:
+                slots[worker_id] = len(slots) + 1
+            return slots[worker_id]
+
+        body: list[str | bytes | int | float] = []
+        expected: list[int] = []
+        for op in ops:
+            match op:
+                case Insert(worker_id, block_hashes, now):
+                    body += ["I", slot(worker_id), float(now), len(block_hashes), *_members(block_hashes)]
+                    expected.append(-1)
+                case Match(block_hashes, worker_ids):
+                    body += ["M", len(worker_ids), *(slot(w) for w in worker_ids), len(block_hashes),
+                             *_members(block_hashes)]
+                    expected.append(len(worker_ids))
+                case SetCapacity(worker_id, capacity_blocks):
+                    body += ["C", slot(worker_id), int(capacity_blocks)]
+                    expected.append(-1)
+                case RemoveWorker(worker_id):
+                    body += ["R", slot(worker_id)]
+                    expected.append(-1)
+                case Size(worker_id):
+                    body += ["S", slot(worker_id)]
+                    expected.append(0)
+                case _:
+                    raise TypeError(f"not a batchable prefix index operation: {op!r}")
+        ids = list(slots)
+        raw = await self._apply_script(
+            keys=[self._keys.prefix_capacity, *(self._keys.prefix_index(w) for w in ids)],
+            args=[self.capacity_blocks, len(ids), *ids, *body],
+        )
+        out: list[Observation] = []
+        pos = 0
+        for width in expected:
+            if width < 0:
+                out.append(None)
+            elif width == 0:
+                out.append(int(raw[pos]))
+                pos += 1
+            else:
+                out.append(tuple(int(v) for v in raw[pos : pos + width]))
+                pos += width
+        return out

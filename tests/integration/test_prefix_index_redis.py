@@ -1,0 +1,84 @@
+"""The Redis prefix index against the in-memory reference: same operations, same observations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from worker_harness import isolated_settings, require_services
+
+from dispatcher.prefix_index import (
+    InMemoryPrefixIndex,
+    Insert,
+    Match,
+    SetCapacity,
+    conformance_ops,
+    replay,
+)
+from dispatcher.redis_prefix_index import RedisPrefixIndex
+from lodestar.hashing import trace_block_hashes
+from lodestar.names import RedisKeys
+from lodestar.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings() -> Settings:
+    s = isolated_settings()
+    require_services(s)
+    return s
+
+
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[RedisPrefixIndex]:
+    client = aioredis.from_url(settings.redis.url)
+    index = RedisPrefixIndex(client, RedisKeys(settings.redis.key_prefix), capacity_blocks=32)
+    try:
+        yield index
+    finally:
+        await index.clear()
+        await client.aclose()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_batched_replay_matches_the_in_memory_store(store: RedisPrefixIndex, seed: int) -> None:
+    ops = conformance_ops(seed, n_ops=1500)
+    expected = replay(InMemoryPrefixIndex(32), ops)
+    assert any(isinstance(o, tuple) and any(o) for o in expected)  # the sequence does match things
+    assert await store.apply(ops) == expected
+
+
+async def test_one_op_per_round_trip_matches_too(store: RedisPrefixIndex) -> None:
+    ops = conformance_ops(11, n_ops=300)
+    expected = replay(InMemoryPrefixIndex(32), ops)
+    got = []
+    for op in ops:
+        got.extend(await store.apply([op]))
+    assert got == expected
+
+
+async def test_batch_apis_answer_like_single_ops(store: RedisPrefixIndex) -> None:
+    ref = InMemoryPrefixIndex(32)
+    chains = [tuple(trace_block_hashes([p] * 3 + list(range(k)))) for p in (1, 2) for k in (2, 6)]
+    inserts = [("a", chains[0]), ("b", chains[1]), ("a", chains[3])]
+    for wid, chain in inserts:
+        ref.insert(wid, chain, 5.0)
+    await store.insert_many(inserts, 5.0)
+    got = await store.match_many(chains, ["a", "b", "c"])
+    want = np.stack([ref.match(c, ["a", "b", "c"]) for c in chains])
+    np.testing.assert_array_equal(got, want)
+    assert got[3].tolist() == [9, 0, 0] and got[1].tolist() == [5, 9, 0]
+    assert await store.size("a") == ref.size("a")
+
+
+async def test_capacity_evicts_least_recent_then_deepest(store: RedisPrefixIndex) -> None:
+    old, new = tuple(trace_block_hashes([1, 2, 3, 4])), tuple(trace_block_hashes([9, 8, 7]))
+    ops = [SetCapacity("w", 5), Insert("w", old, 1.0), Insert("w", new, 2.0), Match(old, ("w",)),
+           Match(new, ("w",))]
+    # 7 blocks into 5: the two deepest blocks of the least recently used chain go
+    assert (await store.apply(ops))[3:] == [(2,), (3,)]
+    await store.remove_worker("w")
+    assert await store.size("w") == 0
