@@ -157,8 +157,8 @@ def main() -> None:
     ap.add_argument("--gpus", default=",".join(hardware.GPUS))
     ap.add_argument("--speed-gpus", default="H100,L4")
     args = ap.parse_args()
-    fidelity_table(args.gpus.split(","))
-    speed_table(args.speed_gpus.split(","), args.requests)
+    fidelity_table([g for g in args.gpus.split(",") if g])
+    speed_table([g for g in args.speed_gpus.split(",") if g], args.requests)
 
 
 if __name__ == "__main__":

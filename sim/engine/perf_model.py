@@ -121,6 +121,15 @@ def elementwise_bytes(m: ModelSpec) -> float:
     return m.dtype_bytes * (8 * m.hidden + 2 * (q_dim + kv_dim) + 3 * m.intermediate)
 
 
+def dense_layer(cal: GPUCalibration, g: GPUSpec, shape: ModelSpec, tokens: int) -> float:
+    """One decoder layer's non-attention time (linear layers + element-wise ops) in seconds."""
+    bw = g.mem_bw_gbs * 1e9
+    params = layer_params(shape)
+    gemm = pnorm(tokens * 2 * params / (g.tflops * 1e12 * cal.gemm_flops_eff),
+                 params * shape.dtype_bytes / (bw * cal.gemm_bw_eff), cal.gemm_p)
+    return cal.layer_fixed_s + gemm + tokens * elementwise_bytes(shape) / (bw * cal.elem_bw_eff)
+
+
 def pnorm(a: float, b: float, p: float) -> float:
     """Smooth maximum (a^p + b^p)^(1/p) of two non-negative times."""
     if a <= 0.0:
@@ -180,12 +189,7 @@ class PerfModel:
 
     def dense_layer_time(self, shape: ModelSpec, tokens: int) -> float:
         """One decoder layer's non-attention time (linear layers + element-wise) for any model shape."""
-        cal = self.cal
-        bw = self.spec.mem_bw_gbs * 1e9
-        params = layer_params(shape)
-        gemm = pnorm(tokens * 2 * params / (self.spec.tflops * 1e12 * cal.gemm_flops_eff),
-                     params * shape.dtype_bytes / (bw * cal.gemm_bw_eff), cal.gemm_p)
-        return cal.layer_fixed_s + gemm + tokens * elementwise_bytes(shape) / (bw * cal.elem_bw_eff)
+        return dense_layer(self.cal, self.spec, shape, tokens)
 
     def attention_and_logits_time(self, chunks: list[tuple[int, int]], n_decode: int, decode_ctx: int) -> float:
         """The terms Vidur's mlp.csv does not measure: attention, lm_head and sampler (with their
