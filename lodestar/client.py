@@ -42,7 +42,6 @@ from lodestar.settings import Settings, load_settings
 log = logging.getLogger(__name__)
 
 ANSWERED_MEMORY = 100_000  # request ids remembered after their result, to recognise late duplicates
-METADATA_WAIT_S = 30.0
 
 
 def reply_topic_for(client_name: str, topics: Topics | None = None) -> str:
@@ -83,23 +82,21 @@ class LodestarClient:
         await self._producer.start()
         self._consumer = make_consumer(self.settings, group_id=None, client_id=self.client_id)
         await self._consumer.start()
-        partitions = await self._reply_partitions(self._consumer)
+        partitions = await self._reply_partitions(self._producer)
         self._consumer.assign(partitions)
         await self._consumer.seek_to_end(*partitions)
         for tp in partitions:  # resolve the positions now, so no result produced after this is missed
             await self._consumer.position(tp)
         self._reader = asyncio.create_task(self._read_results())
 
-    async def _reply_partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
-        deadline = time.monotonic() + METADATA_WAIT_S
-        while True:
-            await consumer.topics()  # refreshes metadata
-            parts = consumer.partitions_for_topic(self.reply_topic)
-            if parts:
-                return [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"reply topic {self.reply_topic!r} does not exist (run `lodestar topics create`)")
-            await asyncio.sleep(0.5)
+    async def _reply_partitions(self, producer: AIOKafkaProducer) -> list[TopicPartition]:
+        try:
+            parts = await producer.partitions_for(self.reply_topic)  # waits for the topic's metadata
+        except KafkaError as exc:
+            raise RuntimeError(
+                f"reply topic {self.reply_topic!r} is not available (run `lodestar topics create`): {exc!r}"
+            ) from exc
+        return [TopicPartition(self.reply_topic, p) for p in sorted(parts)]
 
     async def close(self) -> None:
         """Stop reading results and disconnect; requests still waiting fail with CancelledError."""
