@@ -1,0 +1,55 @@
+# Lodestar developer entry points. From a clean clone:  make setup test
+#
+#   make setup     create .venv (python3.11, else python3) if missing; pip install -e '.[dev]'
+#   make services  start the local Kafka broker and Redis (scripts/services start); idempotent
+#   make status    are they up? (exit 0 if both answer)
+#   make stop      stop the services this tree started
+#   make test      services, then the WHOLE suite, integration tests included (-m "");
+#                  extra pytest arguments: make test PYTEST_ARGS='-k kafka -x'
+#   make lint      ruff check
+#   make demo      services, then `lodestar demo`
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTEST_ARGS ?=
+
+.PHONY: help setup services status stop test lint demo
+
+help:
+	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
+
+setup:
+	@if [ ! -x $(PY) ]; then \
+		[ -n "$(BOOTSTRAP_PYTHON)" ] || { echo "make setup: no python3.11 or python3 on PATH" >&2; exit 1; }; \
+		echo "make setup: creating $(VENV) with $(BOOTSTRAP_PYTHON) ($$($(BOOTSTRAP_PYTHON) --version))"; \
+		$(BOOTSTRAP_PYTHON) -m venv $(VENV); \
+	fi
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+
+services:
+	scripts/services start
+
+status:
+	scripts/services status
+
+stop:
+	scripts/services stop
+
+# pytest exits 5 when it collected no test: that must fail, never pass as green
+test:
+	@[ -x $(VENV)/bin/pytest ] || { echo "make test: $(VENV)/bin/pytest is missing: run 'make setup' first (or 'make setup test')" >&2; exit 1; }
+	scripts/services start
+	@rc=0; $(VENV)/bin/pytest -m "" $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests (exit 5); a run with zero tests is not a pass" >&2; exit 1; fi; \
+	exit $$rc
+
+lint:
+	$(VENV)/bin/ruff check .
+
+demo:
+	scripts/services start
+	$(VENV)/bin/lodestar demo
