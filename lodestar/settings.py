@@ -104,6 +104,7 @@ class TelemetrySettings(BaseModel):
     service_namespace: str = "lodestar"
     log_json: bool = True
     log_level: str = "INFO"
+    metrics_host: str = "127.0.0.1"  # address the services' Prometheus endpoints bind (0.0.0.0 in containers)
 
 
 class Settings(BaseSettings):
