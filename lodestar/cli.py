@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from lodestar.commands import bench, topics
+from lodestar.commands.dispatcher import dispatcher
 from lodestar.commands.emulator import emulator
 from lodestar.commands.submit import submit
 from lodestar.commands.worker import worker
@@ -19,6 +20,7 @@ app.add_typer(bench.app, name="bench")
 app.command("worker")(worker)
 app.command("submit")(submit)
 app.command("emulator")(emulator)
+app.command("dispatcher")(dispatcher)
 
 
 if __name__ == "__main__":

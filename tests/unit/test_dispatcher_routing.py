@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dispatcher.policies import make_policy
+from dispatcher.prefix_index import InMemoryPrefixIndex
 from dispatcher.routing import CHARS_PER_TOKEN, BatchRouter, describe
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import FEATURE_NAMES, candidate_matrix, from_dict
@@ -117,3 +119,35 @@ def test_misaligned_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="no worker"):
         BatchRouter(PrefixThenLeastLoaded(), "d").route([r], [describe(r, PREFIX)], np.zeros((1, 0)),
                                                          idle_view(0))
+
+
+def route_with_index(router: BatchRouter, index: InMemoryPrefixIndex, requests: list[InferenceRequest],
+                     view: ClusterView, now: float) -> list[str]:
+    """What the service does per batch, with the in-memory store in place of Redis."""
+    infos = [describe(r, PREFIX) for r in requests]
+    matched = np.stack([index.match(i.block_hashes, view.worker_ids) for i in infos])
+    plan = router.route(requests, infos, matched, view)
+    for wid, chains in plan.inserts.items():
+        for chain in chains:
+            index.insert(wid, chain, now)
+    return [r.decision.worker_id for r in plan.routed]
+
+
+def test_consecutive_batches_follow_the_prefix_index() -> None:
+    index = InMemoryPrefixIndex(capacity_blocks=1000)
+    router = BatchRouter(PrefixThenLeastLoaded(), "d1")
+    doc_a, doc_b = list(range(32)), list(range(500, 532))
+    first = route_with_index(router, index, [req(doc_a + [1]), req(doc_b + [2])], idle_view(3), 1.0)
+    assert first == ["w0", "w1"]
+    # a later batch: each follow-up goes where its document is cached, whatever the order
+    second = route_with_index(router, index, [req(doc_b + [3]), req(doc_a + [4]), req([7] * 40)], idle_view(3), 2.0)
+    assert second == ["w1", "w0", "w2"]
+
+
+def test_a_registered_baseline_routes_a_batch() -> None:
+    requests = [req([i] * 40) for i in range(8)]
+    infos = [describe(r, PREFIX) for r in requests]
+    view = idle_view(4)
+    plan = BatchRouter(make_policy("least_request"), "d1").route(requests, infos, np.zeros((8, 4)), view)
+    assert sorted(r.decision.worker_id for r in plan.routed) == ["w0", "w0", "w1", "w1", "w2", "w2", "w3", "w3"]
+    assert all(r.decision.policy == "least_request" for r in plan.routed)

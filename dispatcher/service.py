@@ -1,0 +1,357 @@
+"""The dispatcher service: consume requests in batches, route them, publish to worker topics, commit.
+
+Per batch of records from `lodestar.requests` (one consumer group shared by every dispatcher):
+validate (invalid -> `lodestar.dlq` with the reason), describe each request (prefix block hashes), one
+Redis round trip for the prefix matches of the whole batch, route one request after the other
+(dispatcher.routing), publish each RoutedRequest to its worker's topic, one Redis round trip for the
+prefix inserts, await every publish acknowledgement, then commit the batch's offsets. A crash before
+the commit re-routes the batch (at-least-once); workers dedupe by request id.
+
+With no routable worker the batch is held, not committed, and retried with backoff for at most
+`no_worker_max_wait_s`; after that each request gets a `rejected` result on its reply topic and a dead
+letter, so nothing is dropped silently. The model snapshot (for policies that use one) is loaded at
+start and swapped when the learner announces a new version; a snapshot failing verification is
+logged and the current one kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol, runtime_checkable
+
+import redis.asyncio as aioredis
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from dispatcher.policies.base import Policy, make_policy
+from dispatcher.redis_prefix_index import RedisPrefixIndex
+from dispatcher.redispatch import DeadWorkerTakeover
+from dispatcher.routing import BatchPlan, BatchRouter, describe
+from dispatcher.worker_view import WorkerView
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.names import RedisKeys, Topics
+from lodestar.registry import WorkerRegistry
+from lodestar.schemas import InferenceRequest, InferenceResult, InvalidMessage, RoutedRequest, decode
+from lodestar.settings import Settings
+from lodestar.snapshot import Snapshot, SnapshotError
+from lodestar.snapshot_store import SnapshotStore
+
+log = logging.getLogger(__name__)
+
+SERVICE = "dispatcher"
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_MAX_BACKOFF_S = 5.0
+_SNAPSHOT_WAIT_S = 5.0
+_STATS_EVERY_S = 30.0
+
+
+def default_dispatcher_id() -> str:
+    """host-pid: unique per process on a machine, readable in decisions and logs."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def build_policy(name: str, settings: Settings) -> Policy:
+    """The named policy; `learned` gets the configured fallback heuristic."""
+    if name == "learned":
+        return make_policy(name, fallback=settings.dispatcher.fallback_policy)
+    return make_policy(name)
+
+
+def validate_request(raw: bytes | None) -> InferenceRequest:
+    """Decode and check one request; raises InvalidMessage with a readable reason."""
+    if raw is None:
+        raise InvalidMessage("empty message (no value)")
+    request = decode(InferenceRequest, raw)
+    if request.reply_to is not None and not _TOPIC_NAME.match(request.reply_to):
+        raise InvalidMessage(f"invalid InferenceRequest: reply_to {request.reply_to!r} is not a Kafka topic name")
+    return request
+
+
+@runtime_checkable
+class SnapshotPolicy(Protocol):
+    """A policy that evaluates a model snapshot (the `learned` policy)."""
+
+    def load_snapshot(self, snapshot: Snapshot) -> None:
+        """Swap in a new model; raises SnapshotError if it cannot be evaluated."""
+        ...
+
+
+class WaitOutcome(Enum):
+    READY = "ready"
+    EXPIRED = "expired"
+    STOPPED = "stopped"
+
+
+@dataclass(slots=True)
+class DispatcherStats:
+    """Running totals, for the periodic log line (and later the metrics endpoint)."""
+
+    batches: int = 0
+    routed: int = 0
+    dead_letters: int = 0
+    rejected: int = 0
+
+
+class Dispatcher:
+    """One dispatcher process. Construct inside a running event loop, then `await run(stop)`."""
+
+    def __init__(self, settings: Settings, *, policy: str | None = None, dispatcher_id: str | None = None):
+        self.settings = settings
+        cfg = settings.dispatcher
+        self.dispatcher_id = dispatcher_id or cfg.dispatcher_id or default_dispatcher_id()
+        self.policy_name = policy or cfg.policy
+        self.policy = build_policy(self.policy_name, settings)
+        self.router = BatchRouter(self.policy, self.dispatcher_id)
+        self.topics = Topics(settings.kafka.topic_prefix)
+        self.keys = RedisKeys(settings.redis.key_prefix)
+        self.redis = aioredis.from_url(settings.redis.url)
+        self.view = WorkerView(
+            WorkerRegistry(self.redis, self.keys, settings.worker.state_ttl_s), cfg.registry_staleness_s
+        )
+        self.prefix_index = RedisPrefixIndex(self.redis, self.keys, settings.prefix.index_capacity_blocks)
+        self.snapshots = SnapshotStore(self.redis, self.keys, settings.learner.hmac_key)
+        self.producer = make_producer(settings, client_id=f"dispatcher-{self.dispatcher_id}")
+        self.consumer = make_consumer(
+            settings,
+            self.topics.requests,
+            group_id=cfg.consumer_group,
+            client_id=f"dispatcher-{self.dispatcher_id}",
+            max_poll_records=cfg.batch_size,
+        )
+        self.takeover = DeadWorkerTakeover(
+            settings,
+            self.redis,
+            self.view,
+            reroute=self.route_and_publish,
+            remove_prefixes=self.prefix_index.remove_worker,
+            dead_letter=lambda letter: send_dead_letter(self.producer, self.topics, letter),
+            dispatcher_id=self.dispatcher_id,
+        )
+        self.stats = DispatcherStats()
+        self.model_version = 0
+        self._capacities: dict[str, int] = {}
+        self._stop = asyncio.Event()
+
+    @property
+    def uses_snapshots(self) -> bool:
+        """Whether the policy evaluates a model snapshot (and so follows the learner's announcements)."""
+        return isinstance(self.policy, SnapshotPolicy)
+
+    def assigned_partitions(self) -> set[TopicPartition]:
+        """Partitions of the requests topic this dispatcher owns right now."""
+        return set(self.consumer.assignment())
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Serve until `stop` is set (or forever); always leaves the group and closes its clients."""
+        if stop is not None:
+            self._stop = stop
+        await ensure_topics(self.settings, fixed_topic_partitions(self.settings))
+        await self.producer.start()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self.consumer.start()
+            try:
+                if self.uses_snapshots:
+                    ready = asyncio.Event()
+                    tasks.append(asyncio.create_task(self.snapshots.watch(self._on_snapshot, ready=ready)))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ready.wait(), _SNAPSHOT_WAIT_S)
+                tasks.append(asyncio.create_task(self.takeover.run(self._stop)))
+                tasks.append(asyncio.create_task(self._log_stats()))
+                log.info("dispatcher %s up: policy %s, group %s, topic %s", self.dispatcher_id,
+                         self.policy_name, self.settings.dispatcher.consumer_group, self.topics.requests)
+                await self._consume()
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                await self.consumer.stop()
+        finally:
+            await self.producer.stop()
+            await self.redis.aclose()
+        log.info("dispatcher %s stopped after routing %d requests", self.dispatcher_id, self.stats.routed)
+
+    async def _consume(self) -> None:
+        cfg = self.settings.dispatcher
+        while not self._stop.is_set():
+            batch = await self.consumer.getmany(timeout_ms=max(cfg.batch_timeout_ms, 1), max_records=cfg.batch_size)
+            records = [r for recs in batch.values() for r in recs]
+            if records:
+                await self.handle_batch(records)
+
+    async def handle_batch(self, records: list[ConsumerRecord]) -> None:
+        """Validate, route, publish and commit one batch of consumed records (see the module doc)."""
+        consumed_at = time.perf_counter()
+        outcome = await self._ensure_workers(records)
+        if outcome is WaitOutcome.STOPPED:
+            return  # not committed: the group hands these records to another dispatcher
+        requests: list[InferenceRequest] = []
+        accepted: list[ConsumerRecord] = []
+        letters = []
+        for record in records:
+            try:
+                requests.append(validate_request(record.value))
+                accepted.append(record)
+            except InvalidMessage as exc:
+                letters.append(dead_letter_for(record, stage="validate", service=SERVICE, reason=exc.reason))
+        if letters:
+            await asyncio.gather(*(send_dead_letter(self.producer, self.topics, d) for d in letters))
+            self.stats.dead_letters += len(letters)
+        if requests:
+            if outcome is WaitOutcome.READY:
+                await self.route_and_publish(requests, started_at=consumed_at)
+            else:
+                await self._reject(requests, accepted)
+        await self._commit(records)
+
+    async def route_and_publish(
+        self,
+        requests: Sequence[InferenceRequest],
+        attempts: Sequence[int] | None = None,
+        *,
+        started_at: float | None = None,
+    ) -> BatchPlan:
+        """Route `requests` over the routable workers, publish them and wait for every acknowledgement.
+
+        Two Redis round trips whatever the batch size: prefix matches before routing, inserts after.
+        `attempts` are the delivery attempts to record (re-routing); `started_at` (perf_counter) is when
+        the batch was consumed. Raises ValueError if no worker is routable (callers check first).
+        """
+        started_at = time.perf_counter() if started_at is None else started_at
+        if await self.view.refresh():
+            await self._sync_capacities()
+        view = self.view.cluster_view()
+        infos = [describe(r, self.settings.prefix) for r in requests]
+        matched = await self.prefix_index.match_many([i.block_hashes for i in infos], view.worker_ids)
+        plan = self.router.route(requests, infos, matched, view, attempts)
+        acks = []
+        for routed in plan.routed:
+            message = RoutedRequest(request=routed.request, decision=routed.decision)
+            acks.append(await self.producer.send(
+                self.topics.worker(routed.decision.worker_id), message.to_bytes(),
+                key=routed.request.request_id.encode(),
+            ))
+        await self.prefix_index.insert_many(
+            ((wid, chain) for wid, chains in plan.inserts.items() for chain in chains), time.time()
+        )
+        await asyncio.gather(*acks)
+        for routed in plan.routed:
+            self.view.note_assigned(routed.decision.worker_id, routed.uncached_tokens, routed.decision.decided_at)
+        self._batch_routed(plan, started_at)
+        return plan
+
+    def _batch_routed(self, plan: BatchPlan, started_at: float) -> None:
+        """The one place a routed batch is accounted for (logs now; spans and metrics hook in here)."""
+        self.stats.batches += 1
+        self.stats.routed += len(plan.routed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("routed %d requests in %.2f ms: %s", len(plan.routed),
+                      (time.perf_counter() - started_at) * 1e3,
+                      ", ".join(f"{r.request.request_id}->{r.decision.worker_id}" for r in plan.routed))
+
+    async def _ensure_workers(self, records: list[ConsumerRecord]) -> WaitOutcome:
+        """Wait with backoff until a worker is routable, holding `records` uncommitted.
+
+        While waiting the assigned partitions are paused but polled, so the consumer stays in its group;
+        anything a poll still returns joins the held batch.
+        """
+        if await self.view.refresh():
+            await self._sync_capacities()
+        if self.view.routable:
+            return WaitOutcome.READY
+        cfg = self.settings.dispatcher
+        started = time.monotonic()
+        backoff = cfg.no_worker_backoff_s
+        log.warning("no live worker: holding %d records uncommitted, retrying for up to %.0f s",
+                    len(records), cfg.no_worker_max_wait_s)
+        try:
+            while True:
+                if self._stop.is_set():
+                    return WaitOutcome.STOPPED
+                waited = time.monotonic() - started
+                if waited >= cfg.no_worker_max_wait_s:
+                    log.error("no live worker for %.0f s: rejecting %d held records", waited, len(records))
+                    return WaitOutcome.EXPIRED
+                self.consumer.pause(*self.consumer.assignment())
+                more = await self.consumer.getmany(timeout_ms=int(min(backoff, cfg.no_worker_max_wait_s - waited)
+                                                                  * 1000) + 1)
+                records.extend(r for recs in more.values() for r in recs)
+                await self.view.refresh(force=True)
+                if self.view.routable:
+                    log.info("workers available again after %.1f s: routing %d held records",
+                             time.monotonic() - started, len(records))
+                    await self._sync_capacities()
+                    return WaitOutcome.READY
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        finally:
+            self.consumer.resume(*self.consumer.paused())
+
+    async def _reject(self, requests: list[InferenceRequest], records: list[ConsumerRecord]) -> None:
+        """Tell each client its request could not be routed, and dead-letter it for operators."""
+        reason = f"no live worker within {self.settings.dispatcher.no_worker_max_wait_s:.0f} s"
+        sends = []
+        for request, record in zip(requests, records, strict=True):
+            result = InferenceResult(request_id=request.request_id, worker_id="", status="rejected", error=reason)
+            sends.append(await self.producer.send(
+                request.reply_to or self.topics.results, result.to_bytes(), key=request.request_id.encode()
+            ))
+            sends.append(send_dead_letter(
+                self.producer, self.topics, dead_letter_for(record, stage="route", service=SERVICE, reason=reason)
+            ))
+        await asyncio.gather(*sends)
+        self.stats.rejected += len(requests)
+        self.stats.dead_letters += len(requests)
+
+    async def _commit(self, records: list[ConsumerRecord]) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partitions moved to another dispatcher mid-batch: it will route these records again
+            # (their first routing is already published; workers dedupe by request id).
+            log.warning("commit of %d records failed after a rebalance: %s", len(records), exc)
+
+    async def _sync_capacities(self) -> None:
+        """Size each worker's prefix index to its KV cache (in blocks) when the worker reports it."""
+        tokens_per_block = self.settings.prefix.tokens_per_block
+        for w in self.view.routable:
+            blocks = w.max_kv_tokens // tokens_per_block
+            if blocks > 0 and self._capacities.get(w.worker_id) != blocks:
+                await self.prefix_index.set_capacity(w.worker_id, blocks)
+                self._capacities[w.worker_id] = blocks
+
+    async def _on_snapshot(self, snapshot: Snapshot) -> None:
+        if snapshot.version <= self.model_version or not isinstance(self.policy, SnapshotPolicy):
+            return
+        try:
+            self.policy.load_snapshot(snapshot)
+        except SnapshotError as exc:
+            log.error("model snapshot v%d not usable, keeping v%d: %s", snapshot.version, self.model_version, exc)
+            return
+        previous, self.model_version = self.model_version, snapshot.version
+        log.info("model snapshot v%d (%s, validated=%s) replaces v%d", snapshot.version, snapshot.family,
+                 snapshot.validated, previous)
+
+    async def _log_stats(self) -> None:
+        last, last_t = 0, time.monotonic()
+        while True:
+            await asyncio.sleep(_STATS_EVERY_S)
+            now = time.monotonic()
+            s = self.stats
+            log.info("routed %d (%.1f/s), re-routed %d, dead letters %d, rejected %d; model v%d; %d partitions",
+                     s.routed, (s.routed - last) / (now - last_t), self.takeover.rerouted, s.dead_letters, s.rejected,
+                     self.model_version, len(self.consumer.assignment()))
+            last, last_t = s.routed, now

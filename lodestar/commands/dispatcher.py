@@ -1,0 +1,48 @@
+"""`lodestar dispatcher`: route requests from `lodestar.requests` to worker topics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import typer
+
+from lodestar.settings import Settings, load_settings
+
+
+def dispatcher(
+    policy: str | None = typer.Option(None, help="Routing policy name (any registered one, or `learned`)."),
+    dispatcher_id: str | None = typer.Option(None, "--id", help="Id recorded in decisions (default host-pid)."),
+    bootstrap_servers: str | None = typer.Option(None, help="Kafka bootstrap servers (overrides settings)."),
+    redis_url: str | None = typer.Option(None, help="Redis URL (overrides settings)."),
+) -> None:
+    """Consume requests in batches, route each to a live worker, publish, commit. SIGTERM/SIGINT stop it."""
+    section: dict[str, Any] = {}
+    if policy:
+        section["policy"] = policy
+    if dispatcher_id:
+        section["dispatcher_id"] = dispatcher_id
+    overrides: dict[str, Any] = {"dispatcher": section} if section else {}
+    if bootstrap_servers:
+        overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
+    if redis_url:
+        overrides["redis"] = {"url": redis_url}
+    settings = load_settings(**overrides)
+    logging.basicConfig(
+        level=settings.telemetry.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    from dispatcher.service import Dispatcher
+
+    stop = asyncio.Event()
+    service = Dispatcher(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.run(stop)
