@@ -61,6 +61,10 @@ class EngineRequest:
     max_new_tokens: int
     arrival_s: float
     stop_after: int | None = None  # output length at which an EOS stops it ("stop"); None: runs to the limit
+    # Chained hashes of the whole blocks of prompt + output that follow the prompt's whole blocks (the
+    # chain continues block_hashes), when the caller knows the output (multi-turn replays): on finishing,
+    # the blocks the output completed are cached, as SGLang caches a finished request's answer.
+    output_block_hashes: tuple[int, ...] = ()
 
 
 @dataclass(slots=True, frozen=True)
@@ -128,6 +132,8 @@ class _Req:
         self.prompt_len = req.prompt_len
         self.bt = req.block_tokens
         self.hashes = tuple(req.block_hashes[: req.prompt_len // req.block_tokens])
+        if req.output_block_hashes and len(self.hashes) == req.prompt_len // req.block_tokens:
+            self.hashes += tuple(req.output_block_hashes)
         self.max_new = req.max_new_tokens
         stops_early = req.stop_after is not None and req.stop_after < req.max_new_tokens
         self.limit = max(1, req.stop_after) if stops_early else req.max_new_tokens  # type: ignore[arg-type]
@@ -297,7 +303,7 @@ class Engine:
         admitted = 0
         if self.waiting and (rem_chunk is None or rem_chunk > 0) and rem_input > 0:
             if cfg.schedule_policy == "lpm" and len(self.waiting) <= LPM_FALLBACK_QUEUE_LEN:
-                self.waiting.sort(key=lambda x: -cache.cached_blocks(x.hashes))
+                self.waiting.sort(key=lambda x: -cache.cached_blocks(x.hashes, x.fill_len // x.bt))
             idle = not running and self.chunked is None
             for r in self.waiting:
                 if len(batch) >= allocatable:
@@ -306,7 +312,7 @@ class Engine:
                 if cfg.disable_radix_cache:
                     k, node = 0, ROOT
                 else:
-                    k, node = cache.match_prefix(r.hashes)
+                    k, node = cache.match_prefix(r.hashes, r.fill_len // r.bt)
                 fill = r.fill_len
                 prefix = min(k * r.bt, fill - 1)
                 ext = fill - prefix
@@ -382,16 +388,7 @@ class Engine:
             new_tokens += ext
             self._pending_prefill -= ext
             self._set_kv(r, r.kv_len + ext)
-            if not self.cfg.disable_radix_cache:
-                nb = min(len(r.hashes), r.kv_len // r.bt)
-                if nb > r.locked_blocks:
-                    old_private = r.private
-                    node = cache.insert(r.hashes[:nb], r.bt)
-                    cache.lock(node)
-                    cache.unlock(r.node)
-                    r.node = node
-                    r.locked_blocks = nb
-                    self._private += r.private - old_private
+            self._cache_blocks(r)
             if r.kv_len < r.fill_len:
                 continue  # the chunked request: more chunks to go
             if r.output == 0:
@@ -548,6 +545,20 @@ class Engine:
         r.kv_len = kv_len
         self._private += r.private - before
 
+    def _cache_blocks(self, r: _Req) -> None:
+        """Move the request's computed whole blocks whose hashes are known into the radix cache, referenced."""
+        if self.cfg.disable_radix_cache:
+            return
+        nb = min(len(r.hashes), r.kv_len // r.bt)
+        if nb > r.locked_blocks:
+            old_private = r.private
+            node = self.cache.insert(r.hashes[:nb], r.bt)
+            self.cache.lock(node)
+            self.cache.unlock(r.node)
+            r.node = node
+            r.locked_blocks = nb
+            self._private += r.private - old_private
+
     def _release(self, r: _Req) -> None:
         """Drop a request's KV: private tokens freed, its cached prefix unreferenced."""
         self._private -= r.private
@@ -556,6 +567,8 @@ class Engine:
         r.locked_blocks = 0
 
     def _finish(self, r: _Req, out: StepOutcome, reason: str | None = None) -> None:
+        if reason is None:
+            self._cache_blocks(r)  # the answer's completed blocks, when their hashes are known
         self._release(r)
         out.finished.append(Finished(r.rid, reason or r.stop_reason, r.prompt_len, r.output,
                                      max(r.cached_tokens, 0)))

@@ -7,7 +7,8 @@ import random
 import pytest
 from engine_driver import make_request, run
 
-from sim.engine import Engine, EngineConfig, QueueFull, RequestTooLarge
+from lodestar.hashing import trace_block_hashes
+from sim.engine import Engine, EngineConfig, EngineRequest, QueueFull, RequestTooLarge
 
 
 def small_engine(**cfg) -> Engine:
@@ -169,3 +170,17 @@ def test_slowdown_scales_step_time():
     for e in (e1, e2):
         e.add(make_request("a", 2000), 0.0)
     assert e2.step(0.0).duration_s == pytest.approx(2 * e1.step(0.0).duration_s)
+
+
+def test_finished_answer_is_cached_when_its_hashes_are_known():
+    """Turn 2 of a chat = turn 1's prompt + answer + a new message: it hits the answer's blocks too."""
+    conversation = trace_block_hashes(list(range(1, 101)))  # 100 blocks of 16 tokens
+    turn1 = EngineRequest("t1", 800, tuple(conversation[:50]), 16, 320, 0.0,
+                          output_block_hashes=tuple(conversation[50:70]))
+    turn2 = EngineRequest("t2", 1600, tuple(conversation[:100]), 16, 8, 60.0)
+    plain = EngineRequest("t1", 800, tuple(conversation[:50]), 16, 320, 0.0)
+    with_answer = run(Engine("H100"), [turn1, turn2])
+    without = run(Engine("H100"), [plain, EngineRequest("t2", 1600, tuple(conversation[:100]), 16, 8, 60.0)])
+    # the answer's KV covers 800 + 320 - 1 tokens: 69 whole blocks
+    assert with_answer.cached["t2"] == 69 * 16
+    assert without.cached["t2"] == 50 * 16
