@@ -18,11 +18,11 @@ from worker_harness import (
     LODESTAR,
     ROOT,
     TopicReader,
+    cleanup,
     create_topics,
     emulator,
     isolated_settings,
     produce,
-    require_services,
     running_worker,
     settings_env,
 )
@@ -36,10 +36,18 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    require_services(isolated_settings())
+def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
         yield url
+
+
+@pytest.fixture
+async def settings(kafka_bootstrap: str, redis_url: str, engine_url: str) -> AsyncIterator[Settings]:
+    """Worker w1 in front of the emulator, on topics and keys of its own (removed afterwards)."""
+    isolated = isolated_settings(kafka_bootstrap, redis_url, sglang_url=engine_url)
+    await create_topics(isolated)
+    yield isolated
+    await cleanup(isolated)
 
 
 @contextlib.asynccontextmanager
@@ -69,10 +77,8 @@ async def forward_requests_to_w1(settings: Settings) -> AsyncIterator[None]:
         await producer.stop()
 
 
-async def test_generate_returns_the_result_once_even_when_it_is_delivered_twice(engine_url: str):
-    settings = isolated_settings(sglang_url=engine_url)
+async def test_generate_returns_the_result_once_even_when_it_is_delivered_twice(settings: Settings):
     topics = Topics(settings.kafka.topic_prefix)
-    await create_topics(settings)
     async with running_worker(settings), forward_requests_to_w1(settings), LodestarClient(settings) as client:
         result = await client.generate(prompt="what is a lodestar", sampling=SamplingParams(max_new_tokens=6),
                                        session_id="s1", timeout_s=30)
@@ -93,10 +99,8 @@ async def test_generate_returns_the_result_once_even_when_it_is_delivered_twice(
         assert [r.request_id for r in results if r is not None] == [r.request_id for r in requests]
 
 
-async def test_a_private_reply_topic_receives_this_clients_results(engine_url: str):
-    settings = isolated_settings(sglang_url=engine_url)
+async def test_a_private_reply_topic_receives_this_clients_results(settings: Settings):
     topics = Topics(settings.kafka.topic_prefix)
-    await create_topics(settings)
     reply = reply_topic_for("it-client", topics)
     async with (
         running_worker(settings),
@@ -111,9 +115,7 @@ async def test_a_private_reply_topic_receives_this_clients_results(engine_url: s
     assert shared.messages[topics.results] == []
 
 
-async def test_submit_command_prints_the_result(engine_url: str):
-    settings = isolated_settings(sglang_url=engine_url)
-    await create_topics(settings)
+async def test_submit_command_prints_the_result(settings: Settings):
     async with running_worker(settings), forward_requests_to_w1(settings):
         proc = await asyncio.create_subprocess_exec(
             LODESTAR, "submit", "hello from the command line", "--max-new-tokens", "5", "--timeout", "30",

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from worker_harness import (
     LODESTAR,
     ROOT,
     TopicReader,
+    cleanup,
     committed_offset,
     create_topics,
     emulator,
@@ -21,7 +24,6 @@ from worker_harness import (
     isolated_settings,
     produce,
     registry,
-    require_services,
     routed,
     running_worker,
     settings_env,
@@ -31,22 +33,30 @@ from worker_harness import (
 
 from lodestar.names import Topics
 from lodestar.schemas import InferenceResult, TelemetryEvent
+from lodestar.settings import Settings
 from workers.dedupe import CompletedRequest
+from workers.sglang_client import RetryPolicy, SGLangClient
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def engine_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    require_services(isolated_settings())
+def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
         yield url
 
 
-async def test_routed_request_yields_one_result_and_one_telemetry_event(engine_url: str):
-    settings = isolated_settings(sglang_url=engine_url)
+@pytest.fixture
+async def settings(kafka_bootstrap: str, redis_url: str, engine_url: str) -> AsyncIterator[Settings]:
+    """Worker w1 in front of the emulator, on topics and keys of its own (removed afterwards)."""
+    isolated = isolated_settings(kafka_bootstrap, redis_url, sglang_url=engine_url)
+    await create_topics(isolated)
+    yield isolated
+    await cleanup(isolated)
+
+
+async def test_routed_request_yields_one_result_and_one_telemetry_event(settings: Settings):
     topics = Topics(settings.kafka.topic_prefix)
-    await create_topics(settings)
     msg = routed(max_new_tokens=12)
     async with running_worker(settings) as service, TopicReader(settings, topics.results, topics.telemetry) as reader:
         await produce(settings, topics.worker("w1"), [msg.to_bytes()], key=msg.request.request_id.encode())
@@ -65,10 +75,8 @@ async def test_routed_request_yields_one_result_and_one_telemetry_event(engine_u
     assert service.group_id == f"{settings.kafka.topic_prefix.rstrip('.')}-worker-w1"
 
 
-async def test_redelivered_request_is_generated_once_and_answered_once(engine_url: str):
-    settings = isolated_settings(sglang_url=engine_url)
+async def test_redelivered_request_is_generated_once_and_answered_once(settings: Settings, engine_url: str):
     topics = Topics(settings.kafka.topic_prefix)
-    await create_topics(settings)
     msg = routed(request_id="dup-1", max_new_tokens=6)
     before = engine_requests_total(engine_url)
     async with running_worker(settings) as service, TopicReader(settings, topics.results, topics.telemetry) as reader:
@@ -88,11 +96,9 @@ async def test_redelivered_request_is_generated_once_and_answered_once(engine_ur
     await client.aclose()
 
 
-async def test_interrupted_requests_resume_without_double_generation(engine_url: str):
+async def test_interrupted_requests_resume_without_double_generation(settings: Settings, engine_url: str):
     """A predecessor's live lease is waited out; a predecessor's stored outcome is published, not regenerated."""
-    settings = isolated_settings(sglang_url=engine_url)
     topics = Topics(settings.kafka.topic_prefix)
-    await create_topics(settings)
     leased, stored = routed(request_id="leased-1", max_new_tokens=4), routed(request_id="stored-1")
     client, keys, _ = registry(settings)
     await client.set(keys.dedupe("leased-1"), "w1/dead-instance", px=1500)
@@ -117,10 +123,8 @@ async def test_interrupted_requests_resume_without_double_generation(engine_url:
     await client.aclose()
 
 
-async def test_invalid_messages_go_to_the_dlq_with_a_reason(engine_url: str):
-    settings = isolated_settings(sglang_url=engine_url)
+async def test_invalid_messages_go_to_the_dlq_with_a_reason(settings: Settings):
     topics = Topics(settings.kafka.topic_prefix)
-    await create_topics(settings)
     good = routed(request_id="good-1", max_new_tokens=3)
     bad = [
         b"this is not json",
@@ -143,10 +147,40 @@ async def test_invalid_messages_go_to_the_dlq_with_a_reason(engine_url: str):
     assert [r["request_id"] for r in reader.messages[topics.results]] == ["good-1"]
 
 
-async def test_sigterm_drains_in_flight_work_then_deregisters(engine_url: str, tmp_path: Path):
-    settings = isolated_settings(sglang_url=engine_url)
+async def test_engine_failures_become_error_and_rejected_results(settings: Settings):
+    generate_calls: list[str] = []
+
+    def engine(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/loads":
+            return httpx.Response(200, json={"loads": [{"num_running_reqs": 0, "num_waiting_reqs": 0}]})
+        prompt = json.loads(request.content)["text"]
+        generate_calls.append(prompt)
+        if prompt == "overloaded":
+            return httpx.Response(503, text="server busy")
+        return httpx.Response(400, json={"object": "error", "message": "prompt too long", "code": 400})
+
+    failing = SGLangClient("http://engine", request_timeout_s=5, retry=RetryPolicy(attempts=2, backoff_s=0.01),
+                           transport=httpx.MockTransport(engine))
     topics = Topics(settings.kafka.topic_prefix)
-    await create_topics(settings)
+    busy, bad = routed(request_id="busy-1", prompt="overloaded"), routed(request_id="bad-1", prompt="too long")
+    async with (
+        running_worker(settings, engine=failing) as service,
+        TopicReader(settings, topics.results, topics.telemetry) as reader,
+    ):
+        await produce(settings, topics.worker("w1"), [busy.to_bytes(), bad.to_bytes()])
+        await reader.wait_for(lambda m: len(m[topics.results]) >= 2 and len(m[topics.telemetry]) >= 2, timeout=20)
+        await wait_committed(settings, service.group_id, topics.worker("w1"), 2)
+    results = {r["request_id"]: r for r in reader.messages[topics.results]}
+    events = {e["request_id"]: e for e in reader.messages[topics.telemetry]}
+    assert results["busy-1"]["status"] == "error" and "gave up after 3 attempts" in results["busy-1"]["error"]
+    assert results["bad-1"]["status"] == "rejected" and "prompt too long" in results["bad-1"]["error"]
+    assert (events["busy-1"]["status"], events["bad-1"]["status"]) == ("error", "rejected")
+    assert events["busy-1"]["ttft_ms"] is None and events["busy-1"]["e2e_ms"] > 0
+    assert sorted(generate_calls) == ["overloaded"] * 3 + ["too long"]
+
+
+async def test_sigterm_drains_in_flight_work_then_deregisters(settings: Settings, engine_url: str, tmp_path: Path):
+    topics = Topics(settings.kafka.topic_prefix)
     log = (tmp_path / "worker.log").open("wb")
     proc = subprocess.Popen(
         [LODESTAR, "worker", "--id", "w1", "--sglang-url", engine_url, "--gpu-type", "H100"],

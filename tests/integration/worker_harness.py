@@ -1,5 +1,7 @@
 """Helpers for the worker and client integration tests: an emulator subprocess, isolated settings
-(unique topic and key prefixes per test), topic readers and a worker running in-process."""
+(unique topic and key prefixes per test, removed afterwards), topic readers and an in-process worker.
+
+The broker and Redis come from the conftest's `kafka_bootstrap` and `redis_url` fixtures."""
 
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import RedisKeys, Topics
@@ -39,27 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def require_services(settings: Settings) -> None:
-    """Skip the test unless the broker and Redis answer (start them with `scripts/services start`)."""
-    host, _, port = settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=1).close()
-    except OSError:
-        pytest.skip(f"Kafka is not reachable at {settings.kafka.bootstrap_servers}")
-
-    async def ping() -> None:
-        client = aioredis.from_url(settings.redis.url)
-        try:
-            await client.ping()
-        finally:
-            await client.aclose()
-
-    try:
-        asyncio.run(ping())
-    except (OSError, RedisConnectionError):
-        pytest.skip(f"Redis is not reachable at {settings.redis.url}")
 
 
 @contextlib.contextmanager
@@ -96,13 +77,15 @@ def emulator(gpu: str = "H100", log_path: Path | None = None) -> Iterator[str]:
         log.close()
 
 
-def isolated_settings(worker_id: str = "w1", sglang_url: str = "", **worker: Any) -> Settings:
-    """Settings whose topics and Redis keys no other test shares."""
+def isolated_settings(
+    kafka_bootstrap: str, redis_url: str, worker_id: str = "w1", sglang_url: str = "", **worker: Any
+) -> Settings:
+    """Settings whose topics and Redis keys no other test shares (remove them with `cleanup`)."""
     tag = uuid.uuid4().hex[:10]
     return Settings(
-        kafka={"topic_prefix": f"it{tag}.", "request_partitions": 2, "results_partitions": 2,
-               "telemetry_partitions": 1},
-        redis={"key_prefix": f"it{tag}:"},
+        kafka={"bootstrap_servers": kafka_bootstrap, "topic_prefix": f"it{tag}.", "request_partitions": 2,
+               "results_partitions": 2, "telemetry_partitions": 1},
+        redis={"url": redis_url, "key_prefix": f"it{tag}:"},
         worker={"worker_id": worker_id, "sglang_url": sglang_url, "gpu_type": "H100",
                 "retry_backoff_s": 0.05, **worker},
     )
@@ -139,6 +122,25 @@ async def create_topics(settings: Settings) -> None:
     topics = Topics(settings.kafka.topic_prefix)
     await ensure_topics(settings, {**fixed_topic_partitions(settings),
                                    topics.worker(settings.worker.worker_id): 1})
+
+
+async def cleanup(settings: Settings) -> None:
+    """Delete the topics and Redis keys under the settings' prefixes."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        doomed = [t for t in await admin.list_topics() if t.startswith(settings.kafka.topic_prefix)]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+    client = aioredis.from_url(settings.redis.url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 async def produce(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
@@ -227,11 +229,11 @@ async def wait_registered(settings: Settings, timeout: float = 30.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings) -> AsyncIterator[Any]:
-    """A WorkerService running in this event loop; drained on exit."""
+async def running_worker(settings: Settings, engine: Any = None) -> AsyncIterator[Any]:
+    """A WorkerService (optionally on a given SGLangClient) running in this event loop; drained on exit."""
     from workers.service import WorkerService
 
-    service = WorkerService(settings)
+    service = WorkerService(settings, engine=engine)
     task = asyncio.create_task(service.run())
     try:
         await wait_registered(settings)
