@@ -25,6 +25,7 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
+from redis.exceptions import RedisError
 
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import RedisKeys, Topics
@@ -41,6 +42,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def require_services(settings: Settings) -> None:
+    """Fail the test unless the broker and Redis answer (start them with `scripts/services start`)."""
+    host, _, port = settings.kafka.bootstrap_servers.split(",")[0].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        pytest.fail(f"Kafka is not reachable at {settings.kafka.bootstrap_servers}; run `scripts/services start`")
+
+    async def ping() -> None:
+        client = aioredis.from_url(settings.redis.url)
+        try:
+            await client.ping()
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(ping())
+    except (OSError, RedisError):
+        pytest.fail(f"Redis is not reachable at {settings.redis.url}; run `scripts/services start`")
 
 
 @contextlib.contextmanager
@@ -78,14 +100,20 @@ def emulator(gpu: str = "H100", log_path: Path | None = None) -> Iterator[str]:
 
 
 def isolated_settings(
-    kafka_bootstrap: str, redis_url: str, worker_id: str = "w1", sglang_url: str = "", **worker: Any
+    kafka_bootstrap: str | None = None, redis_url: str | None = None, worker_id: str = "w1", sglang_url: str = "",
+    **worker: Any,
 ) -> Settings:
-    """Settings whose topics and Redis keys no other test shares (remove them with `cleanup`)."""
+    """Settings whose topics and Redis keys no other test shares (remove them with `cleanup`).
+
+    The broker and Redis default to the configured ones (LODESTAR_KAFKA__BOOTSTRAP_SERVERS, LODESTAR_REDIS__URL).
+    """
     tag = uuid.uuid4().hex[:10]
+    configured = Settings()
     return Settings(
-        kafka={"bootstrap_servers": kafka_bootstrap, "topic_prefix": f"it{tag}.", "request_partitions": 2,
-               "results_partitions": 2, "telemetry_partitions": 1},
-        redis={"url": redis_url, "key_prefix": f"it{tag}:"},
+        kafka={"bootstrap_servers": kafka_bootstrap or configured.kafka.bootstrap_servers,
+               "topic_prefix": f"it{tag}.", "request_partitions": 2, "results_partitions": 2,
+               "telemetry_partitions": 1},
+        redis={"url": redis_url or configured.redis.url, "key_prefix": f"it{tag}:"},
         worker={"worker_id": worker_id, "sglang_url": sglang_url, "gpu_type": "H100",
                 "retry_backoff_s": 0.05, **worker},
     )
