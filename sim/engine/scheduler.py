@@ -192,6 +192,7 @@ class Engine:
         self._big: dict[str, _Req] = {}  # running requests whose remaining max_new exceeded the clip
         self.chunked: _Req | None = None
         self.batch_is_full = False
+        self._shrunk = False  # requests left the running batch since the last decode step
         self._private = 0  # KV tokens of requests outside the cache
         self._running_ctx = 0  # sum of kv_len over running
         self._pending_prefill = 0
@@ -237,7 +238,7 @@ class Engine:
                 return False
             self._leave_running(r)
             self._release(r)
-            self.batch_is_full = False
+            self._shrunk = True
         self._pending_aborts.append(Finished(rid, "abort", r.prompt_len, r.output, max(r.cached_tokens, 0)))
         return True
 
@@ -257,8 +258,10 @@ class Engine:
             self._run_prefill(batch, out)
         elif self.running:
             self._run_decode(now, until, out)
-        else:
+        else:  # idle: SGLang re-initializes the ratio, and an emptied batch is not full
             self.new_token_ratio = self.init_new_token_ratio
+            self.batch_is_full = False
+            self._shrunk = False
         return out
 
     def _available(self) -> int:
@@ -382,7 +385,6 @@ class Engine:
         out.batch_size = len(batch) + n_dec
         hit = self._batch_hit
         new_tokens = 0
-        finished_any = False
         joined: list[_Req] = []
         for r, ext, _ in batch:
             new_tokens += ext
@@ -396,8 +398,7 @@ class Engine:
             r.output += 1
             out.tokens[r.rid] = out.tokens.get(r.rid, 0) + 1
             if r.output >= r.limit:
-                self._finish(r, out)
-                finished_any = True
+                self._finish(r, out)  # never joined the running batch: it does not shrink
             else:
                 joined.append(r)
         out.prefill_tokens = new_tokens
@@ -407,11 +408,12 @@ class Engine:
             self.new_token_ratio = max(self.new_token_ratio - self.new_token_ratio_decay, self.min_new_token_ratio)
         for r in joined:
             self._join_running(r)
-        if finished_any:
-            self.batch_is_full = False
 
     def _run_decode(self, now: float, until: float | None, out: StepOutcome) -> None:
         cache = self.cache
+        if self._shrunk:  # SGLang's update_running_batch: a batch that lost requests is no longer full
+            self.batch_is_full = False
+            self._shrunk = False
         n = len(self.running)
         if self._available() + cache.evictable_tokens < n:
             self._retract(out)
@@ -464,15 +466,12 @@ class Engine:
         self._private += n * k
         self._running_ctx += n * k
         heap = self._finish_heap
-        finished_any = False
         while heap and heap[0][0] <= self._clock:
             _, _, r, epoch = heapq.heappop(heap)
             if epoch == r.epoch:
                 self._leave_running(r)
                 self._finish(r, out)
-                finished_any = True
-        if finished_any:
-            self.batch_is_full = False
+                self._shrunk = True
 
     def _join_running(self, r: _Req) -> None:
         clock = self._clock
