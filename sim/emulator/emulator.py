@@ -16,6 +16,7 @@ import numpy as np
 
 from sim.emulator.metrics import EmulatorMetrics
 from sim.emulator.model_card import ModelCard, model_card
+from sim.emulator.responses import dumps
 from sim.emulator.runner import EngineRunner, RequestState
 from sim.emulator.sampling import DEFAULT_MAX_NEW_TOKENS, parse_sampling_params
 from sim.emulator.tokenizer import Tokenizer
@@ -168,8 +169,16 @@ class Emulator:
                     text = text[:pos]
         return text
 
-    def output(self, state: RequestState, no_stop_trim: bool = False) -> dict[str, Any]:
-        """SGLang's output dict for the state now: cumulative text and output_ids, and meta_info."""
+    def output_json(self, state: RequestState, no_stop_trim: bool = False) -> bytes:
+        """SGLang's output dict for the state now, as JSON: cumulative `text` and `output_ids`, and
+        `meta_info`. The cumulative parts are sliced from precomputed filler strings (the filler needs
+        no JSON escaping), so a chunk costs the same however long the answer has grown."""
+        n = state.completion_tokens
+        head = '{"text":"' + self.text(state, no_stop_trim) + '","output_ids":' + self.tokenizer.filler_ids_json(n)
+        return head.encode() + b',"meta_info":' + dumps(self.meta_info(state)) + b"}"
+
+    def meta_info(self, state: RequestState) -> dict[str, Any]:
+        """SGLang's meta_info for the state now; `e2e_latency` once finished."""
         meta: dict[str, Any] = {
             "id": state.rid,
             "finish_reason": state.finish_reason,
@@ -181,11 +190,7 @@ class Emulator:
         }
         if state.finished:
             meta["e2e_latency"] = state.e2e_latency()
-        return {
-            "text": self.text(state, no_stop_trim),
-            "output_ids": self.tokenizer.filler_ids(state.completion_tokens),
-            "meta_info": meta,
-        }
+        return meta
 
     # ---- load -------------------------------------------------------------------------------
 

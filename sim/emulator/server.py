@@ -131,13 +131,13 @@ class _NativeRoutes:
         if reason.get("type") == "abort" and reason.get("status_code"):
             code = int(reason["status_code"])
             return error_response(str(reason.get("message")), str(code), code)
-        return json_response(emu.output(state, prepared.no_stop_trim))
+        return Response(emu.output_json(state, prepared.no_stop_trim), media_type="application/json")
 
     async def _stream(self, state: RequestState, no_stop_trim: bool) -> AsyncIterator[bytes]:
         emu = self.emu
         try:
             async for current in emu.updates(state):
-                yield sse(emu.output(current, no_stop_trim))
+                yield b"data: " + emu.output_json(current, no_stop_trim) + b"\n\n"
             yield SSE_DONE
         finally:
             if not state.finished:  # the client went away mid-stream

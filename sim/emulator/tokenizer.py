@@ -10,7 +10,8 @@ served models do; `input_ids` are taken as they are. About one token per word: "
 [BOS, id("word1"), id(" word2")].
 
 Generated text: output token n (0-based) is the piece " tok{n}", with the id the tokenizer gives that
-piece, so cumulative text grows token by token and re-tokenizing an answer gives back its ids.
+piece, so cumulative text grows token by token and re-tokenizing an answer gives back its ids. The
+filler is plain ASCII without quotes or backslashes, so it can be put into JSON as it is.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Tokenizer:
         self._filler_text = ""
         self._filler_offsets: list[int] = [0]  # char offset where filler token n starts
         self._filler_ids: list[int] = []
+        self._filler_ids_csv = ""  # the filler ids joined by commas, for building JSON arrays by slicing
+        self._filler_csv_ends: list[int] = [0]  # length of the csv holding the first n ids
 
     def piece_id(self, piece: str) -> int:
         """Token id of one piece."""
@@ -68,8 +71,15 @@ class Tokenizer:
         for p in pieces:
             pos += len(p)
             offsets.append(pos)
-        self._filler_ids.extend(self.piece_id(p) for p in pieces)
+        new_ids = [self.piece_id(p) for p in pieces]
+        self._filler_ids.extend(new_ids)
         self._filler_text += "".join(pieces)
+        ends = self._filler_csv_ends
+        end = ends[-1]
+        for tid in new_ids:
+            end += len(str(tid)) + (1 if end else 0)
+            ends.append(end)
+        self._filler_ids_csv += ("," if self._filler_ids_csv else "") + ",".join(map(str, new_ids))
 
     def filler_text(self, n: int) -> str:
         """Concatenated text of the first `n` generated tokens."""
@@ -80,6 +90,11 @@ class Tokenizer:
         """Ids of the first `n` generated tokens."""
         self._grow_filler(n)
         return self._filler_ids[:n]
+
+    def filler_ids_json(self, n: int) -> str:
+        """The JSON array of the first `n` generated ids, by slicing a precomputed string."""
+        self._grow_filler(n)
+        return "[" + self._filler_ids_csv[: self._filler_csv_ends[n]] + "]"
 
     def filler_token_covering(self, char_end: int) -> int:
         """Number of filler tokens needed for the filler text to reach `char_end` characters."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -48,6 +49,9 @@ def test_filler_text_grows_and_round_trips() -> None:
     assert tok.filler_text(3) == " tok0 tok1 tok2"
     assert tok.filler_text(4).startswith(tok.filler_text(3))
     assert tok.encode(tok.filler_text(500), add_bos=False) == tok.filler_ids(500)
+    for n in (0, 1, 2, 300, 5000):
+        assert json.loads(tok.filler_ids_json(n)) == tok.filler_ids(n)
+        assert json.loads(f'"{tok.filler_text(n)}"') == tok.filler_text(n)  # JSON-safe as it is
 
 
 def test_first_stop_string_and_token() -> None:
