@@ -4,14 +4,16 @@ Events live on one heap ordered by (time, kind, sequence): an engine step finish
 arriving, an idle engine being kicked to start its next step (after every arrival of the same instant,
 so simultaneous arrivals batch together), and scheduled slowdowns. An engine runs one step at a time;
 the step's effects (first tokens, finished requests) are applied when it completes. Pure-decode steps
-may fuse iterations, but never past the next arrival or scheduled event, so no request waits on a
-step that started before it arrived.
+may fuse iterations, but never past the iteration in progress when the next request arrives (nor past
+a scheduled event), so a new request waits at most for the iteration it arrived during, as in SGLang.
 
 The policy sees only what a router can know (see DESIGN.md): the router-side prefix index built from
 its own routing history (the chosen worker's set gets the request's blocks at routing time, per-worker
 capacity = the engine's KV tokens / block size, LRU), in-flight counts the router keeps itself, and
-engine load snapshots refreshed every `refresh_interval_s` of virtual time (like scraping /v1/loads),
-plus, between refreshes, the uncached prompt tokens it routed since the last snapshot.
+engine load snapshots (running, waiting, pending prefill, KV usage, recent TTFT) re-read when a request
+arrives and the last snapshot is `refresh_interval_s` old or older, as the live dispatcher refreshes
+its view of the registry; between refreshes, the router adds the uncached prompt tokens it has routed
+since the snapshot to each worker's pending prefill.
 """
 
 from __future__ import annotations
@@ -136,8 +138,8 @@ class Simulator:
         self._steps = 0
         self._arrivals = 0
         self._last_arrival_s = 0.0
+        self._refreshed_at = -math.inf
         self._pull_arrival()
-        next_refresh = 0.0
         events = 0
         heap = self._heap
         sink = self.sink
@@ -145,9 +147,6 @@ class Simulator:
             t, kind, _, payload = heapq.heappop(heap)
             if self._next_arrival_s == math.inf and t > self._last_arrival_s + self.drain_timeout_s:
                 break
-            if t >= next_refresh:
-                self._refresh()
-                next_refresh = (math.floor(t / self.refresh_interval_s) + 1) * self.refresh_interval_s
             self.now = t
             if sink is not None:
                 new_policy = sink.tick(t)
@@ -213,6 +212,9 @@ class Simulator:
 
     def _arrive(self, req: WorkloadRequest) -> None:
         now = self.now
+        if now - self._refreshed_at >= self.refresh_interval_s:
+            self._refresh()
+            self._refreshed_at = now
         self._arrivals += 1
         self._last_arrival_s = now
         info = RequestInfo(req.rid, req.prompt_len, req.block_hashes, req.block_tokens, req.session_id,
@@ -255,16 +257,32 @@ class Simulator:
         if self._busy[i] or not self.engines[i].has_work():
             return
         now = self.now
-        until = self._next_arrival_s
+        engine = self.engines[i]
+        until = self._next_arrival_s + self._straddle_s(engine)
         if self._pending_events and self._pending_events[0].at_s < until:
             until = self._pending_events[0].at_s
-        outcome = self.engines[i].step(now, until=until if until > now else None)
+        outcome = engine.step(now, until=until if until > now else None)
         self._steps += 1
         if outcome.iterations == 0 and outcome.duration_s <= 0:
             return  # nothing schedulable until something changes (an arrival or a finish elsewhere)
         self._busy[i] = True
         self.busy_until[i] = now + outcome.duration_s
         self._push(now + outcome.duration_s, _STEP_DONE, (i, outcome))
+
+    @staticmethod
+    def _straddle_s(engine: Engine) -> float:
+        """How far past the next arrival a fused decode run may go: a lower bound on one decode iteration.
+
+        SGLang looks at its queue between iterations, so a request arriving mid-iteration waits for that
+        iteration to end. Letting the run end up to one iteration's lower bound (its time without the
+        context-length term) after the arrival includes the iteration in progress at the arrival, never
+        one that starts after it (iterations of a pure-decode run only grow), and saves a step per arrival
+        and engine. Zero with step-time jitter, where iteration times are not monotone.
+        """
+        n = len(engine.running)
+        if n == 0 or engine.cfg.step_time_jitter > 0:
+            return 0.0
+        return engine.perf.decode_base(n) * engine.slowdown
 
     def _step_done(self, payload: tuple[int, object]) -> None:
         i, outcome = payload
@@ -279,7 +297,10 @@ class Simulator:
             ttft_ms = (now - rec.arrival_s) * 1000.0
             prev = self._recent_ttft[i]
             self._recent_ttft[i] = ttft_ms if prev == 0 else prev + RECENT_TTFT_ALPHA * (ttft_ms - prev)
-        decode_tokens = sum(outcome.tokens.values()) - len(outcome.first_tokens)  # type: ignore[attr-defined]
+        if outcome.kind == "decode":  # type: ignore[attr-defined]
+            decode_tokens = outcome.batch_size * outcome.iterations  # type: ignore[attr-defined]
+        else:
+            decode_tokens = sum(outcome.tokens.values()) - len(outcome.first_tokens)  # type: ignore[attr-defined]
         if decode_tokens > 0 and outcome.iterations > 0:  # type: ignore[attr-defined]
             self._itl_s.append(outcome.duration_s / outcome.iterations)  # type: ignore[attr-defined]
             self._itl_tokens.append(decode_tokens)
@@ -298,7 +319,11 @@ class Simulator:
             self._records.append(done)
             if self.sink is not None:
                 self.sink.observe(done)
-        if not self._kicked[i]:
+        if self._kicked[i]:
+            return
+        if self._next_arrival_s > now and not (self._pending_events and self._pending_events[0].at_s <= now):
+            self._kick(i)  # nothing else happens at this instant: start the next step at once
+        else:
             self._kicked[i] = True
             self._push(now, _KICK, i)
 
