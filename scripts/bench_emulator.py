@@ -233,6 +233,8 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
     results = await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     cpu = emu.cpu_seconds() - cpu0
+    _, info = await http_get("127.0.0.1", emu.port, "/server_info")
+    max_lag = json.loads(info)["emulator"]["max_lag_s"]
     measured = [r.first - r.sent for r in results]
     predicted = replay("H100", arrivals)
     pred = [predicted[a.rid][0] for a in arrivals]
@@ -244,7 +246,7 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
         "rate": rate, "req_s": len(results) / wall, "chunks_s": chunks / wall,
         "ttft_ms": m_mean * 1e3, "pred_ms": p_mean * 1e3, "shift": m_mean / p_mean - 1,
         "p90_shift_ms": shifts[int(0.9 * (len(shifts) - 1))] * 1e3, "cpu": cpu / wall,
-        "cpu_us_chunk": cpu / chunks * 1e6,
+        "cpu_us_chunk": cpu / chunks * 1e6, "max_lag_ms": max_lag * 1e3,
     }
 
 
@@ -252,7 +254,7 @@ async def capacity(rates: list[float], seconds: float, shared_tokens: int, uniqu
     print(f"\nCapacity, H100, time scale 1: Poisson arrivals, prompt = {shared_tokens} shared + {unique} unique "
           f"tokens, {out_tokens} output tokens, {seconds:.0f} s per level; load average {os.getloadavg()[0]:.1f}")
     print(f"{'rate':>6s} {'req/s':>7s} {'chunks/s':>9s} {'TTFT ms':>8s} {'model':>7s} {'shift':>7s} "
-          f"{'p90 shift ms':>12s} {'emulator CPU':>12s} {'CPU us/chunk':>12s}")
+          f"{'p90 shift ms':>12s} {'emulator CPU':>12s} {'CPU us/chunk':>12s} {'max lag ms':>10s}")
     rng = random.Random(2)
     emu = EmulatorProcess("H100")
     sustained: dict[str, float] | None = None
@@ -263,7 +265,7 @@ async def capacity(rates: list[float], seconds: float, shared_tokens: int, uniqu
             row = await capacity_level(emu, rate, seconds, shared, rng, unique, out_tokens, f"L{level}")
             print(f"{row['rate']:6.0f} {row['req_s']:7.1f} {row['chunks_s']:9.0f} {row['ttft_ms']:8.1f} "
                   f"{row['pred_ms']:7.1f} {100 * row['shift']:+6.1f}% {row['p90_shift_ms']:12.1f} "
-                  f"{100 * row['cpu']:11.0f}% {row['cpu_us_chunk']:12.0f}", flush=True)
+                  f"{100 * row['cpu']:11.0f}% {row['cpu_us_chunk']:12.0f} {row['max_lag_ms']:10.1f}", flush=True)
             if row["shift"] <= 0.05:
                 sustained = row
             else:

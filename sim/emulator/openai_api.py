@@ -116,6 +116,7 @@ class _OpenAIRoutes:
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
         received = time.perf_counter()
+        _require_json(request)
         body = await read_json_object(request)
         if "prompt" not in body:
             raise BadRequest("1 validation error for CompletionRequest\nprompt\n  Field required")
@@ -174,6 +175,7 @@ class _OpenAIRoutes:
     async def chat_completions(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
         received = time.perf_counter()
+        _require_json(request)
         body = await read_json_object(request)
         messages = body.get("messages")
         if "messages" not in body:
@@ -280,6 +282,12 @@ class _OpenAIRoutes:
         finally:
             if not state.finished:
                 self.emu.runner.abort(state.rid, "Request is disconnected from the client side.")
+
+
+def _require_json(request: Request) -> None:
+    """SGLang's OpenAI routes accept application/json bodies only."""
+    if request.headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
+        raise BadRequest("Unsupported Media Type: Only 'application/json' is allowed")
 
 
 def _streamed_error(state: RequestState) -> bool:

@@ -242,7 +242,8 @@ class _NativeRoutes:
             }],
             "version": SGLANG_VERSION,
             "emulator": {"gpu_type": emu.engine.gpu_type, "model": emu.engine.model_name,
-                         "time_scale": c.time_scale, "block_tokens": c.block_tokens},
+                         "time_scale": c.time_scale, "block_tokens": c.block_tokens,
+                         "steps": emu.runner.steps, "lag_s": emu.runner.lag_s, "max_lag_s": emu.runner.max_lag_s},
         })
 
     def _memory_gb(self) -> tuple[float, float]:

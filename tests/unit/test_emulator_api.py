@@ -188,6 +188,8 @@ async def test_chat_non_streaming_and_errors(api: tuple[Emulator, httpx.AsyncCli
     assert bad.status_code == 400 and "max_tokens must be positive" in bad.json()["message"]
     noprompt = await client.post("/v1/completions", json={"max_tokens": 3})
     assert noprompt.status_code == 400
+    form = await client.post("/v1/completions", content=b'{"prompt": "x"}', headers={"content-type": "text/plain"})
+    assert form.status_code == 400 and "application/json" in form.json()["message"]
 
 
 async def test_repeated_prompt_reports_cached_tokens(api: tuple[Emulator, httpx.AsyncClient]) -> None:
