@@ -11,6 +11,7 @@ import typer
 from lodestar.commands import bench, topics
 from lodestar.commands.dispatcher import dispatcher
 from lodestar.commands.emulator import emulator
+from lodestar.commands.learner import learner
 from lodestar.commands.submit import submit
 from lodestar.commands.worker import worker
 
@@ -21,6 +22,7 @@ app.command("worker")(worker)
 app.command("submit")(submit)
 app.command("emulator")(emulator)
 app.command("dispatcher")(dispatcher)
+app.command("learner")(learner)
 
 
 if __name__ == "__main__":

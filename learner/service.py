@@ -1,0 +1,254 @@
+"""The learner service: telemetry in, nonsense out to the DLQ, online learning, signed snapshots out.
+
+Consumes `lodestar.telemetry` (group `learner.consumer_group`) and drives the shared, I/O-free
+`learner.trainer.Learner` with each completed request's routed features and observed TTFT. Every N
+events or T seconds (settings.learner) the learner's snapshot is published to Redis and announced
+(lodestar.snapshot_store); then the learner's whole state is written as JSON to
+`learner.checkpoint_path` (atomically) and only then are the consumed offsets committed, so a restart
+resumes from the checkpoint and relearns exactly the events after it, and snapshot versions keep
+increasing across restarts (also past a lost checkpoint: the stored version is the floor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import redis.asyncio as aioredis
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError
+
+from learner.trainer import Learner, LearnerConfig, make_learner
+from lodestar.features import from_dict
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.names import RedisKeys, Topics
+from lodestar.schemas import DeadLetter, InvalidMessage, TelemetryEvent, decode
+from lodestar.settings import Settings
+from lodestar.snapshot import Snapshot
+from lodestar.snapshot_store import SnapshotStore, StaleSnapshotVersion
+
+log = logging.getLogger(__name__)
+
+SERVICE = "learner"
+POLL_MS = 500
+REPORT_EVERY_S = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One learnable observation: the chosen worker's features as routed, and the TTFT seen."""
+
+    features: np.ndarray
+    ttft_ms: float
+
+
+def validate_telemetry(raw: bytes | None, max_latency_ms: float) -> Sample | None:
+    """A learnable sample, None for valid telemetry with nothing to learn (a failed request),
+    or InvalidMessage with the reason for nonsense (unknown schema, impossible latencies, bad features)."""
+    if raw is None:
+        raise InvalidMessage("empty message (no value)")
+    event = decode(TelemetryEvent, raw)
+    if event.status != "ok":
+        return None
+    if event.ttft_ms is None:
+        raise InvalidMessage("invalid TelemetryEvent: status ok without ttft_ms")
+    for name in ("ttft_ms", "tpot_ms", "e2e_ms", "queue_ms"):
+        value = getattr(event, name)
+        if value is not None and not (math.isfinite(value) and value <= max_latency_ms):
+            raise InvalidMessage(f"invalid TelemetryEvent: {name}={value} is beyond max_latency_ms={max_latency_ms:g}")
+    try:
+        row = from_dict(event.decision.features)
+    except KeyError as exc:
+        raise InvalidMessage(f"invalid TelemetryEvent: decision.{exc.args[0]}") from None
+    if not np.all(np.isfinite(row)) or np.any(row < 0):
+        raise InvalidMessage("invalid TelemetryEvent: decision.features must be finite and non-negative")
+    return Sample(row, float(event.ttft_ms))
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    """Write `state` as JSON to `path` atomically (temp file in the same directory, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_learner(path: Path, model: str, config: LearnerConfig) -> Learner:
+    """The learner saved at `path` if it is of family `model`, else a fresh one continuing its version."""
+    if not path.exists():
+        return make_learner(model, config)
+    state = json.loads(path.read_text())
+    family = state.get("model", {}).get("family")
+    if family == model:
+        learner = Learner.restore(state)
+        log.info("resumed %s learner from %s: %d events seen, snapshot v%d", model, path, learner.n_seen,
+                 learner.version)
+        return learner
+    learner = make_learner(model, config)
+    learner.version = int(state.get("counters", {}).get("version", 0))
+    log.warning("checkpoint %s holds a %s model, not %s: starting afresh at snapshot v%d", path, family, model,
+                learner.version)
+    return learner
+
+
+@dataclass(slots=True)
+class LearnerStats:
+    """Running totals of the service (the learner itself tracks its error)."""
+
+    events: int = 0
+    learned: int = 0
+    not_learnable: int = 0
+    dead_letters: int = 0
+    snapshots: int = 0
+    checkpoints: int = 0
+
+
+class LearnerService:
+    """One learner process. Construct inside a running event loop, then `await run(stop)`."""
+
+    def __init__(self, settings: Settings, *, model: str | None = None):
+        self.settings = settings
+        cfg = settings.learner
+        self.model_name = model or cfg.model
+        self.checkpoint_path = Path(cfg.checkpoint_path)
+        self.learner = load_learner(self.checkpoint_path, self.model_name, LearnerConfig.from_settings(cfg))
+        self.topics = Topics(settings.kafka.topic_prefix)
+        self.redis = aioredis.from_url(settings.redis.url)
+        self.snapshots = SnapshotStore(self.redis, RedisKeys(settings.redis.key_prefix), cfg.hmac_key)
+        self.producer = make_producer(settings, client_id="learner")
+        self.consumer = make_consumer(settings, self.topics.telemetry, group_id=cfg.consumer_group,
+                                      client_id="learner")
+        self.stats = LearnerStats()
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._last_checkpoint = time.monotonic()
+
+    @property
+    def version(self) -> int:
+        """The last snapshot version this learner produced (or resumed from)."""
+        return self.learner.version
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Learn until `stop` is set; a clean stop checkpoints and commits what was learned."""
+        stop = stop or asyncio.Event()
+        await ensure_topics(self.settings, fixed_topic_partitions(self.settings))
+        stored = await self.snapshots.stored_version()
+        if stored is not None and stored > self.learner.version:
+            log.info("the stored snapshot is v%d: continuing from there", stored)
+            self.learner.version = stored
+        await self.producer.start()
+        try:
+            await self.consumer.start()
+            try:
+                log.info("learner up: %s model, group %s, topic %s", self.model_name,
+                         self.settings.learner.consumer_group, self.topics.telemetry)
+                await self._consume(stop)
+                if self._uncommitted:
+                    await self._checkpoint_and_commit()
+            finally:
+                await self.consumer.stop()
+        finally:
+            await self.producer.stop()
+            await self.redis.aclose()
+
+    async def _consume(self, stop: asyncio.Event) -> None:
+        next_report = time.monotonic() + REPORT_EVERY_S
+        while not stop.is_set():
+            batch = await self.consumer.getmany(timeout_ms=POLL_MS)
+            records = [r for recs in batch.values() for r in recs]
+            if records:
+                await self.handle_records(records)
+            snapshot = self.learner.maybe_snapshot(time.time())
+            checkpoint_due = time.monotonic() - self._last_checkpoint >= self.settings.learner.snapshot_every_s
+            if snapshot is not None:
+                await self._publish(snapshot)
+                await self._checkpoint_and_commit()
+            elif self._uncommitted and checkpoint_due:  # learning without a new snapshot yet
+                await self._checkpoint_and_commit()
+            if time.monotonic() >= next_report:
+                self.report()
+                next_report = time.monotonic() + REPORT_EVERY_S
+
+    async def handle_records(self, records: list[ConsumerRecord]) -> None:
+        """Validate a batch, dead-letter the nonsense, learn from the rest (off the event loop)."""
+        samples: list[Sample] = []
+        letters: list[DeadLetter] = []
+        max_latency = self.settings.learner.max_latency_ms
+        for record in records:
+            try:
+                sample = validate_telemetry(record.value, max_latency)
+            except InvalidMessage as exc:
+                letters.append(dead_letter_for(record, stage="validate", service=SERVICE, reason=exc.reason))
+                continue
+            if sample is None:
+                self.stats.not_learnable += 1
+            else:
+                samples.append(sample)
+        if letters:
+            await asyncio.gather(*(send_dead_letter(self.producer, self.topics, d) for d in letters))
+        if samples:
+            await asyncio.to_thread(self._learn, samples, time.time())
+        self.stats.events += len(records)
+        self.stats.dead_letters += len(letters)
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), r.offset + 1)
+
+    def _learn(self, samples: list[Sample], now_s: float) -> None:
+        """The one place learned events pass through (spans and metrics hook in here)."""
+        for s in samples:
+            self.learner.observe(s.features, s.ttft_ms, now_s)
+        self.stats.learned += len(samples)
+
+    async def _publish(self, snapshot: Snapshot) -> None:
+        try:
+            await self.snapshots.publish(snapshot)
+        except StaleSnapshotVersion as exc:
+            log.error("%s; the next snapshot will follow v%d", exc, exc.stored)
+            self.learner.version = exc.stored
+            return
+        self.stats.snapshots += 1
+        holdout = snapshot.meta.get("holdout", {})
+        log.info("published snapshot v%d (%s, validated=%s, held-out log-MAE %s) after %d events",
+                 snapshot.version, snapshot.family, snapshot.validated, _fmt(holdout.get("log_mae")),
+                 self.learner.n_seen)
+
+    async def _checkpoint_and_commit(self) -> None:
+        state = self.learner.checkpoint()
+        await asyncio.to_thread(write_checkpoint, self.checkpoint_path, state)
+        self.stats.checkpoints += 1
+        self._last_checkpoint = time.monotonic()
+        offsets, self._uncommitted = self._uncommitted, {}
+        try:
+            await self.consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            log.warning("offset commit failed after a rebalance (those events will be relearned): %s", exc)
+
+    def report(self) -> dict[str, float]:
+        """Log and return the online (prequential) prediction error and the service's counters."""
+        err = self.learner.online_error()
+        s = self.stats
+        log.info("online error over %d predictions: MAPE %s, MAE %s ms, log-MAE %s; events %d, learned %d, "
+                 "not learnable %d, dead letters %d, snapshots %d (now v%d)",
+                 err.get("samples", 0), _fmt(err.get("mape")), _fmt(err.get("mae_ms")), _fmt(err.get("log_mae")),
+                 s.events, s.learned, s.not_learnable, s.dead_letters, s.snapshots, self.learner.version)
+        return err
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"

@@ -1,0 +1,49 @@
+"""`lodestar learner`: learn TTFT online from telemetry and publish model snapshots."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from lodestar.settings import Settings, load_settings
+
+
+def learner(
+    model: str | None = typer.Option(None, help="Model family: mlp or river (default from settings)."),
+    checkpoint_path: Path | None = typer.Option(None, help="Where the learner's state is saved (JSON)."),
+    bootstrap_servers: str | None = typer.Option(None, help="Kafka bootstrap servers (overrides settings)."),
+    redis_url: str | None = typer.Option(None, help="Redis URL (overrides settings)."),
+) -> None:
+    """Consume telemetry, learn, publish signed snapshots, checkpoint. SIGTERM/SIGINT checkpoint and stop."""
+    section: dict[str, Any] = {}
+    if model:
+        section["model"] = model
+    if checkpoint_path:
+        section["checkpoint_path"] = checkpoint_path
+    overrides: dict[str, Any] = {"learner": section} if section else {}
+    if bootstrap_servers:
+        overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
+    if redis_url:
+        overrides["redis"] = {"url": redis_url}
+    settings = load_settings(**overrides)
+    logging.basicConfig(
+        level=settings.telemetry.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    from learner.service import LearnerService
+
+    stop = asyncio.Event()
+    service = LearnerService(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.run(stop)
