@@ -1,0 +1,211 @@
+"""Prometheus metrics of each service, on a per-service registry, and the endpoint that serves them.
+
+Names follow Prometheus conventions: `lodestar_<service>_<what>_<unit>`, base units (seconds), `_total`
+for counters. Labels stay bounded: worker ids and policy names (a cluster's worth), and for reasons and
+error kinds a short fixed word (`invalid_message`, `engine_unavailable`), never an exception's text:
+`kind_label` refuses anything else so that a free-text reason cannot explode the series count.
+
+Each service builds one typed object (`DispatcherMetrics()`, `WorkerMetrics(worker_id)`,
+`LearnerMetrics()`) and serves its `.registry` with `start_metrics_server` (docs/observability.md).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+from lodestar.schemas import InferenceResult, RoutingDecision
+
+# Time to first token: tens of milliseconds on an idle H100 to tens of seconds behind a long queue.
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0,
+                  15.0, 20.0, 30.0, 60.0)
+# Time per output token: a few milliseconds (small model, small batch) to a few hundred under heavy load.
+TPOT_BUCKETS_S = (0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                  0.5, 1.0)
+# End to end: a short answer in a fraction of a second to a long generation in minutes.
+E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0,
+                 300.0, 600.0)
+# Routing overhead (consume to acknowledged publish): sub-millisecond to a slow broker round trip.
+ROUTING_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
+                     0.5, 1.0, 2.5)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Relative TTFT prediction error |predicted - observed| / observed.
+RELATIVE_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
+
+_KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+
+def kind_label(value: str) -> str:
+    """Validate a reason/kind label value: a short snake_case word (bounded cardinality)."""
+    if not _KIND.match(value):
+        raise ValueError(f"label value {value!r} must be a short snake_case kind, not free text")
+    return value
+
+
+def new_registry() -> CollectorRegistry:
+    """A service's own registry, with the process, platform and GC metrics of the standard one."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+@dataclass(frozen=True)
+class MetricsServer:
+    """A running `/metrics` endpoint (a daemon thread)."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        """The port it listens on."""
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        """Stop serving and release the port."""
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=5)
+
+
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> MetricsServer | None:
+    """Serve `registry` at http://host:port/metrics in a daemon thread; port 0 means disabled (None)."""
+    if port == 0:
+        return None
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsServer(server, thread)
+
+
+class DispatcherMetrics:
+    """Decisions, routing latency, exploration, the model snapshot in use, batches and dead letters."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else new_registry()
+        r = self.registry
+        self.decisions = Counter("lodestar_dispatcher_decisions", "Requests routed, by policy and chosen worker.",
+                                 ["policy", "worker"], registry=r)
+        self.explored = Counter("lodestar_dispatcher_explored", "Routing decisions that explored instead of "
+                                "taking the policy's best worker.", registry=r)
+        self.routing_latency = Histogram("lodestar_dispatcher_routing_latency_seconds", "Per request, from the "
+                                         "batch being consumed to the routed message acknowledged by the broker.",
+                                         buckets=ROUTING_BUCKETS_S, registry=r)
+        self.batch_size = Histogram("lodestar_dispatcher_batch_size", "Records per consumed batch.",
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.dlq = Counter("lodestar_dispatcher_dlq", "Messages sent to the dead-letter topic, by reason kind.",
+                           ["reason"], registry=r)
+        self.snapshot_version = Gauge("lodestar_dispatcher_snapshot_version", "Version of the model snapshot in "
+                                      "use (0: none yet).", registry=r)
+        self.snapshot_age = Gauge("lodestar_dispatcher_snapshot_age_seconds", "Seconds since the learner created "
+                                  "the snapshot in use (NaN: none yet).", registry=r)
+        self._snapshot_created_at = math.nan
+        self.snapshot_age.set_function(lambda: time.time() - self._snapshot_created_at)
+
+    def record_decision(self, decision: RoutingDecision) -> None:
+        """Count one routing decision (and its exploration)."""
+        self.decisions.labels(policy=decision.policy, worker=decision.worker_id).inc()
+        if decision.explored:
+            self.explored.inc()
+
+    def record_routed(self, requests: int, seconds: float) -> None:
+        """`requests` routed together, acknowledged `seconds` after their batch was consumed: one latency
+        observation per request (each waited for the whole batch's acknowledgements)."""
+        for _ in range(requests):
+            self.routing_latency.observe(seconds)
+
+    def record_dead_letter(self, reason: str) -> None:
+        """One message to the DLQ; `reason` is a short kind such as `invalid_message`."""
+        self.dlq.labels(reason=kind_label(reason)).inc()
+
+    def snapshot_loaded(self, version: int, created_at_s: float | None = None) -> None:
+        """A model snapshot is in use; `created_at_s` is its creation time (epoch seconds, default now)."""
+        self.snapshot_version.set(version)
+        self._snapshot_created_at = time.time() if created_at_s is None else created_at_s
+
+
+class WorkerMetrics:
+    """Latencies the worker measured on its engine, requests in flight, outcomes and engine errors.
+
+    Every series carries `worker=<worker_id>`, so dashboards group by worker whatever the scrape target.
+    """
+
+    def __init__(self, worker_id: str, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else new_registry()
+        self.worker_id = worker_id
+        r = self.registry
+        self.ttft = Histogram("lodestar_worker_ttft_seconds", "Time to first token (first non-empty chunk).",
+                              ["worker"], buckets=TTFT_BUCKETS_S, registry=r).labels(worker=worker_id)
+        self.tpot = Histogram("lodestar_worker_tpot_seconds", "Time per output token after the first.",
+                              ["worker"], buckets=TPOT_BUCKETS_S, registry=r).labels(worker=worker_id)
+        self.e2e = Histogram("lodestar_worker_e2e_seconds", "End-to-end generation time on the engine.",
+                             ["worker"], buckets=E2E_BUCKETS_S, registry=r).labels(worker=worker_id)
+        self.inflight = Gauge("lodestar_worker_inflight", "Requests being served on the engine right now.",
+                              ["worker"], registry=r).labels(worker=worker_id)
+        self._engine_errors = Counter("lodestar_worker_engine_errors", "Failed engine calls (each attempt), "
+                                      "by kind.", ["worker", "kind"], registry=r)
+        self._requests = Counter("lodestar_worker_requests", "Requests answered, by final status.",
+                                 ["worker", "status"], registry=r)
+        for status in ("ok", "error", "rejected"):
+            self._requests.labels(worker=worker_id, status=status)  # expose zeros: rate() sees the first one
+
+    def record_result(self, result: InferenceResult) -> None:
+        """Count a final result and observe the latencies it carries (milliseconds in, seconds out)."""
+        self._requests.labels(worker=self.worker_id, status=result.status).inc()
+        for histogram, ms in ((self.ttft, result.ttft_ms), (self.tpot, result.tpot_ms), (self.e2e, result.e2e_ms)):
+            if ms is not None:
+                histogram.observe(ms / 1000.0)
+
+    def record_engine_error(self, kind: str) -> None:
+        """One failed engine call; `kind` is a short kind such as `unavailable`, `timeout`, `rejected`."""
+        self._engine_errors.labels(worker=self.worker_id, kind=kind_label(kind)).inc()
+
+
+class LearnerMetrics:
+    """Events learned and rejected, the online (prequential) prediction error, snapshots published."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else new_registry()
+        r = self.registry
+        self.events = Counter("lodestar_learner_events", "Telemetry events learned from.", registry=r)
+        self._rejected = Counter("lodestar_learner_rejected", "Telemetry events rejected to the DLQ, by reason "
+                                 "kind.", ["reason"], registry=r)
+        self.abs_error = Histogram("lodestar_learner_online_abs_error_seconds", "|predicted - observed| TTFT of "
+                                   "the model before it learned the event.", buckets=TTFT_BUCKETS_S, registry=r)
+        self.relative_error = Histogram("lodestar_learner_online_relative_error", "|predicted - observed| / "
+                                        "observed TTFT, before learning the event.",
+                                        buckets=RELATIVE_ERROR_BUCKETS, registry=r)
+        self.snapshots_published = Counter("lodestar_learner_snapshots_published", "Model snapshots published.",
+                                           registry=r)
+        self.snapshot_version = Gauge("lodestar_learner_snapshot_version", "Version of the last snapshot "
+                                      "published.", registry=r)
+
+    def record_rejected(self, reason: str) -> None:
+        """One telemetry event rejected; `reason` is a short kind such as `absurd_latency`."""
+        self._rejected.labels(reason=kind_label(reason)).inc()
+
+    def record_prediction(self, predicted_ms: float, observed_ms: float) -> None:
+        """The model's TTFT prediction for an event, made before learning it, against what was observed."""
+        error_ms = abs(predicted_ms - observed_ms)
+        self.abs_error.observe(error_ms / 1000.0)
+        if observed_ms > 0:
+            self.relative_error.observe(error_ms / observed_ms)
+
+    def snapshot_published(self, version: int) -> None:
+        """A snapshot went out."""
+        self.snapshots_published.inc()
+        self.snapshot_version.set(version)
