@@ -184,3 +184,32 @@ def test_finished_answer_is_cached_when_its_hashes_are_known():
     # the answer's KV covers 800 + 320 - 1 tokens: 69 whole blocks
     assert with_answer.cached["t2"] == 69 * 16
     assert without.cached["t2"] == 50 * 16
+
+
+def test_lpm_admits_the_longest_cached_prefix_first():
+    e = Engine("H100", config=EngineConfig(schedule_policy="lpm", chunked_prefill_size=1024, max_prefill_tokens=1024))
+    run(e, [make_request("warm", 960, 0.0, max_new_tokens=1, prefix_id=5, shared_blocks=60)])
+    cold = make_request("cold", 960, 1.0, max_new_tokens=1)
+    hot = make_request("hot", 960, 1.0, max_new_tokens=1, prefix_id=5, shared_blocks=60)
+    log = run(e, [cold, hot])
+    assert log.first_order == ["hot", "cold"]
+    fcfs = run(Engine("H100", config=EngineConfig(chunked_prefill_size=1024, max_prefill_tokens=1024)), [cold, hot])
+    assert fcfs.first_order == ["cold", "hot"]
+
+
+def test_load_reports_generation_throughput_and_usage():
+    e = Engine("A100")
+    reqs = [make_request(f"r{i}", 500, 0.0, max_new_tokens=200) for i in range(8)]
+    for r in reqs:
+        e.add(r, 0.0)
+    assert e.load().waiting == 8 and e.load().pending_prefill_tokens == 4000
+    now = 0.0
+    for _ in range(60):
+        out = e.step(now)
+        now += out.duration_s
+    load = e.load()
+    assert load.running == 8 and load.waiting == 0 and load.pending_prefill_tokens == 0
+    step = e.perf.decode_time(8, 8 * 560)
+    assert load.gen_throughput == pytest.approx(8 / step, rel=0.05)
+    assert load.used_kv_tokens == 8 * (500 + 59)  # prompt + one KV token per decode iteration
+    assert load.token_usage == pytest.approx(load.used_kv_tokens / e.max_kv_tokens)
