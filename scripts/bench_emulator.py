@@ -6,9 +6,9 @@
 Each emulator runs as its own process (`python -m lodestar.cli emulator`), driven over loopback HTTP by a
 minimal asyncio client (one connection per request, streaming `/generate` with `input_ids`).
 
-1. Fidelity: for every GPU and prompt length, one request on an idle emulator (time scale 1, a fresh
-   random prompt so nothing is cached); the TTFT and TPOT the client measures beside what the engine
-   model predicts for the same request in virtual time.
+1. Fidelity: for every GPU and prompt length, requests one at a time on an idle emulator (time scale 1,
+   fresh random prompts so nothing is cached); the median TTFT and TPOT the client measures beside
+   what the engine model predicts for the same request in virtual time.
 2. Capacity (H100, time scale 1): Poisson arrivals at increasing rates; by default unique 2048-token
    prompts (idle TTFT ~55 ms, so a millisecond of HTTP overhead is ~2%) and 256 output tokens, so
    that the stream of chunks grows large before the modelled GPU saturates. The arrival times the
@@ -186,9 +186,9 @@ def replay(gpu: str, arrivals: list[Arrival]) -> dict[str, tuple[float, float]]:
 
 # ---- 1. fidelity -----------------------------------------------------------------------------
 
-async def fidelity(gpus: list[str], lengths: list[int], out_tokens: int) -> None:
-    print(f"\nIdle single request, time scale 1, {out_tokens} output tokens: emulated (client-measured) vs "
-          f"engine model; load average {os.getloadavg()[0]:.1f}")
+async def fidelity(gpus: list[str], lengths: list[int], out_tokens: int, repeats: int) -> None:
+    print(f"\nIdle single request, time scale 1, {out_tokens} output tokens, median of {repeats}: emulated "
+          f"(client-measured) vs engine model; load average {os.getloadavg()[0]:.1f}")
     print(f"{'GPU':6s} {'prompt':>7s} {'TTFT ms':>9s} {'model':>9s} {'err':>7s} {'TPOT ms':>9s} {'model':>8s} "
           f"{'err':>7s}")
     rng = random.Random(1)
@@ -197,11 +197,14 @@ async def fidelity(gpus: list[str], lengths: list[int], out_tokens: int) -> None
         try:
             await emu.ready()
             for n in lengths:
-                ids = [rng.randrange(VOCAB) for _ in range(n)]
-                res = await stream_generate("127.0.0.1", emu.port, {
-                    "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}})
-                ttft = res.first - res.sent
-                tpot = (res.last - res.first) / max(res.completion_tokens - 1, 1)
+                ttfts, tpots = [], []
+                for _ in range(repeats):
+                    ids = [rng.randrange(VOCAB) for _ in range(n)]  # fresh: nothing cached
+                    res = await stream_generate("127.0.0.1", emu.port, {
+                        "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}})
+                    ttfts.append(res.first - res.sent)
+                    tpots.append((res.last - res.first) / max(res.completion_tokens - 1, 1))
+                ttft, tpot = statistics.median(ttfts), statistics.median(tpots)
                 p_ttft, p_tpot = replay(gpu, [Arrival("r", 0.0, ids, out_tokens)])["r"]
                 print(f"{gpu:6s} {n:7d} {ttft * 1e3:9.1f} {p_ttft * 1e3:9.1f} {100 * (ttft / p_ttft - 1):+6.1f}% "
                       f"{tpot * 1e3:9.2f} {p_tpot * 1e3:8.2f} {100 * (tpot / p_tpot - 1):+6.1f}%", flush=True)
@@ -284,6 +287,7 @@ def main() -> None:
     ap.add_argument("--gpus", default="H100,A100,L40S,L4,A10G,A30,V100")
     ap.add_argument("--lengths", default="1024,4096,16384")
     ap.add_argument("--out-tokens", type=int, default=33)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rates", default="2,4,6,8,10,12,14,16")
     ap.add_argument("--level-seconds", type=float, default=10.0)
     ap.add_argument("--shared-tokens", type=int, default=0)
@@ -293,7 +297,8 @@ def main() -> None:
     ap.add_argument("--skip-capacity", action="store_true")
     args = ap.parse_args()
     if not args.skip_fidelity:
-        asyncio.run(fidelity(args.gpus.split(","), [int(x) for x in args.lengths.split(",")], args.out_tokens))
+        asyncio.run(fidelity(args.gpus.split(","), [int(x) for x in args.lengths.split(",")], args.out_tokens,
+                             args.repeats))
     if not args.skip_capacity:
         asyncio.run(capacity([float(x) for x in args.rates.split(",")], args.level_seconds, args.shared_tokens,
                              args.unique_tokens, args.capacity_out_tokens))
