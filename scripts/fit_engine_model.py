@@ -111,21 +111,24 @@ def fit_elementwise(dense: list[DenseProfile], g: GPUSpec) -> tuple[dict[str, fl
     return {"layer_fixed_s": x[0] * 1e-6, "elem_bw_eff": x[1], "step_fixed_s": step_fixed}, err
 
 
-def attention_predict(x: np.ndarray, a: AttentionProfile, g: GPUSpec, m: ModelSpec) -> np.ndarray:
-    """Per-layer attention time of each profile row under parameters x (see fit_attention)."""
+def attention_predict(x: np.ndarray, a: AttentionProfile, g: GPUSpec, m: ModelSpec,
+                      mixed_factor: float = 1.0) -> np.ndarray:
+    """Per-layer attention time of each profile row under parameters x (see fit_attention); decode
+    attention batched with a prefill chunk costs `mixed_factor` times as much."""
     flops, bw = g.tflops * 1e12, g.mem_bw_gbs * 1e9
     q_dim = m.heads * m.head_dim
     kv_bytes = 2 * m.kv_heads * m.head_dim * m.dtype_bytes
     quad = a.chunk * (a.prefix + (a.chunk + 1) / 2) * 4 * q_dim / (flops * x[1])
     starved = np.where(a.chunk > 0, (a.prefix + a.chunk) * x[2] * kv_bytes / bw, 0.0)
     decode = a.n_decode * x[3] * 1e-6 + a.n_decode * a.kv_decode * kv_bytes / (bw * x[4])
+    decode = np.where(a.chunk > 0, decode * mixed_factor, decode)
     return x[0] * 1e-6 + np.maximum(quad, starved) + decode
 
 
 def fit_attention(a: AttentionProfile, g: GPUSpec, m: ModelSpec) -> tuple[dict[str, float], dict[str, float]]:
-    """Fit on the prefill-only and decode-only rows, each group weighted equally; the mixed rows
-    (one prefill chunk batched with decodes) are kept out of the fit and reported as a validation
-    of the additive model (SGLang batches them only with enable_mixed_chunk)."""
+    """Fit on the prefill-only and decode-only rows, each group weighted equally; then the factor by
+    which decode attention is dearer inside a mixed batch (SGLang runs the decoding requests through
+    the prefill kernel as 1-token extends) on the mixed rows."""
     pre = a.n_decode == 0
     dec = a.chunk == 0
     mix = ~pre & ~dec
@@ -137,11 +140,15 @@ def fit_attention(a: AttentionProfile, g: GPUSpec, m: ModelSpec) -> tuple[dict[s
 
     x = least_squares(resid, [8.0, 0.5, 8.0, 0.1, 0.7],
                       bounds=([0.0, 0.01, 0.0, 0.0, 0.05], [100.0, 2.0, 100.0, 10.0, 2.0])).x
-    pred = attention_predict(x, a, g, m)
+    additive = attention_predict(x, a, g, m)
+    f = least_squares(lambda y: (attention_predict(x, a, g, m, y[0]) / a.time_s - 1)[mix], [1.0],
+                      bounds=([0.5], [10.0])).x[0]
+    pred = attention_predict(x, a, g, m, f)
     errors = {"attention_prefill": mape(pred[pre], a.time_s[pre]), "attention_decode": mape(pred[dec], a.time_s[dec]),
-              "attention_mixed": mape(pred[mix], a.time_s[mix])}
+              "attention_mixed": mape(pred[mix], a.time_s[mix]),
+              "attention_mixed_additive": mape(additive[mix], a.time_s[mix])}
     params = {"attn_fixed_s": x[0] * 1e-6, "attn_flops_eff": x[1], "attn_key_factor": x[2], "dec_seq_s": x[3] * 1e-6,
-              "dec_kv_bw_eff": x[4]}
+              "dec_kv_bw_eff": x[4], "mixed_decode_factor": f}
     return params, errors
 
 
@@ -196,7 +203,8 @@ def complete_vidur(params: dict[str, float], llmss: list[dict[str, float]]) -> N
     params["lm_bw_eff"] = params["gemm_bw_eff"] * float(np.mean([p["lm_bw_eff"] / p["gemm_bw_eff"] for p in llmss]))
     params["dec_kv_bw_eff"] = params["gemm_bw_eff"] * float(
         np.mean([p["dec_kv_bw_eff"] / p["gemm_bw_eff"] for p in llmss]))
-    for key in ("attn_fixed_s", "attn_key_factor", "dec_seq_s", "sampler_fixed_s", "sampler_seq_factor"):
+    for key in ("attn_fixed_s", "attn_key_factor", "dec_seq_s", "sampler_fixed_s", "sampler_seq_factor",
+                "mixed_decode_factor"):
         params[key] = mean(key)
 
 

@@ -11,6 +11,7 @@ and some decode sequences (each: one new token reading its whole context). Its t
   + sum_chunks max(c (p + (c+1)/2) * attn_flop,    prefill attention: quadratic FLOPs, or one
                    (p + c) * attn_key)             under-occupied pass over the keys for short chunks
   + n * dec_seq + ctx * dec_ctx                    decode attention: reading every sequence's KV
+                                                   (x mixed_decode_factor when batched with a chunk)
 
 where T is the number of tokens in the batch and `pnorm(a, b; p) = (a^p + b^p)^(1/p)`, a smooth max
 whose sharpness p is fitted (p -> inf is the plain max). Constants per GPU come from
@@ -47,6 +48,7 @@ class GPUCalibration:
     attn_fixed_s: float  # per layer: attention kernel launch latency
     dec_kv_bw_eff: float  # achieved / peak bandwidth reading KV in decode attention
     dec_seq_s: float  # per layer and decode sequence: attention bookkeeping
+    mixed_decode_factor: float  # decode attention batched with a prefill chunk costs this much more
     lm_bw_eff: float  # achieved / peak bandwidth of lm_head when it streams its weights
     sampler_fixed_s: float  # per step
     sampler_seq_factor: float  # per sequence: factor * vocab * 4 bytes / bw
@@ -76,6 +78,7 @@ class StepCoefficients:
     attn_key_s: float  # per key of a starved prefill chunk
     dec_seq_s: float
     dec_ctx_s: float  # per context token read by decode
+    mixed_decode_factor: float
 
     @classmethod
     def build(cls, cal: GPUCalibration, g: GPUSpec, m: ModelSpec) -> StepCoefficients:
@@ -103,6 +106,7 @@ class StepCoefficients:
             attn_key_s=L * cal.attn_key_factor * kv_layer_bytes / bw,
             dec_seq_s=L * cal.dec_seq_s,
             dec_ctx_s=L * kv_layer_bytes / (bw * cal.dec_kv_bw_eff),
+            mixed_decode_factor=cal.mixed_decode_factor,
         )
 
 
@@ -176,6 +180,9 @@ class PerfModel:
             starved = (prefix + new) * c.attn_key_s
             attn += quad if quad > starved else starved
         seqs = len(chunks) + n_decode if n_logits is None else n_logits
+        decode_attn = n_decode * c.dec_seq_s + decode_ctx * c.dec_ctx_s
+        if chunks and n_decode:
+            decode_attn *= c.mixed_decode_factor
         return (
             c.fixed_s
             + tokens * c.per_token_s
@@ -183,8 +190,7 @@ class PerfModel:
             + pnorm(seqs * c.lm_flop_s, c.lm_weight_s, c.gemm_p)
             + seqs * c.sampler_seq_s
             + attn
-            + n_decode * c.dec_seq_s
-            + decode_ctx * c.dec_ctx_s
+            + decode_attn
         )
 
     def dense_layer_time(self, shape: ModelSpec, tokens: int) -> float:
