@@ -44,8 +44,6 @@ E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0
 ROUTING_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25,
                      0.5, 1.0, 2.5)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-# Relative TTFT prediction error |predicted - observed| / observed.
-RELATIVE_ERROR_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -156,8 +154,8 @@ class WorkerMetrics:
                              ["worker"], buckets=E2E_BUCKETS_S, registry=r).labels(worker=worker_id)
         self.inflight = Gauge("lodestar_worker_inflight", "Requests being served on the engine right now.",
                               ["worker"], registry=r).labels(worker=worker_id)
-        self._engine_errors = Counter("lodestar_worker_engine_errors", "Failed engine calls (each attempt), "
-                                      "by kind.", ["worker", "kind"], registry=r)
+        self._engine_errors = Counter("lodestar_worker_engine_errors", "Engine calls that failed, by kind.",
+                                      ["worker", "kind"], registry=r)
         self._requests = Counter("lodestar_worker_requests", "Requests answered, by final status.",
                                  ["worker", "status"], registry=r)
         for status in ("ok", "error", "rejected"):
@@ -184,11 +182,13 @@ class LearnerMetrics:
         self.events = Counter("lodestar_learner_events", "Telemetry events learned from.", registry=r)
         self._rejected = Counter("lodestar_learner_rejected", "Telemetry events rejected to the DLQ, by reason "
                                  "kind.", ["reason"], registry=r)
-        self.abs_error = Histogram("lodestar_learner_online_abs_error_seconds", "|predicted - observed| TTFT of "
-                                   "the model before it learned the event.", buckets=TTFT_BUCKETS_S, registry=r)
-        self.relative_error = Histogram("lodestar_learner_online_relative_error", "|predicted - observed| / "
-                                        "observed TTFT, before learning the event.",
-                                        buckets=RELATIVE_ERROR_BUCKETS, registry=r)
+        self.abs_error = Gauge("lodestar_learner_online_abs_error_seconds", "Mean |predicted - observed| TTFT over "
+                               "the learner's recent window, each event predicted before it was learned "
+                               "(NaN: none yet).", registry=r)
+        self.relative_error = Gauge("lodestar_learner_online_relative_error", "Mean |predicted - observed| / "
+                                    "observed TTFT over the same window (NaN: none yet).", registry=r)
+        self.abs_error.set(math.nan)
+        self.relative_error.set(math.nan)
         self.snapshots_published = Counter("lodestar_learner_snapshots_published", "Model snapshots published.",
                                            registry=r)
         self.snapshot_version = Gauge("lodestar_learner_snapshot_version", "Version of the last snapshot "
@@ -198,12 +198,10 @@ class LearnerMetrics:
         """One telemetry event rejected; `reason` is a short kind such as `absurd_latency`."""
         self._rejected.labels(reason=kind_label(reason)).inc()
 
-    def record_prediction(self, predicted_ms: float, observed_ms: float) -> None:
-        """The model's TTFT prediction for an event, made before learning it, against what was observed."""
-        error_ms = abs(predicted_ms - observed_ms)
-        self.abs_error.observe(error_ms / 1000.0)
-        if observed_ms > 0:
-            self.relative_error.observe(error_ms / observed_ms)
+    def record_online_error(self, mae_ms: float, mape: float) -> None:
+        """The learner's rolling prequential error: mean absolute error (ms) and mean relative error."""
+        self.abs_error.set(mae_ms / 1000.0)
+        self.relative_error.set(mape)
 
     def snapshot_published(self, version: int) -> None:
         """A snapshot went out."""

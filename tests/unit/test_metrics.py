@@ -114,13 +114,14 @@ def test_learner_exposition() -> None:
     m = LearnerMetrics(CollectorRegistry())
     m.events.inc(2)
     m.record_rejected("absurd_latency")
-    m.record_prediction(predicted_ms=120.0, observed_ms=100.0)
+    assert math.isnan(value(m.registry, "lodestar_learner_online_abs_error_seconds"))
+    m.record_online_error(mae_ms=20.0, mape=0.2)
     m.snapshot_published(3)
     r = m.registry
     assert value(r, "lodestar_learner_events_total") == 2
     assert value(r, "lodestar_learner_rejected_total", reason="absurd_latency") == 1
-    assert value(r, "lodestar_learner_online_abs_error_seconds_sum") == pytest.approx(0.02)
-    assert value(r, "lodestar_learner_online_relative_error_sum") == pytest.approx(0.2)
+    assert value(r, "lodestar_learner_online_abs_error_seconds") == pytest.approx(0.02)
+    assert value(r, "lodestar_learner_online_relative_error") == pytest.approx(0.2)
     assert value(r, "lodestar_learner_snapshots_published_total") == 1
     assert value(r, "lodestar_learner_snapshot_version") == 3
 
