@@ -13,17 +13,17 @@ from rich.table import Table
 
 # (results key, column header, lower is better)
 TABLE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
-    ("ttft_mean_ms", "Mean TTFT (ms)", True),
-    ("ttft_p50_ms", "Median TTFT", True),
-    ("ttft_p90_ms", "P90 TTFT", True),
-    ("ttft_p99_ms", "P99 TTFT", True),
-    ("tpot_mean_ms", "Mean TPOT", True),
-    ("itl_mean_ms", "Mean ITL", True),
-    ("e2e_mean_ms", "Mean E2E", True),
-    ("e2e_p99_ms", "P99 E2E", True),
-    ("request_throughput", "Req/s", False),
-    ("output_throughput", "Out tok/s", False),
-    ("prefix_hit_rate", "Prefix hit", False),
+    ("ttft_mean_ms", "TTFT mean", True),
+    ("ttft_p50_ms", "TTFT p50", True),
+    ("ttft_p90_ms", "TTFT p90", True),
+    ("ttft_p99_ms", "TTFT p99", True),
+    ("tpot_mean_ms", "TPOT mean", True),
+    ("itl_mean_ms", "ITL mean", True),
+    ("e2e_mean_ms", "E2E mean", True),
+    ("e2e_p99_ms", "E2E p99", True),
+    ("request_throughput", "req/s", False),
+    ("output_throughput", "out tok/s", False),
+    ("prefix_hit_rate", "hit", False),
 )
 
 
@@ -65,21 +65,24 @@ def results_table(means: Mapping[str, Mapping[str, Any]], baseline: str | None, 
     Ratios read "times better than the baseline": baseline / policy for latencies, policy / baseline
     for throughput, so 1.5x means 1.5 times lower latency.
     """
-    table = Table(title=title, caption=f"ratios vs {baseline}: >1 is better" if baseline else None)
+    caption = "latencies in ms, mean over seeds"
+    if baseline:
+        caption += f"; x = {baseline} / policy (>1 is better)"
+    table = Table(title=title, caption=caption)
     table.add_column("Policy", style="bold")
     for _, header, _ in TABLE_COLUMNS:
         table.add_column(header, justify="right")
-    table.add_column("Load share", justify="left")
+    table.add_column("load share", justify="left")
     if baseline:
-        table.add_column("xMean TTFT", justify="right")
-        table.add_column("xP99 TTFT", justify="right")
+        table.add_column("x TTFT mean", justify="right")
+        table.add_column("x TTFT p99", justify="right")
     base = means.get(baseline) if baseline else None
     for policy, m in means.items():
         cells = [policy + (" *" if policy == baseline else "")]
         for key, _, _ in TABLE_COLUMNS:
             value = m.get(key, float("nan"))
             cells.append(f"{value:.3f}" if key == "prefix_hit_rate" else f"{value:,.1f}")
-        cells.append(" ".join(f"{g}:{s:.0%}" for g, s in m.get("load_share", {}).items()))
+        cells.append(" ".join(f"{g} {s:.0%}" for g, s in m.get("load_share", {}).items()))
         if base is not None:
             cells.append(f"{_ratio(base['ttft_mean_ms'], m['ttft_mean_ms'], True):.2f}x")
             cells.append(f"{_ratio(base['ttft_p99_ms'], m['ttft_p99_ms'], True):.2f}x")

@@ -261,10 +261,18 @@ class Simulator:
         until = self._next_arrival_s + self._straddle_s(engine)
         if self._pending_events and self._pending_events[0].at_s < until:
             until = self._pending_events[0].at_s
-        outcome = engine.step(now, until=until if until > now else None)
-        self._steps += 1
-        if outcome.iterations == 0 and outcome.duration_s <= 0:
-            return  # nothing schedulable until something changes (an arrival or a finish elsewhere)
+        for _ in range(2):
+            outcome = engine.step(now, until=until if until > now else None)
+            self._steps += 1
+            if outcome.iterations or outcome.duration_s > 0 or outcome.finished:
+                break
+            if not engine.has_work():
+                return
+            # An idle iteration can unblock the queue (SGLang resets the full-batch flag when idle) and
+            # SGLang's loop iterates again at once; a second idle one means nothing can run until a
+            # new request comes.
+        else:
+            return
         self._busy[i] = True
         self.busy_until[i] = now + outcome.duration_s
         self._push(now + outcome.duration_s, _STEP_DONE, (i, outcome))

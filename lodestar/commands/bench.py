@@ -37,6 +37,8 @@ def sim(
     from sim.workloads import load_workload
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a wide table in files and pipes rather than a wrapped one
     names, seed_list = _split(policies), [int(s) for s in _split(seeds)]
     unknown = [p for p in names if p not in available_policies()]
     if unknown:

@@ -143,6 +143,13 @@ def test_slowdown_event_slows_that_worker() -> None:
     assert slow0 == pytest.approx(fast0, rel=0.05)
 
 
+def test_every_request_finishes_on_overloaded_small_engines() -> None:
+    work = _workload(**{**SHARED, "rate": 20.0, "duration_s": 10, "output_len": 256})
+    result = Simulator(_cluster(("L4", 2)), make_policy("round_robin"), seed=1).run(work.requests(1))
+    assert result.failed == 0
+    assert len(result.records) == result.arrivals > 150
+
+
 def test_cache_aware_beats_round_robin_on_shared_prefixes() -> None:
     cluster, work = _cluster(("L4", 4)), _workload(**SHARED)
     rr = run_one(cluster, work, "round_robin", 1).row
