@@ -378,32 +378,32 @@ def set_decision_attributes(span: Span, decision: RoutingDecision) -> None:
 def start_generate_span(
     tracer: Tracer,
     *,
-    model: str,
     sampling: SamplingParams,
     worker_id: str,
+    model: str = "",
     context: Context | None = None,
 ) -> Span:
     """A CLIENT span for the streaming call to the SGLang engine, with GenAI request attributes.
 
-    Its parent is `context` or the current span (the worker's `serve` span). Record the first token with
-    `record_first_token`, the usage with `record_usage`, failures with `record_error`.
+    `model` is the served model's name when the worker knows it. Its parent is `context` or the current
+    span (the worker's `serve` span). Record the first token with `record_first_token`, the usage with
+    `record_usage`, failures with `record_error`.
     """
     operation = GEN_AI_OPERATION_TEXT_COMPLETION
+    attributes: dict[str, str | int | float | bool] = {
+        GEN_AI_SYSTEM: GEN_AI_PROVIDER_SGLANG,
+        GEN_AI_PROVIDER_NAME: GEN_AI_PROVIDER_SGLANG,
+        GEN_AI_OPERATION_NAME: operation,
+        GEN_AI_REQUEST_MAX_TOKENS: sampling.max_new_tokens,
+        GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
+        GEN_AI_REQUEST_TOP_P: sampling.top_p,
+        GEN_AI_REQUEST_STREAM: True,
+        ATTR_WORKER_ID: worker_id,
+    }
+    if model:
+        attributes[GEN_AI_REQUEST_MODEL] = model
     return tracer.start_span(
-        f"{operation} {model}" if model else operation,
-        context=context,
-        kind=SpanKind.CLIENT,
-        attributes={
-            GEN_AI_SYSTEM: GEN_AI_PROVIDER_SGLANG,
-            GEN_AI_PROVIDER_NAME: GEN_AI_PROVIDER_SGLANG,
-            GEN_AI_OPERATION_NAME: operation,
-            GEN_AI_REQUEST_MODEL: model,
-            GEN_AI_REQUEST_MAX_TOKENS: sampling.max_new_tokens,
-            GEN_AI_REQUEST_TEMPERATURE: sampling.temperature,
-            GEN_AI_REQUEST_TOP_P: sampling.top_p,
-            GEN_AI_REQUEST_STREAM: True,
-            ATTR_WORKER_ID: worker_id,
-        },
+        f"{operation} {model}" if model else operation, context=context, kind=SpanKind.CLIENT, attributes=attributes
     )
 
 

@@ -219,3 +219,11 @@ def test_setup_tracing_installs_a_console_exporting_provider() -> None:
     assert span["name"] == "hello"
     assert span["resource"]["attributes"][tracing.SERVICE_NAME] == "worker"
     assert span["resource"]["attributes"][tracing.SERVICE_INSTANCE_ID] == "w-1"
+
+
+def test_generate_span_without_a_model_name(mem: tracing.InMemoryTracing) -> None:
+    tracing.start_generate_span(mem.tracer("worker"), sampling=SamplingParams(), worker_id="w").end()
+    (span,) = mem.exporter.get_finished_spans()
+    assert span.name == "text_completion"
+    assert tracing.GEN_AI_REQUEST_MODEL not in span.attributes
+    assert span.attributes[tracing.GEN_AI_REQUEST_MAX_TOKENS] == SamplingParams().max_new_tokens
