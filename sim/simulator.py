@@ -232,7 +232,8 @@ class Simulator:
         self._routed_types.append(self.gpu_types[i])
         try:
             self.engines[i].add(EngineRequest(req.rid, req.prompt_len, req.block_hashes, req.block_tokens,
-                                              req.max_new_tokens, now), now)
+                                              req.max_new_tokens, now,
+                                              output_block_hashes=req.output_block_hashes), now)
         except (QueueFull, RequestTooLarge):
             self._inflight[i] -= 1  # rejected at once, as SGLang answers an oversized or over-queue request
             self._rejected += 1

@@ -63,6 +63,8 @@ def multi_turn_requests(spec: MultiTurnSpec, seed: int) -> Iterator[WorkloadRequ
             return
         sys_key, sys_len = systems[system]
         layers = [(sys_key, sys_len), (key, prompt_len)] if sys_len else [(key, prompt_len)]
-        yield WorkloadRequest(f"r{rid}", t, prompt_len, layered_block_hashes(layers, prompt_len, bt), bt, output,
-                              session_id=f"s{s}")
+        chain = layered_block_hashes(layers, prompt_len + output, bt)  # the answer is the next turn's context
+        n_prompt = prompt_len // bt
+        yield WorkloadRequest(f"r{rid}", t, prompt_len, chain[:n_prompt], bt, output, session_id=f"s{s}",
+                              output_block_hashes=chain[n_prompt:])
         rid += 1

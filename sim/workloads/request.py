@@ -7,7 +7,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class WorkloadRequest:
-    """A request with its arrival time and prefix block chain (block i covers tokens [i*B, (i+1)*B))."""
+    """A request with its arrival time and prefix block chain (block i covers tokens [i*B, (i+1)*B)).
+
+    `output_block_hashes` continues the chain over the whole blocks that prompt + answer complete, when
+    the workload knows the answer's content (multi-turn sessions, whose next turn contains it).
+    """
 
     rid: str
     arrival_s: float
@@ -16,3 +20,4 @@ class WorkloadRequest:
     block_tokens: int
     max_new_tokens: int
     session_id: str | None = None
+    output_block_hashes: tuple[int, ...] = ()

@@ -174,6 +174,10 @@ def test_multi_turn_context_grows_within_a_session() -> None:
         for prev, cur in zip(turns, turns[1:], strict=False):
             assert cur.prompt_len > prev.prompt_len + prev.max_new_tokens
             assert cur.block_hashes[: len(prev.block_hashes)] == prev.block_hashes
+            # The answer's blocks continue the chain, and the next turn's prompt holds them.
+            answered = prev.block_hashes + prev.output_block_hashes
+            assert len(answered) == (prev.prompt_len + prev.max_new_tokens) // 16
+            assert cur.block_hashes[: len(answered)] == answered
     # Sessions opening with the same system prompt share its whole blocks, and nothing more.
     firsts = Counter(turns[0].block_hashes[300 // 16 - 1] for turns in sessions.values())
     assert len(firsts) == 2
