@@ -62,6 +62,7 @@ FETCH_WAIT_MS = 100
 FULL_WAIT_S = 1.0  # when every slot is busy: how long to wait for one before polling Kafka again
 CLAIM_POLL_S = 0.2  # how often to look again at a request id leased by another worker
 INFRA_BACKOFF_MAX_S = 5.0
+REDIS_CONNECTIONS = 32
 
 T = TypeVar("T")
 
@@ -89,7 +90,13 @@ class WorkerService:
             retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s),
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
-        self._redis = redis_client or aioredis.from_url(settings.redis.url)
+        # Every in-flight request talks to Redis: share a bounded pool and queue for a connection
+        # rather than fail when max_concurrency exceeds it.
+        self._redis = redis_client or aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                settings.redis.url, max_connections=REDIS_CONNECTIONS, timeout=None
+            )
+        )
         keys = RedisKeys(settings.redis.key_prefix)
         self.registry = WorkerRegistry(self._redis, keys, w.state_ttl_s)
         self.ledger = RequestLedger(
@@ -185,7 +192,7 @@ class WorkerService:
         if self._producer is not None:
             await self._producer.stop()
         await self.engine.aclose()
-        await self._redis.aclose()
+        await self._redis.aclose(close_connection_pool=True)
         log.info("worker %s stopped", self.worker_id)
 
     # ---- consuming -------------------------------------------------------------------------------

@@ -173,11 +173,11 @@ async def cleanup(settings: Settings) -> None:
 
 async def produce(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
     """Send raw values to a topic and wait for the acks."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True)
     await producer.start()
     try:
-        for value in values:
-            await producer.send_and_wait(topic, value, key=key)
+        acks = [await producer.send(topic, value, key=key) for value in values]  # in order, batched
+        await asyncio.gather(*acks)
     finally:
         await producer.stop()
 
