@@ -24,6 +24,8 @@ def sim(
                                  help="Comma-separated policy names."),
     seeds: str = typer.Option("1", help="Comma-separated seeds; each seeds the workload stream and the engines."),
     duration: float | None = typer.Option(None, help="Cut arrivals at this many virtual seconds."),
+    rate: float | None = typer.Option(None, help="Override the workload's arrival rate (req/s; sessions/s for "
+                                                 "multi-turn)."),
     baseline: str | None = typer.Option(None, help="Policy to compare against (default: best heuristic by "
                                                    "mean TTFT)."),
     refresh_interval: float = typer.Option(0.1, help="Seconds between the router's load snapshots."),
@@ -46,7 +48,7 @@ def sim(
     if baseline is not None and baseline not in names:
         names.append(baseline)
     spec = read_cluster(cluster)
-    work = load_workload(workload).with_duration(duration)
+    work = load_workload(workload).with_duration(duration).with_rate(rate)
     horizon = work.duration_s
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[clock]}"),
@@ -65,7 +67,8 @@ def sim(
     means = mean_by_policy(rows)
     heuristics = [p for p in names if p not in sim_only_names() and p != "learned"]
     chosen = baseline or pick_baseline(means, heuristics)
-    title = f"{spec.name} / {work.name} (seeds {','.join(map(str, seed_list))})"
+    rate_note = f" at {rate:g}/s" if rate is not None else ""
+    title = f"{spec.name} / {work.name}{rate_note} (seeds {','.join(map(str, seed_list))})"
     print_results(console, means, chosen, title)
     for row in rows:
         console.print(f"[dim]{row['policy']} seed={row['seed']}: {row['completed']} completed, "

@@ -49,6 +49,19 @@ class Workload:
             return self
         return Workload(self.spec.model_copy(update={"duration_s": duration_s}), self.trace_path)
 
+    def with_rate(self, rate: float | None) -> Workload:
+        """The same workload at another arrival rate (sessions/s for multi-turn); None keeps the file's.
+
+        Trace replays switch to Poisson re-timing; scheduled rate changes stay as written.
+        """
+        if rate is None:
+            return self
+        key = "session_rate" if isinstance(self.spec, MultiTurnSpec) else "rate"
+        update: dict[str, object] = {key: rate}
+        if isinstance(self.spec, MooncakeSpec | AzureSpec):
+            update["multiplier"] = 1.0
+        return Workload(self.spec.model_copy(update=update), self.trace_path)
+
     def requests(self, seed: int) -> Iterator[WorkloadRequest]:
         """Requests in arrival order."""
         spec = self.spec

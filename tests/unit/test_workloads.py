@@ -87,6 +87,14 @@ def test_rate_event_changes_the_arrival_rate(data_dir: Path) -> None:
     assert after / 100 == pytest.approx(30.0, rel=0.15)
 
 
+def test_rate_override_retimes_a_trace(data_dir: Path) -> None:
+    spec = parse_workload_spec({"kind": "mooncake", "path": "traces/long.jsonl", "multiplier": 3.0})
+    w = workload_from_spec(spec, data_dir).with_rate(40.0)
+    times = np.array([r.arrival_s for r in w.requests(seed=1)])
+    assert len(times) / times[-1] == pytest.approx(40.0, rel=0.05)
+    assert w.with_rate(None) is w
+
+
 def test_same_seed_same_stream_other_seed_other_stream(data_dir: Path) -> None:
     spec = parse_workload_spec({"kind": "shared_prefix", "rate": 5.0, "duration_s": 20, "share": 0.5})
     w = workload_from_spec(spec, data_dir)
