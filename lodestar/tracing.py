@@ -363,16 +363,19 @@ def start_linked_span(
 
 def set_decision_attributes(span: Span, decision: RoutingDecision) -> None:
     """Why the dispatcher sent a request where it did, on its `route` span."""
-    span.set_attribute(ATTR_POLICY, decision.policy)
-    span.set_attribute(ATTR_WORKER_ID, decision.worker_id)
-    span.set_attribute(ATTR_MODEL_VERSION, decision.model_version)
-    span.set_attribute(ATTR_MATCHED_PREFIX_TOKENS, decision.matched_prefix_tokens)
-    span.set_attribute(ATTR_EXPLORED, decision.explored)
-    span.set_attribute(ATTR_ATTEMPT, decision.attempt)
+    attributes: dict[str, str | int | float | bool] = {
+        ATTR_POLICY: decision.policy,
+        ATTR_WORKER_ID: decision.worker_id,
+        ATTR_MODEL_VERSION: decision.model_version,
+        ATTR_MATCHED_PREFIX_TOKENS: decision.matched_prefix_tokens,
+        ATTR_EXPLORED: decision.explored,
+        ATTR_ATTEMPT: decision.attempt,
+    }
     if decision.dispatcher_id:
-        span.set_attribute(ATTR_DISPATCHER_ID, decision.dispatcher_id)
+        attributes[ATTR_DISPATCHER_ID] = decision.dispatcher_id
     if decision.predicted_ttft_ms is not None:
-        span.set_attribute(ATTR_PREDICTED_TTFT_MS, decision.predicted_ttft_ms)
+        attributes[ATTR_PREDICTED_TTFT_MS] = decision.predicted_ttft_ms
+    span.set_attributes(attributes)
 
 
 def start_generate_span(
@@ -422,11 +425,14 @@ def record_usage(
     finish_reason: str | None = None,
 ) -> None:
     """Token usage of a finished generation (GenAI attributes; cached = prompt tokens read from cache)."""
-    span.set_attribute(GEN_AI_USAGE_INPUT_TOKENS, input_tokens)
-    span.set_attribute(GEN_AI_USAGE_OUTPUT_TOKENS, output_tokens)
-    span.set_attribute(GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS, cached_tokens)
+    attributes: dict[str, int | list[str]] = {
+        GEN_AI_USAGE_INPUT_TOKENS: input_tokens,
+        GEN_AI_USAGE_OUTPUT_TOKENS: output_tokens,
+        GEN_AI_USAGE_CACHE_READ_INPUT_TOKENS: cached_tokens,
+    }
     if finish_reason:
-        span.set_attribute(GEN_AI_RESPONSE_FINISH_REASONS, [finish_reason])
+        attributes[GEN_AI_RESPONSE_FINISH_REASONS] = [finish_reason]
+    span.set_attributes(attributes)
 
 
 def record_error(span: Span, kind: str, message: str) -> None:
