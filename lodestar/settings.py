@@ -60,7 +60,7 @@ class DispatcherSettings(BaseModel):
     batch_timeout_ms: int = Field(5, ge=0)  # how long a batch fetch waits for more records
     registry_staleness_s: float = Field(0.25, gt=0)  # max age of the worker-state view before it is re-read from Redis
     no_worker_backoff_s: float = Field(0.2, gt=0)  # backoff between looks for a live worker
-    no_worker_max_wait_s: float = Field(300.0, gt=0)  # max wait for a live worker before giving up a batch
+    no_worker_max_wait_s: float = Field(300.0, gt=0)  # max wait for a live worker; then rejected result + DLQ
     dead_worker_timeout_s: float = Field(15.0, gt=0)  # heartbeat gone this long: re-route its backlog
     consumer_group: str = "lodestar-dispatchers"  # consumer group of all dispatcher replicas
     metrics_port: int = Field(0, ge=0)  # Prometheus /metrics port (0 = off)
