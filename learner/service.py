@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 SERVICE = "learner"
 POLL_MS = 500
+MAX_BATCH = 500
 REPORT_EVERY_S = 30.0
 
 
@@ -135,6 +136,7 @@ class LearnerService:
         self.consumer = make_consumer(settings, self.topics.telemetry, group_id=cfg.consumer_group,
                                       client_id="learner")
         self.stats = LearnerStats()
+        self._batch_size = min(MAX_BATCH, cfg.snapshot_every_events)
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_checkpoint = time.monotonic()
 
@@ -169,11 +171,11 @@ class LearnerService:
     async def _consume(self, stop: asyncio.Event) -> None:
         next_report = time.monotonic() + REPORT_EVERY_S
         while not stop.is_set():
-            batch = await self.consumer.getmany(timeout_ms=POLL_MS)
+            # at most N events per batch, so the learner can reach its N-event cadence once per batch
+            batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=self._batch_size)
             records = [r for recs in batch.values() for r in recs]
-            if records:
-                await self.handle_records(records)
-            snapshot = self.learner.maybe_snapshot(time.time())
+            snapshot = await self.handle_records(records) if records else None
+            snapshot = snapshot or self.learner.maybe_snapshot(time.time())
             checkpoint_due = time.monotonic() - self._last_checkpoint >= self.settings.learner.snapshot_every_s
             if snapshot is not None:
                 await self._publish(snapshot)
@@ -184,8 +186,9 @@ class LearnerService:
                 self.report()
                 next_report = time.monotonic() + REPORT_EVERY_S
 
-    async def handle_records(self, records: list[ConsumerRecord]) -> None:
-        """Validate a batch, dead-letter the nonsense, learn from the rest (off the event loop)."""
+    async def handle_records(self, records: list[ConsumerRecord]) -> Snapshot | None:
+        """Validate a batch, dead-letter the nonsense, learn from the rest (off the event loop);
+        returns the snapshot the learner cut along the way, if one came due."""
         samples: list[Sample] = []
         letters: list[DeadLetter] = []
         max_latency = self.settings.learner.max_latency_ms
@@ -201,19 +204,23 @@ class LearnerService:
                 samples.append(sample)
         if letters:
             await asyncio.gather(*(send_dead_letter(self.producer, self.topics, d) for d in letters))
-        if samples:
-            await asyncio.to_thread(self._learn, samples, time.time())
+        snapshot = await asyncio.to_thread(self._learn, samples, time.time()) if samples else None
         self.stats.events += len(records)
         self.stats.dead_letters += len(letters)
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), r.offset + 1)
+        return snapshot
 
-    def _learn(self, samples: list[Sample], now_s: float) -> None:
-        """The one place learned events pass through (spans and metrics hook in here)."""
+    def _learn(self, samples: list[Sample], now_s: float) -> Snapshot | None:
+        """The one place learned events pass through (spans and metrics hook in here). Checks the
+        snapshot cadence after every event; keeps the newest snapshot if more than one came due."""
+        snapshot = None
         for s in samples:
             self.learner.observe(s.features, s.ttft_ms, now_s)
+            snapshot = self.learner.maybe_snapshot(now_s) or snapshot
         self.stats.learned += len(samples)
+        return snapshot
 
     async def _publish(self, snapshot: Snapshot) -> None:
         try:

@@ -1,0 +1,156 @@
+"""The learner on the real broker and Redis: learns telemetry, publishes snapshots a running dispatcher
+picks up, refuses nonsense to the DLQ, and resumes from its checkpoint after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from dispatcher_harness import FakeWorkers, dispatch_settings, produce_requests, running_dispatcher, wait_until
+from worker_harness import TopicReader, isolated_settings, produce, require_services
+
+from learner.service import LearnerService
+from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.features import as_dict, candidate_matrix
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.names import RedisKeys, Topics
+from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, TelemetryEvent
+from lodestar.settings import Settings
+from lodestar.snapshot_store import SnapshotStore
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    require_services(isolated_settings())
+    s = dispatch_settings(policy="learned")
+    s.learner = s.learner.model_copy(update={
+        "model": "river", "snapshot_every_events": 150, "snapshot_every_s": 3600.0,
+        "checkpoint_path": tmp_path / "learner" / "checkpoint.json",
+    })
+    return s
+
+
+def telemetry(n: int, seed: int) -> list[TelemetryEvent]:
+    """Completed requests whose TTFT grows with uncached tokens and queue, slower on slower GPUs."""
+    rng = np.random.default_rng(seed)
+    gpus = ["H100", "A100", "L4"]
+    out = []
+    for i in range(n):
+        view = ClusterView.empty_like(["w"], [gpus[i % 3]])
+        view.waiting[:] = rng.integers(0, 6)
+        view.running[:] = rng.integers(0, 20)
+        info = RequestInfo(f"r{seed}-{i}", prompt_tokens=int(rng.integers(50, 4000)))
+        row = candidate_matrix(info, view)[0]
+        features = as_dict(row)
+        ttft = 20.0 + features["uncached_per_speed"] * 0.05 + features["queue_per_speed"] * 30.0
+        decision = RoutingDecision(worker_id="w", policy="test", features=features)
+        out.append(TelemetryEvent(request_id=info.request_id, decision=decision, gpu_type=gpus[i % 3],
+                                  status="ok", ttft_ms=float(ttft), e2e_ms=float(ttft) + 500.0))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def running_learner(settings: Settings) -> AsyncIterator[LearnerService]:
+    stop = asyncio.Event()
+    service = LearnerService(settings)
+    task = asyncio.create_task(service.run(stop))
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def produce_telemetry(settings: Settings, events: list[TelemetryEvent]) -> None:
+    await produce(settings, Topics(settings.kafka.topic_prefix).telemetry, [e.to_bytes() for e in events])
+
+
+async def test_a_running_dispatcher_picks_up_the_learners_snapshot(settings: Settings) -> None:
+    topics = Topics(settings.kafka.topic_prefix)
+    await ensure_topics(settings, fixed_topic_partitions(settings))
+    async with FakeWorkers(settings) as workers:
+        await workers.add("wa", "H100")
+        await workers.add("wb", "L4")
+        async with running_dispatcher(settings) as dispatcher, running_learner(settings) as learner:
+            assert dispatcher.model_version == 0
+            await produce_telemetry(settings, telemetry(320, seed=1))
+            await wait_until(lambda: learner.stats.snapshots >= 2, 60, "two snapshots")
+            await wait_until(lambda: dispatcher.model_version == learner.version, 10, "the dispatcher to reload")
+            assert learner.version == 2
+            # a snapshot signed with another key is ignored: the dispatcher keeps what it has
+            good = await dispatcher.snapshots.load()
+            assert good is not None and good.version == 2
+            attacker = aioredis.from_url(settings.redis.url)
+            try:
+                await SnapshotStore(attacker, RedisKeys(settings.redis.key_prefix), "wrong-key").publish(
+                    dataclasses.replace(good, version=99))
+            finally:
+                await attacker.aclose()
+            await asyncio.sleep(0.5)
+            assert dispatcher.model_version == 2
+            request = InferenceRequest(prompt="route me with the model " * 10)
+            async with TopicReader(settings, topics.worker("wa"), topics.worker("wb")) as reader:
+                await produce_requests(settings, [request])
+                await reader.wait_for(lambda m: sum(map(len, m.values())) >= 1, timeout=30)
+    (routed,) = [RoutedRequest.model_validate(m) for msgs in reader.messages.values() for m in msgs]
+    assert routed.decision.model_version == 2
+    assert routed.decision.policy.startswith("learned")
+
+
+async def test_nonsense_telemetry_goes_to_the_dlq_with_its_reason(settings: Settings) -> None:
+    topics = Topics(settings.kafka.topic_prefix)
+    await ensure_topics(settings, fixed_topic_partitions(settings))
+    good = telemetry(1, seed=2)[0]
+    negative = json.loads(good.to_bytes())
+    negative["ttft_ms"] = -5.0
+    absurd = good.model_copy(update={"ttft_ms": settings.learner.max_latency_ms * 10})
+    missing = json.loads(good.to_bytes())
+    del missing["decision"]["features"]["gpu_speed"]
+    unknown = json.loads(good.to_bytes())
+    unknown["schema_version"] = 3
+    bad = [json.dumps(negative).encode(), absurd.to_bytes(), json.dumps(missing).encode(),
+           json.dumps(unknown).encode()]
+    async with running_learner(settings) as learner, TopicReader(settings, topics.dlq) as reader:
+        await produce(settings, topics.telemetry, [*bad, good.to_bytes()])
+        await reader.wait_for(lambda m: len(m[topics.dlq]) >= 4, timeout=30)
+        await wait_until(lambda: learner.stats.events == 5, 10, "all five events")
+    reasons = " | ".join(m["reason"] for m in reader.messages[topics.dlq])
+    for expected in ("ttft_ms: Input should be greater than or equal to 0", "beyond max_latency_ms",
+                     "features missing: gpu_speed", "schema_version"):
+        assert expected in reasons
+    assert all(m["service"] == "learner" and m["stage"] == "validate" for m in reader.messages[topics.dlq])
+    assert learner.stats.learned == 1 and learner.stats.dead_letters == 4
+
+
+async def test_a_restarted_learner_resumes_from_its_checkpoint(settings: Settings) -> None:
+    await ensure_topics(settings, fixed_topic_partitions(settings))
+    store_client = aioredis.from_url(settings.redis.url)
+    store = SnapshotStore(store_client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key)
+    try:
+        async with running_learner(settings) as first:
+            await produce_telemetry(settings, telemetry(200, seed=3))
+            await wait_until(lambda: first.stats.snapshots == 1 and first.stats.events == 200, 60, "snapshot v1")
+        assert settings.learner.checkpoint_path.exists()
+        saved = json.loads(settings.learner.checkpoint_path.read_text())
+        assert saved["counters"]["n_seen"] == 200 and saved["counters"]["version"] == 1
+        started = time.monotonic()
+        async with running_learner(settings) as second:
+            assert second.learner.n_seen == 200 and second.version == 1  # resumed, not relearning from zero
+            await produce_telemetry(settings, telemetry(150, seed=4))
+            await wait_until(lambda: second.stats.snapshots == 1, 60, "snapshot v2")
+            assert second.stats.events == 150  # committed offsets: the first 200 are not consumed again
+        assert second.learner.n_seen == 350 and second.version == 2
+        assert await store.stored_version() == 2
+        assert time.monotonic() - started < 60
+    finally:
+        await store_client.aclose()
