@@ -176,13 +176,10 @@ class WorkerService:
             await asyncio.sleep(tick)
 
     async def _abandon_in_flight(self) -> None:
+        """Hard stop: cancel in-flight requests (each releases its claim); their records stay uncommitted."""
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
-        for rid in list(self._claimed):
-            with contextlib.suppress(RedisError, OSError):
-                await self.ledger.release(rid)
-        self._claimed.clear()
 
     async def _shutdown(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -216,7 +213,12 @@ class WorkerService:
             if paused:
                 consumer.resume(*consumer.assignment())
                 paused = False
-            batches = await consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=free)
+            try:
+                batches = await consumer.getmany(timeout_ms=FETCH_WAIT_MS, max_records=free)
+            except KafkaError as exc:  # the consumer reconnects by itself; keep polling
+                log.warning("worker %s: fetch failed: %r", self.worker_id, exc)
+                await asyncio.sleep(self.settings.worker.retry_backoff_s)
+                continue
             for tp, records in batches.items():
                 for record in records:
                     self.offsets.fetched(tp, record.offset)
@@ -293,15 +295,21 @@ class WorkerService:
         if claim.state == "done":
             log.info("worker %s: request %s already answered; skipping the redelivery", self.worker_id, rid)
             return
-        if claim.stored is not None:
-            log.info("worker %s: request %s was finished by a predecessor; publishing it", self.worker_id, rid)
-            completed = claim.stored
-        else:
-            completed = await self._generate(routed)
-            await self._infra_retry(lambda: self.ledger.store(completed), "store the outcome")
-        await self._infra_retry(lambda: self._publish(completed), "publish result and telemetry")
-        await self._infra_retry(lambda: self.ledger.mark_done(rid), "mark the request done")
-        self._claimed.discard(rid)
+        try:
+            if claim.stored is not None:
+                log.info("worker %s: request %s was finished by a predecessor; publishing it", self.worker_id, rid)
+                completed = claim.stored
+            else:
+                completed = await self._generate(routed)
+                await self._infra_retry(lambda: self.ledger.store(completed), "store the outcome")
+            await self._infra_retry(lambda: self._publish(completed), "publish result and telemetry")
+            await self._infra_retry(lambda: self.ledger.mark_done(rid), "mark the request done")
+            self._claimed.discard(rid)
+        finally:
+            if rid in self._claimed:  # not finished (stopped, or a bug): let a redelivery take it at once
+                self._claimed.discard(rid)
+                with contextlib.suppress(RedisError, OSError):
+                    await self.ledger.release(rid)
 
     async def _claim(self, rid: str) -> Claim:
         """Own the request id, or learn it is done; waits while another live worker holds it."""

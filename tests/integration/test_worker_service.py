@@ -218,3 +218,43 @@ async def test_sigterm_drains_in_flight_work_then_deregisters(settings: Settings
             proc.wait()
         log.close()
         await client.aclose()
+
+
+async def test_a_hard_stop_leaves_the_request_to_the_next_start(settings: Settings, engine_url: str, tmp_path: Path):
+    """A second signal abandons in-flight work: its claim is released, nothing is committed, and the
+    restarted worker serves the request once."""
+    topics = Topics(settings.kafka.topic_prefix)
+    client, keys, _ = registry(settings)
+    log = (tmp_path / "worker.log").open("wb")
+    proc = subprocess.Popen(
+        [LODESTAR, "worker", "--id", "w1", "--sglang-url", engine_url, "--gpu-type", "H100"],
+        env=settings_env(settings), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        await wait_registered(settings)
+        msg = routed(request_id="cut-1", max_new_tokens=400)
+        await produce(settings, topics.worker("w1"), [msg.to_bytes()])
+        deadline = time.monotonic() + 20
+        while await client.hget(keys.worker_state("w1"), "inflight") != "1":
+            assert time.monotonic() < deadline, "the request never went in flight"
+            await asyncio.sleep(0.05)
+        assert (await client.get(keys.dedupe("cut-1"))).startswith("w1/")
+        proc.send_signal(signal.SIGTERM)
+        while await client.hget(keys.worker_state("w1"), "draining") != "1":  # the first signal was handled
+            assert time.monotonic() < deadline + 10, "the worker did not start draining"
+            await asyncio.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 130
+        assert await client.get(keys.dedupe("cut-1")) is None
+        assert await committed_offset(settings, topics.worker_group("w1"), topics.worker("w1")) is None
+        async with running_worker(settings) as service, TopicReader(settings, topics.results) as reader:
+            await reader.wait_for(lambda m: m[topics.results], timeout=30)
+            await wait_committed(settings, service.group_id, topics.worker("w1"), 1)
+            await reader.poll(0.5)
+        assert [(r["request_id"], r["status"]) for r in reader.messages[topics.results]] == [("cut-1", "ok")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        await client.aclose()
