@@ -140,8 +140,9 @@ class WorkerService:
         try:
             await self._producer.start()
             await self._consumer.start()
-            self._consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
             await self._wait_for_engine()
+            # Join the group only now: a worker whose engine never answers leaves its backlog to takeover.
+            self._consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
             await self._publish_state()
             background = [asyncio.create_task(self._state_loop()), asyncio.create_task(self._commit_loop())]
             log.info("worker %s serving %s (group %s, gpu %s)", self.worker_id, self.topic, self.group_id,
@@ -207,7 +208,8 @@ class WorkerService:
                     consumer.pause(*consumer.assignment())
                     paused = True
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_free.wait(), FULL_WAIT_S)
+                    async with asyncio.timeout(FULL_WAIT_S):
+                        await self._slot_free.wait()
                 await consumer.getmany(timeout_ms=0)  # paused: returns nothing, keeps the group membership
                 continue
             if paused:
