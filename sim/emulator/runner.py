@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 LATENESS_WEIGHT = 0.1  # of the latest wake-up in the running average of wake-up lateness
 MAX_LATENESS_S = 0.002  # a longer stall (GC, a busy host) is not something to anticipate
+IDLE_RECHECK_S = 0.01  # wall seconds between looks at an engine that has work but starts none
 
 
 @dataclass(slots=True)
@@ -185,6 +186,7 @@ class EngineRunner:
     # ---- the stepping loop ------------------------------------------------------------------
 
     async def _run(self) -> None:
+        idle_steps = 0
         try:
             while True:
                 if not self.engine.has_work():
@@ -196,11 +198,19 @@ class EngineRunner:
                 self.max_lag_s = max(self.max_lag_s, self.lag_s)
                 outcome = self.engine.step(now)
                 if outcome.iterations == 0 and outcome.duration_s <= 0.0:
-                    # Work the engine cannot start (nothing fits); wait for an arrival, abort or finish.
+                    # An idle iteration (SGLang resets its batch state in one) takes no time: step again at
+                    # once. If the engine still cannot start anything, wait for an arrival or an abort,
+                    # looking again now and then rather than trusting that one will come.
                     self._clock = now
-                    self._wake.clear()
-                    await self._wake.wait()
+                    self._deliver(outcome, now)
+                    idle_steps += 1
+                    if idle_steps >= 2:
+                        idle_steps = 0
+                        self._wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), IDLE_RECHECK_S)
                     continue
+                idle_steps = 0
                 end = now + outcome.duration_s
                 self._clock = end
                 self.steps += 1

@@ -6,6 +6,7 @@ machine is: a step starts where the previous one ended or at the arrival that wo
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -74,3 +75,16 @@ async def test_decode_steps_follow_each_other_without_gaps(emulator: Emulator) -
     decode_span = state.finished_emu - state.first_token_emu
     per_token = emulator.engine.perf.decode_time(1, len(ids))
     assert decode_span == pytest.approx(7 * per_token, rel=0.02)
+
+
+async def test_runner_steps_through_idle_iterations() -> None:
+    """When a KV-blocked batch drains, the engine spends one iteration idle before admitting the next
+    requests; the runner must step again rather than wait for an arrival that never comes."""
+    emu = Emulator(EmulatorConfig(gpu="L4", time_scale=0.01))
+    app = create_app(emu)
+    async with app.router.lifespan_context(app):
+        states = [emu.submit(f"r{i}", emu.prepare(None, [(i * 7 + j) % 100_000 for j in range(5000)],
+                                                  {"max_new_tokens": 50}))
+                  for i in range(8)]
+        await asyncio.wait_for(asyncio.gather(*(s.wait_finished() for s in states)), timeout=30)
+    assert all(s.finish_reason == {"type": "length", "length": 50} for s in states)
