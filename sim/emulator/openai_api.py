@@ -125,6 +125,8 @@ class _OpenAIRoutes:
             prompt = prompt[0]  # a batch of one
         if not prompt:
             return error_response("Prompt cannot be empty", "BadRequestError", 400)
+        if isinstance(prompt, list) and isinstance(prompt[0], str | list):
+            return error_response("Batched requests are not supported by the emulator.", "BadRequestError", 400)
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
         params = _sampling_params(body, body.get("max_tokens", 16))
         include_usage, continuous = _stream_options(body)
