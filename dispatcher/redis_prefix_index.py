@@ -17,7 +17,6 @@ closed under prefixes (see the semantics), so a match costs O(log matched) looku
 from __future__ import annotations
 
 import re
-import struct
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -36,19 +35,21 @@ from dispatcher.prefix_index import (
 from lodestar.names import RedisKeys
 
 _MAX_DEPTH = 0xFFFFFFFF
-_MEMBER = struct.Struct(">IQ")
+_MEMBER = np.dtype([("depth", ">u4"), ("hash", ">u8")])
 
-# KEYS[1] capacity hash, KEYS[1 + w] worker w's sorted set.
-# ARGV[1] default capacity, ARGV[2] number of workers k, ARGV[3..2+k] worker ids, then operations:
-#   I w now n m1..mn      insert          M k w1..wk n m1..mn   match (k results)
-#   C w capacity          set capacity    R w                   remove worker     S w   size (1 result)
+# KEYS[1] capacity hash, KEYS[1 + w] worker w's sorted set. ARGV[1] default capacity, ARGV[2] the worker
+# ids (comma-separated, in slot order), then per operation a comma-separated spec and, for I and M, one
+# binary argument holding the chain's 12-byte members back to back (few, large arguments: cheap to send):
+#   I,w,now + members   insert        M,k,w1,..,wk + members   match (k results)
+#   C,w,capacity        set capacity  R,w   remove worker       S,w   size (1 result)
+# Returns the results as one comma-separated string (cheap to parse, unlike thousands of integers).
 _APPLY = """
 local cap_key = KEYS[1]
 local default_cap = tonumber(ARGV[1])
-local n_workers = tonumber(ARGV[2])
 local ids = {}
-for w = 1, n_workers do ids[w] = ARGV[2 + w] end
+for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
 local out = {}
+local W = 12
 
 local function evict(w)
   local cap = tonumber(redis.call('HGET', cap_key, ids[w]) or default_cap)
@@ -58,37 +59,43 @@ local function evict(w)
   end
 end
 
-local function has(key, base, i)
-  return redis.call('ZSCORE', key, ARGV[base + i]) ~= false
+local function member(blob, i)
+  return string.sub(blob, (i - 1) * W + 1, i * W)
 end
 
-local function leading(key, base, n)
-  if n == 0 or not has(key, base, 1) then return 0 end
+local function has(key, blob, i)
+  return redis.call('ZSCORE', key, member(blob, i)) ~= false
+end
+
+local function leading(key, blob, n)
+  if n == 0 or not has(key, blob, 1) then return 0 end
   local lo, hi = 1, 2
-  while hi <= n and has(key, base, hi) do
+  while hi <= n and has(key, blob, hi) do
     lo = hi
     hi = hi * 2
   end
   if hi > n then
-    if has(key, base, n) then return n end
+    if has(key, blob, n) then return n end
     hi = n
   end
   while hi - lo > 1 do
     local mid = math.floor((lo + hi) / 2)
-    if has(key, base, mid) then lo = mid else hi = mid end
+    if has(key, blob, mid) then lo = mid else hi = mid end
   end
   return lo
 end
 
-local p = 3 + n_workers
+local p = 3
 while p <= #ARGV do
-  local op = ARGV[p]
+  local spec = {}
+  for field in string.gmatch(ARGV[p], '[^,]+') do spec[#spec + 1] = field end
+  local op = spec[1]
   if op == 'I' then
-    local w, now, n = tonumber(ARGV[p + 1]), ARGV[p + 2], tonumber(ARGV[p + 3])
+    local w, now, blob = tonumber(spec[2]), spec[3], ARGV[p + 1]
     local args = {}
-    for i = 1, n do
+    for i = 1, #blob / W do
       args[#args + 1] = now
-      args[#args + 1] = ARGV[p + 3 + i]
+      args[#args + 1] = member(blob, i)
       if #args >= 1000 then
         redis.call('ZADD', KEYS[1 + w], 'GT', unpack(args))
         args = {}
@@ -96,38 +103,42 @@ while p <= #ARGV do
     end
     if #args > 0 then redis.call('ZADD', KEYS[1 + w], 'GT', unpack(args)) end
     evict(w)
-    p = p + 4 + n
+    p = p + 2
   elseif op == 'M' then
-    local k = tonumber(ARGV[p + 1])
-    local base = p + 2 + k
-    local n = tonumber(ARGV[base])
+    local k, blob = tonumber(spec[2]), ARGV[p + 1]
+    local n = #blob / W
     for j = 1, k do
-      out[#out + 1] = leading(KEYS[1 + tonumber(ARGV[p + 1 + j])], base, n)
+      out[#out + 1] = leading(KEYS[1 + tonumber(spec[2 + j])], blob, n)
     end
-    p = base + n + 1
+    p = p + 2
   elseif op == 'C' then
-    local w = tonumber(ARGV[p + 1])
-    redis.call('HSET', cap_key, ids[w], ARGV[p + 2])
+    local w = tonumber(spec[2])
+    redis.call('HSET', cap_key, ids[w], spec[3])
     evict(w)
-    p = p + 3
+    p = p + 1
   elseif op == 'R' then
-    local w = tonumber(ARGV[p + 1])
+    local w = tonumber(spec[2])
     redis.call('DEL', KEYS[1 + w])
     redis.call('HDEL', cap_key, ids[w])
-    p = p + 2
+    p = p + 1
   elseif op == 'S' then
-    out[#out + 1] = redis.call('ZCARD', KEYS[1 + tonumber(ARGV[p + 1])])
-    p = p + 2
+    out[#out + 1] = redis.call('ZCARD', KEYS[1 + tonumber(spec[2])])
+    p = p + 1
   else
     return redis.error_reply('unknown prefix index operation ' .. tostring(op))
   end
 end
-return out
+return table.concat(out, ',')
 """
 
 
-def _members(block_hashes: Sequence[int]) -> list[bytes]:
-    return [_MEMBER.pack(_MAX_DEPTH - depth, h) for depth, h in enumerate(block_hashes)]
+def _members(block_hashes: Sequence[int]) -> bytes:
+    """The chain's sorted-set members, 12 bytes each (depth marker, hash; big-endian), back to back."""
+    n = len(block_hashes)
+    packed = np.empty(n, dtype=_MEMBER)
+    packed["depth"] = _MAX_DEPTH - np.arange(n, dtype=np.int64)
+    packed["hash"] = np.fromiter(block_hashes, dtype=np.uint64, count=n)
+    return packed.tobytes()
 
 
 class RedisPrefixIndex:
@@ -215,42 +226,44 @@ class RedisPrefixIndex:
                 slots[worker_id] = len(slots) + 1
             return slots[worker_id]
 
-        body: list[str | bytes | int | float] = []
-        expected: list[int] = []
+        body: list[str | bytes] = []
+        widths: list[int] = []  # results per op: -1 none, 0 one count, k a match over k workers
         for op in ops:
             match op:
                 case Insert(worker_id, block_hashes, now):
-                    body += ["I", slot(worker_id), float(now), len(block_hashes), *_members(block_hashes)]
-                    expected.append(-1)
+                    body += [f"I,{slot(worker_id)},{float(now)!r}", _members(block_hashes)]
+                    widths.append(-1)
                 case Match(block_hashes, worker_ids):
-                    body += ["M", len(worker_ids), *(slot(w) for w in worker_ids), len(block_hashes),
-                             *_members(block_hashes)]
-                    expected.append(len(worker_ids))
+                    body += [f"M,{len(worker_ids)}," + ",".join(str(slot(w)) for w in worker_ids),
+                             _members(block_hashes)]
+                    widths.append(len(worker_ids))
                 case SetCapacity(worker_id, capacity_blocks):
-                    body += ["C", slot(worker_id), int(capacity_blocks)]
-                    expected.append(-1)
+                    body.append(f"C,{slot(worker_id)},{int(capacity_blocks)}")
+                    widths.append(-1)
                 case RemoveWorker(worker_id):
-                    body += ["R", slot(worker_id)]
-                    expected.append(-1)
+                    body.append(f"R,{slot(worker_id)}")
+                    widths.append(-1)
                 case Size(worker_id):
-                    body += ["S", slot(worker_id)]
-                    expected.append(0)
+                    body.append(f"S,{slot(worker_id)}")
+                    widths.append(0)
                 case _:
                     raise TypeError(f"not a batchable prefix index operation: {op!r}")
         ids = list(slots)
         raw = await self._apply_script(
             keys=[self._keys.prefix_capacity, *(self._keys.prefix_index(w) for w in ids)],
-            args=[self.capacity_blocks, len(ids), *ids, *body],
+            args=[self.capacity_blocks, ",".join(ids), *body],
         )
+        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        values = [int(v) for v in text.split(",")] if text else []
         out: list[Observation] = []
         pos = 0
-        for width in expected:
+        for width in widths:
             if width < 0:
                 out.append(None)
             elif width == 0:
-                out.append(int(raw[pos]))
+                out.append(values[pos])
                 pos += 1
             else:
-                out.append(tuple(int(v) for v in raw[pos : pos + width]))
+                out.append(tuple(values[pos : pos + width]))
                 pos += width
         return out

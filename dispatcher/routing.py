@@ -104,13 +104,12 @@ class BatchRouter:
             )
         if n_workers == 0 and n_req:
             raise ValueError("no worker to route to")
-        inserted: list[set[int]] = [set() for _ in range(n_workers)]
+        inserted: dict[int, set[int]] = {}  # worker index -> blocks this batch brought there so far
         plan = BatchPlan()
         for j, (request, info) in enumerate(zip(requests, infos, strict=True)):
-            blocks = np.array(
-                [_extend_match(int(matched_blocks[j, i]), info.block_hashes, inserted[i]) for i in range(n_workers)],
-                dtype=np.float64,
-            )
+            blocks = matched_blocks[j].astype(np.float64)
+            for i, brought in inserted.items():
+                blocks[i] = _extend_match(int(blocks[i]), info.block_hashes, brought)
             candidate_view = view.with_matched(blocks * info.tokens_per_block)
             choice = self.policy.choose(info, candidate_view)
             i = choice.index
@@ -133,6 +132,6 @@ class BatchRouter:
             view.inflight[i] += 1
             view.pending_prefill_tokens[i] += uncached
             if info.block_hashes:
-                inserted[i].update(info.block_hashes)
+                inserted.setdefault(i, set()).update(info.block_hashes)
                 plan.inserts.setdefault(view.worker_ids[i], []).append(info.block_hashes)
         return plan
