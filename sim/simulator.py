@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import candidate_matrix
 from lodestar.hardware import relative_speed
 from sim.cluster import ClusterSpec, WorkerSpec
-from sim.engine import Engine, EngineConfig, EngineRequest, QueueFull, RequestTooLarge
+from sim.engine import Engine, EngineConfig, EngineRequest, QueueFull, RequestTooLarge, StepOutcome
 from sim.records import CompletedRequest
 from sim.telemetry import TelemetrySink
 from sim.workloads import Slowdown, WorkloadRequest
@@ -80,7 +81,8 @@ def build_engines(workers: Sequence[WorkerSpec], seed: int) -> list[Engine]:
 
 
 class Simulator:
-    """One run of a cluster under a policy. Deterministic given the policy, the requests and `seed`."""
+    """One run of a cluster under a policy (build a new one per run). Deterministic given the policy, the
+    requests and `seed`."""
 
     def __init__(self, cluster: ClusterSpec, policy: Policy, *, seed: int = 0, refresh_interval_s: float = 0.1,
                  sink: TelemetrySink | None = None, drain_timeout_s: float = 900.0):
@@ -113,20 +115,12 @@ class Simulator:
         self._inflight = np.zeros(n)
         self.policy = policy
         self._bind(policy)
-
-    # -- public ------------------------------------------------------------------------------------
-
-    def run(self, requests: Iterable[WorkloadRequest], slowdowns: Sequence[Slowdown] = (),
-            progress: Callable[[float], None] | None = None) -> SimResult:
-        """Feed `requests` (in arrival order) through the cluster until every one has finished."""
-        wall0 = time.perf_counter()
-        self._heap: list[tuple[float, int, int, object]] = []
+        # Run state.
+        self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
-        self._stream: Iterator[WorkloadRequest] = iter(requests)
+        self._stream: Iterator[WorkloadRequest] = iter(())
         self._next_arrival_s = math.inf
-        self._pending_events = sorted(slowdowns, key=lambda e: e.at_s)
-        for ev in self._pending_events:
-            self._push(ev.at_s, _EVENT, ev)
+        self._pending_events: list[Slowdown] = []
         self._inflight_reqs: dict[str, _InFlight] = {}
         self._records: list[CompletedRequest] = []
         self._routed_types: list[str] = []
@@ -139,6 +133,21 @@ class Simulator:
         self._arrivals = 0
         self._last_arrival_s = 0.0
         self._refreshed_at = -math.inf
+        self._ran = False
+
+    # -- public ------------------------------------------------------------------------------------
+
+    def run(self, requests: Iterable[WorkloadRequest], slowdowns: Sequence[Slowdown] = (),
+            progress: Callable[[float], None] | None = None) -> SimResult:
+        """Feed `requests` (in arrival order) through the cluster until every one has finished."""
+        if self._ran:
+            raise RuntimeError("a Simulator runs once; build a new one for another run")
+        self._ran = True
+        wall0 = time.perf_counter()
+        self._stream = iter(requests)
+        self._pending_events = sorted(slowdowns, key=lambda e: e.at_s)
+        for ev in self._pending_events:
+            self._push(ev.at_s, _EVENT, ev)
         self._pull_arrival()
         events = 0
         heap = self._heap
@@ -154,13 +163,13 @@ class Simulator:
                     self.policy = new_policy
                     self._bind(new_policy)
             if kind == _STEP_DONE:
-                self._step_done(payload)  # type: ignore[arg-type]
+                self._step_done(*payload)
             elif kind == _ARRIVAL:
-                self._arrive(payload)  # type: ignore[arg-type]
+                self._arrive(payload)
             elif kind == _KICK:
-                self._kick(payload)  # type: ignore[arg-type]
+                self._kick(payload)
             else:
-                self._apply_event(payload)  # type: ignore[arg-type]
+                self._apply_event(payload)
             events += 1
             if progress is not None and events % 2048 == 0:
                 progress(t)
@@ -189,7 +198,7 @@ class Simulator:
         if bind is not None:
             bind(self)
 
-    def _push(self, t: float, kind: int, payload: object) -> None:
+    def _push(self, t: float, kind: int, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (t, kind, self._seq, payload))
 
@@ -293,12 +302,11 @@ class Simulator:
             return 0.0
         return engine.perf.decode_base(n) * engine.slowdown
 
-    def _step_done(self, payload: tuple[int, object]) -> None:
-        i, outcome = payload
+    def _step_done(self, i: int, outcome: StepOutcome) -> None:
         now = self.now
         self._busy[i] = False
         inflight = self._inflight_reqs
-        for ft in outcome.first_tokens:  # type: ignore[attr-defined]
+        for ft in outcome.first_tokens:
             rec = inflight.get(ft.rid)
             if rec is None:
                 continue
@@ -306,15 +314,15 @@ class Simulator:
             ttft_ms = (now - rec.arrival_s) * 1000.0
             prev = self._recent_ttft[i]
             self._recent_ttft[i] = ttft_ms if prev == 0 else prev + RECENT_TTFT_ALPHA * (ttft_ms - prev)
-        if outcome.kind == "decode":  # type: ignore[attr-defined]
-            decode_tokens = outcome.batch_size * outcome.iterations  # type: ignore[attr-defined]
+        if outcome.kind == "decode":
+            decode_tokens = outcome.batch_size * outcome.iterations
         else:
-            decode_tokens = sum(outcome.tokens.values()) - len(outcome.first_tokens)  # type: ignore[attr-defined]
-        if decode_tokens > 0 and outcome.iterations > 0:  # type: ignore[attr-defined]
-            self._itl_s.append(outcome.duration_s / outcome.iterations)  # type: ignore[attr-defined]
+            decode_tokens = sum(outcome.tokens.values()) - len(outcome.first_tokens)
+        if decode_tokens > 0 and outcome.iterations > 0:
+            self._itl_s.append(outcome.duration_s / outcome.iterations)
             self._itl_tokens.append(decode_tokens)
-        self._retracted += len(outcome.retracted)  # type: ignore[attr-defined]
-        for fin in outcome.finished:  # type: ignore[attr-defined]
+        self._retracted += len(outcome.retracted)
+        for fin in outcome.finished:
             rec = inflight.pop(fin.rid, None)
             if rec is None:
                 continue
