@@ -90,6 +90,26 @@ def results_table(means: Mapping[str, Mapping[str, Any]], baseline: str | None, 
     return table
 
 
+def markdown_table(means: Mapping[str, Mapping[str, Any]], baseline: str | None) -> str:
+    """The same table as `results_table`, as GitHub markdown (for docs/results.md)."""
+    headers = ["policy", *(h for _, h, _ in TABLE_COLUMNS), "load share"]
+    if baseline:
+        headers += [f"x TTFT mean vs {baseline}", "x TTFT p99"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    base = means.get(baseline) if baseline else None
+    for policy, m in means.items():
+        cells = [f"**{policy}**" if policy == baseline else policy]
+        for key, _, _ in TABLE_COLUMNS:
+            value = m.get(key, float("nan"))
+            cells.append(f"{value:.3f}" if key == "prefix_hit_rate" else f"{value:,.1f}")
+        cells.append(" ".join(f"{g} {s:.0%}" for g, s in m.get("load_share", {}).items()))
+        if base is not None:
+            cells.append(f"{_ratio(base['ttft_mean_ms'], m['ttft_mean_ms'], True):.2f}x")
+            cells.append(f"{_ratio(base['ttft_p99_ms'], m['ttft_p99_ms'], True):.2f}x")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def print_results(console: Console, means: Mapping[str, Mapping[str, Any]], baseline: str | None,
                   title: str) -> None:
     """Print the side-by-side table."""

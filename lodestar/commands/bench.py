@@ -35,7 +35,14 @@ def sim(
     from sim.bench import run_benchmark
     from sim.cluster import read_cluster
     from sim.policy_factory import available_policies, sim_only_names
-    from sim.report import mean_by_policy, pick_baseline, plot_ttft_cdf, plot_ttft_over_time, print_results
+    from sim.report import (
+        markdown_table,
+        mean_by_policy,
+        pick_baseline,
+        plot_ttft_cdf,
+        plot_ttft_over_time,
+        print_results,
+    )
     from sim.workloads import load_workload
 
     console = Console()
@@ -76,6 +83,7 @@ def sim(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(rows, indent=2))
+    (out / "results.md").write_text(f"{title}\n\n{markdown_table(means, chosen)}")
     by_policy_ttft: dict[str, list] = {}
     by_policy_series: dict[str, list] = {}
     for o in outcomes:
@@ -83,7 +91,7 @@ def sim(
         by_policy_series.setdefault(o.row["policy"], []).append((o.arrival_s, o.ttft_s))
     plot_ttft_cdf(by_policy_ttft, out / "ttft_cdf.png", title)
     plot_ttft_over_time(by_policy_series, out / "ttft_over_time.png", title)
-    console.print(f"wrote {out / 'results.json'}, {out / 'ttft_cdf.png'}, {out / 'ttft_over_time.png'}")
+    console.print(f"wrote {out / 'results.json'}, results.md, ttft_cdf.png, ttft_over_time.png")
 
 
 @app.callback()

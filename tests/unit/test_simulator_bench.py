@@ -38,6 +38,8 @@ def test_bench_sim_writes_results_and_plots(tmp_path: Path) -> None:
     assert rows[1]["total_input_tokens"] == rows[3]["total_input_tokens"]
     assert (out / "ttft_cdf.png").stat().st_size > 0 and (out / "ttft_over_time.png").stat().st_size > 0
     assert "x TTFT mean" in result.output
+    table = (out / "results.md").read_text()
+    assert "| round_robin |" in table and "gpu_speed_queue" in table
 
 
 def test_unknown_policy_is_refused(tmp_path: Path) -> None:
