@@ -170,7 +170,7 @@ class Dispatcher:
                 tasks.append(asyncio.create_task(self._log_stats()))
                 log.info("dispatcher %s up: policy %s, group %s, topic %s", self.dispatcher_id,
                          self.policy_name, self.settings.dispatcher.consumer_group, self.topics.requests)
-                await self._consume()
+                await self._consume(tasks)
             finally:
                 for task in tasks:
                     task.cancel()
@@ -181,9 +181,13 @@ class Dispatcher:
             await self.redis.aclose()
         log.info("dispatcher %s stopped after routing %d requests", self.dispatcher_id, self.stats.routed)
 
-    async def _consume(self) -> None:
+    async def _consume(self, background: list[asyncio.Task[None]]) -> None:
         cfg = self.settings.dispatcher
         while not self._stop.is_set():
+            for task in background:
+                if task.done():  # a helper died: fail loudly rather than route without it
+                    task.result()
+                    raise RuntimeError(f"background task {task.get_name()} ended")
             batch = await self.consumer.getmany(timeout_ms=max(cfg.batch_timeout_ms, 1), max_records=cfg.batch_size)
             records = [r for recs in batch.values() for r in recs]
             if records:
