@@ -1,0 +1,385 @@
+"""Benchmark one dispatcher process on the real broker and Redis over loopback.
+
+    .venv/bin/python scripts/bench_dispatcher.py [--workers 8,64] [--requests 15000] [--rate 500]
+        [--duration 20] [--policy learned] [--keep]
+
+The dispatcher runs in its own process (the production `Dispatcher` class, with its per-batch hook
+timed); this process registers fake workers (a heartbeat per second with changing load, as the worker
+service would), produces the requests and watches the dispatcher's committed offsets.
+
+1. Throughput, for each worker count: requests are produced first (512-token prompts, 3/4 of them a
+   shared 384-token system prompt out of 24), then the dispatcher starts; routed requests per second
+   from its first consumed batch to its last acknowledged publish.
+2. Routing overhead at a steady rate (default 500 req/s, 8 workers): per request, from the moment its
+   batch was consumed to the moment every publish of the batch was acknowledged (the commit follows);
+   p50/p99 over all requests, and the batch sizes seen.
+With `--policy learned` (default) a validated river snapshot trained on synthetic telemetry is published
+first, so the dispatcher routes with the model (features outside its training range fall back to the
+heuristic; the split is printed). Every topic and Redis key made here is deleted at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lodestar.cluster_view import ClusterView, RequestInfo  # noqa: E402
+from lodestar.features import FEATURE_INDEX, candidate_matrix  # noqa: E402
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions  # noqa: E402
+from lodestar.names import RedisKeys, Topics  # noqa: E402
+from lodestar.registry import WorkerRegistry  # noqa: E402
+from lodestar.schemas import InferenceRequest, WorkerState  # noqa: E402
+from lodestar.settings import Settings  # noqa: E402
+from lodestar.snapshot_store import SnapshotStore  # noqa: E402
+
+GPUS = ("H100", "A100", "L40S", "L4")
+PROMPT_TOKENS = 512
+SYSTEM_TOKENS = 384
+N_SYSTEM_PROMPTS = 24
+
+
+def bench_settings(policy: str) -> Settings:
+    """Settings on fresh topic, key and group names, so nothing else is disturbed."""
+    tag = f"bench{uuid.uuid4().hex[:8]}"
+    return Settings(
+        kafka={"topic_prefix": f"{tag}."},
+        redis={"key_prefix": f"{tag}:"},
+        dispatcher={"consumer_group": f"{tag}-dispatchers", "policy": policy, "dispatcher_id": "bench"},
+    )
+
+
+# --------------------------------------------------------------------------- the dispatcher process
+
+
+def _dispatcher_process(settings_json: str, stop: Any, results: Any) -> None:
+    """Child process: run the production Dispatcher with its batch hook timed, until `stop` is set."""
+    from dispatcher.routing import BatchPlan
+    from dispatcher.service import Dispatcher
+
+    class TimedDispatcher(Dispatcher):
+        samples: list[tuple[int, float, float]]
+
+        def _batch_routed(self, plan: BatchPlan, started_at: float) -> None:
+            super()._batch_routed(plan, started_at)
+            end = time.perf_counter()
+            self.samples.append((len(plan.routed), started_at, end))
+            for r in plan.routed:
+                self.policies[r.decision.policy] += 1
+
+    async def main() -> None:
+        settings = Settings.model_validate_json(settings_json)
+        service = TimedDispatcher(settings)
+        service.samples = []
+        service.policies = Counter()
+        done = asyncio.Event()
+        task = asyncio.create_task(service.run(done))
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            if task.done():
+                break
+        done.set()
+        await task
+        results.put({"samples": service.samples, "policies": dict(service.policies),
+                     "model_version": service.model_version})
+
+    asyncio.run(main())
+
+
+class DispatcherProcess:
+    """Start/stop the child and collect its timings."""
+
+    def __init__(self, settings: Settings):
+        ctx = mp.get_context("spawn")
+        self.stop = ctx.Event()
+        self.results = ctx.Queue()
+        self.proc = ctx.Process(target=_dispatcher_process, args=(settings.model_dump_json(), self.stop,
+                                                                  self.results))
+
+    def start(self) -> None:
+        self.proc.start()
+
+    def finish(self) -> dict[str, Any]:
+        self.stop.set()
+        out = self.results.get(timeout=60)
+        self.proc.join(30)
+        return out
+
+
+# --------------------------------------------------------------------------- fake workers and load
+
+
+class FakeWorkers:
+    """Registry entries for `n` workers, heartbeated every second with a changing load."""
+
+    def __init__(self, settings: Settings, n: int, seed: int = 0):
+        self.client = aioredis.from_url(settings.redis.url)
+        self.registry = WorkerRegistry(self.client, RedisKeys(settings.redis.key_prefix), settings.worker.state_ttl_s)
+        self.topics = Topics(settings.kafka.topic_prefix)
+        self.ids = [f"w{i:02d}" for i in range(n)]
+        self.rng = random.Random(seed)
+        self.task: asyncio.Task[None] | None = None
+
+    def state(self, i: int, wid: str) -> WorkerState:
+        r = self.rng
+        return WorkerState(worker_id=wid, gpu_type=GPUS[i % len(GPUS)], topic=self.topics.worker(wid),
+                           running=r.randint(0, 16), waiting=r.randint(0, 4), inflight=r.randint(0, 8),
+                           pending_prefill_tokens=r.randint(0, 8000), kv_usage=r.uniform(0.05, 0.9),
+                           max_kv_tokens=400_000, recent_ttft_ms=r.uniform(30, 400))
+
+    async def beat_once(self) -> None:
+        for i, wid in enumerate(self.ids):
+            await self.registry.publish(self.state(i, wid))
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.beat_once()
+
+    async def start(self, settings: Settings) -> None:
+        await ensure_topics(settings, {self.topics.worker(w): 1 for w in self.ids})
+        await self.beat_once()
+        self.task = asyncio.create_task(self._beat())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        await self.client.aclose()
+
+
+def make_requests(n: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    systems = [rng.integers(0, 32000, SYSTEM_TOKENS).tolist() for _ in range(N_SYSTEM_PROMPTS)]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.75:
+            ids = systems[int(rng.integers(N_SYSTEM_PROMPTS))] + rng.integers(0, 32000, PROMPT_TOKENS - SYSTEM_TOKENS
+                                                                               ).tolist()
+        else:
+            ids = rng.integers(0, 32000, PROMPT_TOKENS).tolist()
+        out.append(InferenceRequest(input_ids=ids).to_bytes())
+    return out
+
+
+async def produce_all(producer: AIOKafkaProducer, topic: str, payloads: list[bytes]) -> None:
+    for start in range(0, len(payloads), 2000):
+        futs = [await producer.send(topic, p, key=uuid.uuid4().bytes) for p in payloads[start:start + 2000]]
+        await asyncio.gather(*futs)
+
+
+async def produce_at_rate(producer: AIOKafkaProducer, topic: str, payloads: list[bytes], rate: float) -> float:
+    """Send at `rate` per second (ticks of 10 ms); returns the achieved rate."""
+    per_tick = rate / 100.0
+    t0 = time.perf_counter()
+    sent, futs = 0, []
+    while sent < len(payloads):
+        due = min(len(payloads), int((time.perf_counter() - t0) * 100 * per_tick) + 1)
+        while sent < due:
+            futs.append(await producer.send(topic, payloads[sent], key=uuid.uuid4().bytes))
+            sent += 1
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*futs)
+    return len(payloads) / (time.perf_counter() - t0)
+
+
+async def committed_total(settings: Settings, topic: str) -> int:
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers,
+                                group_id=settings.dispatcher.consumer_group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        total = 0
+        for p in range(settings.kafka.request_partitions):
+            total += await consumer.committed(TopicPartition(topic, p)) or 0
+        return total
+    finally:
+        await consumer.stop()
+
+
+async def wait_committed(settings: Settings, topic: str, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (got := await committed_total(settings, topic)) < n:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {got}/{n} requests committed after {timeout:.0f} s")
+        await asyncio.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- the model snapshot
+
+
+async def publish_trained_snapshot(settings: Settings) -> int:
+    """Train a river learner on synthetic telemetry spanning the bench's feature ranges; publish it."""
+    from learner.trainer import LearnerConfig, make_learner
+
+    rng = np.random.default_rng(1)
+    learner = make_learner("river", LearnerConfig())
+    for i in range(3000):
+        view = ClusterView.empty_like(["w"], [GPUS[i % len(GPUS)]])
+        view.running[:] = rng.integers(0, 17)
+        view.waiting[:] = rng.integers(0, 5)
+        view.inflight[:] = rng.integers(0, 400)
+        view.pending_prefill_tokens[:] = rng.integers(0, 400_000)
+        view.kv_usage[:] = rng.uniform(0.0, 1.0)
+        view.recent_ttft_ms[:] = rng.uniform(10, 500)
+        view.matched_prefix_tokens[:] = rng.integers(0, PROMPT_TOKENS + 1)
+        x = candidate_matrix(RequestInfo("r", prompt_tokens=int(rng.integers(16, 2048))), view)[0]
+        ttft = 15.0 + 0.04 * x[FEATURE_INDEX["backlog_tokens_per_speed"]] + 20.0 * x[FEATURE_INDEX["queue_per_speed"]]
+        learner.observe(x, float(ttft), float(i))
+    snapshot = learner.snapshot(3000.0)
+    client = aioredis.from_url(settings.redis.url)
+    try:
+        await SnapshotStore(client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key).publish(snapshot)
+    finally:
+        await client.aclose()
+    print(f"  published snapshot v{snapshot.version} (river, validated={snapshot.validated})")
+    return snapshot.version
+
+
+# --------------------------------------------------------------------------- phases
+
+
+async def cleanup(settings: Settings, worker_ids: list[str]) -> None:
+    topics = Topics(settings.kafka.topic_prefix)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    await admin.start()
+    try:
+        names = set(await admin.list_topics())
+        doomed = [t for t in [*fixed_topic_partitions(settings), *(topics.worker(w) for w in worker_ids)] if t in names]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+    client = aioredis.from_url(settings.redis.url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def setup(settings: Settings, n_workers: int, policy: str) -> FakeWorkers:
+    await ensure_topics(settings, fixed_topic_partitions(settings))
+    workers = FakeWorkers(settings, n_workers)
+    await workers.start(settings)
+    if policy == "learned":
+        await publish_trained_snapshot(settings)
+    return workers
+
+
+async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: bool) -> dict[str, Any]:
+    settings = bench_settings(policy)
+    topic = Topics(settings.kafka.topic_prefix).requests
+    workers = await setup(settings, n_workers, policy)
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
+                                    enable_idempotence=True, linger_ms=5)
+        await producer.start()
+        try:
+            t0 = time.perf_counter()
+            await produce_all(producer, topic, make_requests(n_requests, seed=n_workers))
+            print(f"  produced {n_requests} requests in {time.perf_counter() - t0:.1f} s")
+        finally:
+            await producer.stop()
+        proc = DispatcherProcess(settings)
+        proc.start()
+        await wait_committed(settings, topic, n_requests, timeout=600)
+        out = proc.finish()
+    finally:
+        await workers.stop()
+        if not keep:
+            await cleanup(settings, workers.ids)
+    samples = out["samples"]
+    routed = sum(n for n, _, _ in samples)
+    span = max(e for _, _, e in samples) - min(s for _, s, _ in samples)
+    return {"workers": n_workers, "routed": routed, "seconds": span, "rate": routed / span,
+            "mean_batch": routed / len(samples), "policies": out["policies"], "model_version": out["model_version"]}
+
+
+async def overhead_phase(n_workers: int, rate: float, duration: float, policy: str, keep: bool) -> dict[str, Any]:
+    settings = bench_settings(policy)
+    topic = Topics(settings.kafka.topic_prefix).requests
+    workers = await setup(settings, n_workers, policy)
+    n = int(rate * duration)
+    try:
+        proc = DispatcherProcess(settings)
+        proc.start()
+        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
+                                    enable_idempotence=True, linger_ms=1)
+        await producer.start()
+        try:
+            warm = make_requests(50, seed=99)
+            await produce_all(producer, topic, warm)  # the dispatcher joins its group and warms up
+            await wait_committed(settings, topic, len(warm), timeout=120)
+            achieved = await produce_at_rate(producer, topic, make_requests(n, seed=7), rate)
+        finally:
+            await producer.stop()
+        await wait_committed(settings, topic, n + len(warm), timeout=120)
+        out = proc.finish()
+    finally:
+        await workers.stop()
+        if not keep:
+            await cleanup(settings, workers.ids)
+    per_request: list[float] = []
+    batch_sizes: list[int] = []
+    routed_seen = 0
+    for size, start, end in out["samples"]:
+        routed_seen += size
+        if routed_seen <= len(warm):
+            continue  # warm-up batches
+        per_request.extend([(end - start) * 1e3] * size)
+        batch_sizes.append(size)
+    per_request.sort()
+    return {"workers": n_workers, "rate": achieved, "requests": len(per_request),
+            "p50_ms": statistics.median(per_request), "p99_ms": per_request[int(0.99 * (len(per_request) - 1))],
+            "mean_ms": statistics.fmean(per_request), "mean_batch": statistics.fmean(batch_sizes),
+            "max_batch": max(batch_sizes), "policies": out["policies"]}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="8,64", help="worker counts for the throughput phase")
+    parser.add_argument("--requests", type=int, default=15000, help="requests per throughput run")
+    parser.add_argument("--rate", type=float, default=500.0, help="request rate of the overhead phase")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of the overhead phase")
+    parser.add_argument("--overhead-workers", type=int, default=8)
+    parser.add_argument("--policy", default="learned")
+    parser.add_argument("--keep", action="store_true", help="keep the topics and Redis keys")
+    args = parser.parse_args()
+
+    print(f"dispatcher benchmark: policy {args.policy}, batch size {Settings().dispatcher.batch_size}")
+    rows = []
+    for n in (int(x) for x in args.workers.split(",")):
+        print(f"throughput with {n} workers ...")
+        rows.append(await throughput_phase(n, args.requests, args.policy, args.keep))
+    print(f"routing overhead at {args.rate:.0f} req/s with {args.overhead_workers} workers ...")
+    over = await overhead_phase(args.overhead_workers, args.rate, args.duration, args.policy, args.keep)
+
+    print("\nthroughput (one dispatcher process, requests pre-produced)")
+    print(f"{'workers':>8} {'routed':>8} {'seconds':>8} {'req/s':>8} {'mean batch':>11}  decisions by policy")
+    for r in rows:
+        print(f"{r['workers']:>8} {r['routed']:>8} {r['seconds']:>8.2f} {r['rate']:>8.0f} {r['mean_batch']:>11.1f}  "
+              f"{r['policies']}")
+    print(f"\nrouting overhead, consume -> acknowledged publish, at {over['rate']:.0f} req/s "
+          f"({over['workers']} workers, {over['requests']} requests)")
+    print(f"  p50 {over['p50_ms']:.2f} ms   p99 {over['p99_ms']:.2f} ms   mean {over['mean_ms']:.2f} ms   "
+          f"batch mean {over['mean_batch']:.1f} max {over['max_batch']}   {over['policies']}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
