@@ -1,7 +1,8 @@
 """Benchmark the SGLang-API emulator: fidelity per GPU, and how much load one emulator process sustains.
 
     .venv/bin/python scripts/bench_emulator.py [--gpus H100,A100,...] [--lengths 1024,4096,16384]
-        [--rates 10,25,50,100,150,200,300] [--level-seconds 8] [--skip-fidelity] [--skip-capacity]
+        [--rates 2,4,6,8,10,12,14,16] [--level-seconds 10] [--capacity-time-scale 1]
+        [--skip-fidelity] [--skip-capacity]
 
 Each emulator runs as its own process (`python -m lodestar.cli emulator`), driven over loopback HTTP by a
 minimal asyncio client (one connection per request, streaming `/generate` with `input_ids`).
@@ -15,7 +16,8 @@ minimal asyncio client (one connection per request, streaming `/generate` with `
    client used are replayed through a fresh engine in virtual time; the TTFT shift is measured mean
    TTFT / predicted mean TTFT - 1, and the emulator "sustains" a rate while the shift stays within 5%.
    The emulator process's CPU time per streamed chunk is printed too: on a busy shared host it is a
-   steadier figure than latency.
+   steadier figure than latency. `--capacity-time-scale X` runs the emulator X times slower than the
+   modelled GPU (rates and TTFTs are then per emulated second), the remedy for a host that cannot keep up.
 """
 
 from __future__ import annotations
@@ -214,8 +216,9 @@ async def fidelity(gpus: list[str], lengths: list[int], out_tokens: int, repeats
 
 # ---- 2. capacity -----------------------------------------------------------------------------
 
-async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shared: list[int],
-                         rng: random.Random, unique: int, out_tokens: int, tag: str) -> dict[str, float]:
+async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shared: list[int], rng: random.Random,
+                         unique: int, out_tokens: int, tag: str, time_scale: float) -> dict[str, float]:
+    """One level: Poisson arrivals at `rate` per emulated second for `seconds` of wall time."""
     tasks: list[asyncio.Task[StreamResult]] = []
     arrivals: list[Arrival] = []
     t0 = time.perf_counter()
@@ -229,16 +232,16 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
         ids = shared + [rng.randrange(VOCAB) for _ in range(unique)]
         rid = f"{tag}-{k}"
         k += 1
-        arrivals.append(Arrival(rid, time.perf_counter() - t0, ids, out_tokens))
+        arrivals.append(Arrival(rid, (time.perf_counter() - t0) / time_scale, ids, out_tokens))
         tasks.append(asyncio.create_task(stream_generate("127.0.0.1", emu.port, {
             "rid": rid, "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}})))
-        next_at += rng.expovariate(rate)
+        next_at += rng.expovariate(rate) * time_scale
     results = await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     cpu = emu.cpu_seconds() - cpu0
     _, info = await http_get("127.0.0.1", emu.port, "/server_info")
-    max_lag = json.loads(info)["emulator"]["max_lag_s"]
-    measured = [r.first - r.sent for r in results]
+    max_lag = json.loads(info)["emulator"]["max_lag_s"] * time_scale  # wall seconds, since start
+    measured = [(r.first - r.sent) / time_scale for r in results]
     predicted = replay("H100", arrivals)
     pred = [predicted[a.rid][0] for a in arrivals]
     warm = slice(1, None) if shared else slice(None)  # the first request of a level fills the shared prefix
@@ -253,19 +256,21 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
     }
 
 
-async def capacity(rates: list[float], seconds: float, shared_tokens: int, unique: int, out_tokens: int) -> None:
-    print(f"\nCapacity, H100, time scale 1: Poisson arrivals, prompt = {shared_tokens} shared + {unique} unique "
-          f"tokens, {out_tokens} output tokens, {seconds:.0f} s per level; load average {os.getloadavg()[0]:.1f}")
+async def capacity(rates: list[float], seconds: float, shared_tokens: int, unique: int, out_tokens: int,
+                   time_scale: float) -> None:
+    print(f"\nCapacity, H100, time scale {time_scale:g}: Poisson arrivals, prompt = {shared_tokens} shared + {unique} "
+          f"unique tokens, {out_tokens} output tokens, {seconds:.0f} wall s per level; load average "
+          f"{os.getloadavg()[0]:.1f}. rate: per emulated second; req/s, chunks/s: per wall second; TTFT: emulated")
     print(f"{'rate':>6s} {'req/s':>7s} {'chunks/s':>9s} {'TTFT ms':>8s} {'model':>7s} {'shift':>7s} "
           f"{'p90 shift ms':>12s} {'emulator CPU':>12s} {'CPU us/chunk':>12s} {'max lag ms':>10s}")
     rng = random.Random(2)
-    emu = EmulatorProcess("H100")
+    emu = EmulatorProcess("H100", time_scale)
     sustained: dict[str, float] | None = None
     try:
         await emu.ready()
         for level, rate in enumerate(rates):
             shared = [rng.randrange(VOCAB) for _ in range(shared_tokens)]  # fresh per level
-            row = await capacity_level(emu, rate, seconds, shared, rng, unique, out_tokens, f"L{level}")
+            row = await capacity_level(emu, rate, seconds, shared, rng, unique, out_tokens, f"L{level}", time_scale)
             print(f"{row['rate']:6.0f} {row['req_s']:7.1f} {row['chunks_s']:9.0f} {row['ttft_ms']:8.1f} "
                   f"{row['pred_ms']:7.1f} {100 * row['shift']:+6.1f}% {row['p90_shift_ms']:12.1f} "
                   f"{100 * row['cpu']:11.0f}% {row['cpu_us_chunk']:12.0f} {row['max_lag_ms']:10.1f}", flush=True)
@@ -293,6 +298,7 @@ def main() -> None:
     ap.add_argument("--shared-tokens", type=int, default=0)
     ap.add_argument("--unique-tokens", type=int, default=2048)
     ap.add_argument("--capacity-out-tokens", type=int, default=256)
+    ap.add_argument("--capacity-time-scale", type=float, default=1.0)
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-capacity", action="store_true")
     args = ap.parse_args()
@@ -301,7 +307,7 @@ def main() -> None:
                              args.repeats))
     if not args.skip_capacity:
         asyncio.run(capacity([float(x) for x in args.rates.split(",")], args.level_seconds, args.shared_tokens,
-                             args.unique_tokens, args.capacity_out_tokens))
+                             args.unique_tokens, args.capacity_out_tokens, args.capacity_time_scale))
 
 
 if __name__ == "__main__":
