@@ -21,6 +21,11 @@ def dispatcher(
     """Consume requests in batches, route each to a live worker, publish, commit. SIGTERM/SIGINT stop it."""
     section: dict[str, Any] = {}
     if policy:
+        from dispatcher.policies import policy_names
+
+        if policy not in policy_names():
+            raise typer.BadParameter(f"unknown policy {policy!r}; known: {', '.join(policy_names())}",
+                                     param_hint="--policy")
         section["policy"] = policy
     if dispatcher_id:
         section["dispatcher_id"] = dispatcher_id

@@ -22,6 +22,11 @@ def learner(
     """Consume telemetry, learn, publish signed snapshots, checkpoint. SIGTERM/SIGINT checkpoint and stop."""
     section: dict[str, Any] = {}
     if model:
+        from learner.trainer import LEARNER_MODELS
+
+        if model not in LEARNER_MODELS:
+            raise typer.BadParameter(f"unknown model {model!r}; known: {', '.join(LEARNER_MODELS)}",
+                                     param_hint="--model")
         section["model"] = model
     if checkpoint_path:
         section["checkpoint_path"] = checkpoint_path

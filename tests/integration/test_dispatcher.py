@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 
 import pytest
@@ -16,7 +17,7 @@ from dispatcher_harness import (
     shared_prefix_requests,
     wait_until,
 )
-from worker_harness import TopicReader, isolated_settings, produce, require_services
+from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
 
 from lodestar.features import FEATURE_NAMES
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
@@ -171,3 +172,27 @@ async def test_dead_worker_backlog_is_rerouted_to_live_workers(services: None) -
     assert sorted(m.request.request_id for m in msgs) == sorted(m.request.request_id for m in backlog)
     assert all(m.decision.attempt == 2 and m.decision.worker_id == "alive" for m in msgs)
     assert b"gone" not in seen and b"alive" in seen
+
+
+async def test_the_lodestar_dispatcher_command_routes_and_stops_on_sigterm(settings: Settings) -> None:
+    topics = Topics(settings.kafka.topic_prefix)
+    await ensure_topics(settings, fixed_topic_partitions(settings))
+    env = {**settings_env(settings), "LODESTAR_DISPATCHER__CONSUMER_GROUP": settings.dispatcher.consumer_group}
+    request = InferenceRequest(prompt="from the command line")
+    async with FakeWorkers(settings) as workers:
+        await workers.add("wa")
+        proc = await asyncio.create_subprocess_exec(
+            LODESTAR, "dispatcher", "--policy", "round_robin", "--id", "cli-1", env=env, cwd=ROOT,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            async with TopicReader(settings, topics.worker("wa")) as reader:
+                await produce_requests(settings, [request])
+                await reader.wait_for(lambda m: m[topics.worker("wa")], timeout=60)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    (msg,) = reader.messages[topics.worker("wa")]
+    assert msg["request"]["request_id"] == request.request_id
+    assert msg["decision"]["dispatcher_id"] == "cli-1" and msg["decision"]["policy"] == "round_robin"
+    assert b"stopped after routing 1 requests" in stderr

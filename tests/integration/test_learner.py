@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 from dispatcher_harness import FakeWorkers, dispatch_settings, produce_requests, running_dispatcher, wait_until
-from worker_harness import TopicReader, isolated_settings, produce, require_services
+from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
 
 from learner.service import LearnerService
 from lodestar.cluster_view import ClusterView, RequestInfo
@@ -24,7 +25,7 @@ from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import RedisKeys, Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, TelemetryEvent
 from lodestar.settings import Settings
-from lodestar.snapshot_store import SnapshotStore
+from lodestar.snapshot_store import SnapshotStore, StaleSnapshotVersion
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +152,36 @@ async def test_a_restarted_learner_resumes_from_its_checkpoint(settings: Setting
             assert second.stats.events == 150  # committed offsets: the first 200 are not consumed again
         assert second.learner.n_seen == 350 and second.version == 2
         assert await store.stored_version() == 2
+        current = await store.load()
+        assert current is not None
+        with pytest.raises(StaleSnapshotVersion):  # nobody can roll the model back
+            await store.publish(dataclasses.replace(current, version=1))
         assert time.monotonic() - started < 60
     finally:
         await store_client.aclose()
+
+
+async def test_the_lodestar_learner_command_publishes_and_checkpoints_on_sigterm(settings: Settings) -> None:
+    await ensure_topics(settings, fixed_topic_partitions(settings))
+    env = {**settings_env(settings), "LODESTAR_LEARNER__CONSUMER_GROUP": settings.learner.consumer_group,
+           "LODESTAR_LEARNER__SNAPSHOT_EVERY_EVENTS": "150"}
+    client = aioredis.from_url(settings.redis.url)
+    store = SnapshotStore(client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key)
+    path = settings.learner.checkpoint_path
+    proc = await asyncio.create_subprocess_exec(
+        LODESTAR, "learner", "--model", "river", "--checkpoint-path", str(path), env=env, cwd=ROOT,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        await produce_telemetry(settings, telemetry(170, seed=5))
+        deadline = time.monotonic() + 90
+        while await store.stored_version() != 1:
+            assert time.monotonic() < deadline, "no snapshot from the learner command"
+            await asyncio.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(proc.communicate(), 60)
+        await client.aclose()
+    assert proc.returncode == 0, stderr.decode()[-2000:]
+    saved = json.loads(path.read_text())
+    assert saved["counters"]["n_seen"] == 170  # the 20 events after the snapshot were checkpointed at stop
+    assert b"published snapshot v1" in stderr
