@@ -94,8 +94,11 @@ class _Ring:
 class _StratifiedReservoir:
     """Per-stratum reservoir samples of everything seen, so rare regimes stay in the replay."""
 
-    def __init__(self, per_stratum: int):
+    OVERFLOW = "other"
+
+    def __init__(self, per_stratum: int, max_strata: int = 64):
         self.per_stratum = per_stratum
+        self.max_strata = max_strata
         self.strata: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.seen: dict[str, int] = {}
 
@@ -106,6 +109,8 @@ class _StratifiedReservoir:
 
     def add(self, x: np.ndarray, y: float, rng: np.random.Generator) -> None:
         k = self.key(x, y)
+        if k not in self.strata and len(self.strata) >= self.max_strata:
+            k = self.OVERFLOW
         if k not in self.strata:
             self.strata[k] = (np.zeros((self.per_stratum, N_FEATURES)), np.zeros(self.per_stratum))
             self.seen[k] = 0

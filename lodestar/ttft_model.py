@@ -98,6 +98,11 @@ class TTFTModel:
             self.feature_min = _vector(snapshot.arrays, "feature_min", n)
             self.feature_max = _vector(snapshot.arrays, "feature_max", n)
         self.range_margin = _number(meta.get("range_margin", 0.1), "meta.range_margin")
+        # Fold the standardization into the first layer: (z - c) * s @ W + b = z @ (s W) + (b - (c s) @ W).
+        w0, b0 = self.layers[0]
+        self._w0 = self.x_inv_scale[:, None] * w0
+        self._b0 = b0 - (self.x_center * self.x_inv_scale) @ w0
+        self._log1p_columns = self.columns[self.log1p_mask]
         self.version = snapshot.version
         self.family = snapshot.family
         self.validated = snapshot.validated
@@ -105,12 +110,12 @@ class TTFTModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted TTFT in ms for each row of a (n, N_FEATURES) candidate matrix."""
-        h = (transform_inputs(x[:, self.columns], self.log1p_mask) - self.x_center) * self.x_inv_scale
-        last = len(self.layers) - 1
-        for i, (w, b) in enumerate(self.layers):
+        z = np.array(x, dtype=np.float64)  # a copy: the log1p below is in place
+        z[:, self._log1p_columns] = np.log1p(np.maximum(z[:, self._log1p_columns], 0.0))
+        h = z[:, self.columns] @ self._w0 + self._b0
+        for w, b in self.layers[1:]:
+            np.maximum(h, 0.0, out=h)
             h = h @ w + b
-            if i < last:
-                np.maximum(h, 0.0, out=h)
         return inverse_target(h[:, 0] * self.target_scale + self.target_center, self.target_transform)
 
     def out_of_range(self, x: np.ndarray) -> np.ndarray:

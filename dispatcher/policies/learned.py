@@ -4,9 +4,10 @@ The snapshot comes from the learner (hot-swapped with `load_snapshot`, never per
 request the shared candidate matrix (lodestar.features) is evaluated by lodestar.ttft_model with numpy
 over all workers at once. A heuristic decides instead (default `gpu_speed_queue`, built by
 `make_policy`) while there is no snapshot, while the snapshot is not validated on held-out telemetry,
-and whenever any candidate's features fall outside the range the model was trained on (with the
-snapshot's margin): the model's guesses there are extrapolation. Exploration is epsilon-greedy with a
-decaying epsilon and a seeded RNG; explored decisions are flagged so telemetry can tell them apart.
+and whenever the candidate the model picks has features outside the range the model was trained on
+(with the snapshot's margin): its prediction there is extrapolation, possibly optimistic.
+Exploration is epsilon-greedy with a decaying epsilon and a seeded RNG; explored decisions are flagged
+so telemetry can tell them apart.
 """
 
 from __future__ import annotations
@@ -78,17 +79,19 @@ class LearnedPolicy:
         explore = view.size > 1 and self.rng.random() < self.epsilon
         self.decisions += 1
         predicted: np.ndarray | None = None
+        index = -1
         if self._model_usable():
             assert self.model is not None
             x = candidate_matrix(request, view)
-            if not (self.check_range and self.model.out_of_range(x).any()):
-                predicted = self.model.predict(x)
-        if predicted is None:
-            decision = self.fallback.choose(request, view)
-            index, policy = decision.index, self.fallback_name
-        else:
+            predicted = self.model.predict(x)
             best = np.flatnonzero(predicted <= predicted.min())
             index = int(best[0] if len(best) == 1 else self.rng.choice(best))
+            # Only the pick matters: a candidate out of range but predicted slow is not chosen anyway.
+            if self.check_range and self.model.out_of_range(x[index:index + 1])[0]:
+                predicted = None
+        if predicted is None:
+            index, policy = self.fallback.choose(request, view).index, self.fallback_name
+        else:
             policy = NAME
         if explore:  # any other candidate, uniformly
             index = int((index + 1 + self.rng.integers(view.size - 1)) % view.size)

@@ -9,15 +9,28 @@ continues from where it was instead of from a function that just moved.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from functools import cache
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from learner.models.base import InputLayout
 from lodestar.snapshot import Snapshot, decode_array, encode_array
 from lodestar.ttft_model import KIND_DENSE, forward_target, inverse_target, transform_inputs
 
 TARGET = "log1p"
+
+
+@cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def single_threaded_blas() -> AbstractContextManager[object]:
+    """BLAS on one thread: for these small matrices, OpenBLAS threads only contend (2 shared cores)."""
+    return _blas().limit(limits=1, user_api="blas")
 
 
 class MLPModel:
@@ -79,7 +92,8 @@ class MLPModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted TTFT in ms per row."""
-        out, _ = self._forward((self._inputs(x) - self.x_center) * self.x_inv_scale)
+        with single_threaded_blas():
+            out, _ = self._forward((self._inputs(x) - self.x_center) * self.x_inv_scale)
         return inverse_target(out * self.y_scale + self.y_center, TARGET)
 
     def _refit_standardization(self, z: np.ndarray, t: np.ndarray) -> None:
@@ -111,11 +125,12 @@ class MLPModel:
         h = (z - self.x_center) * self.x_inv_scale
         y = (t - self.y_center) / self.y_scale
         n = len(y)
-        for _ in range(self.epochs):
-            order = self.rng.permutation(n)
-            for start in range(0, n, self.batch_size):
-                idx = order[start:start + self.batch_size]
-                self._adam_step(h[idx], y[idx])
+        with single_threaded_blas():
+            for _ in range(self.epochs):
+                order = self.rng.permutation(n)
+                for start in range(0, n, self.batch_size):
+                    idx = order[start:start + self.batch_size]
+                    self._adam_step(h[idx], y[idx])
         self.n_learned += n
 
     def learn_one(self, x_row: np.ndarray, ttft_ms: float) -> None:

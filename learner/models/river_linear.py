@@ -50,7 +50,7 @@ class RiverLinearModel:
     def _as_dicts(self, x: np.ndarray) -> list[dict[str, float]]:
         z = transform_inputs(np.atleast_2d(x)[:, self._columns], self._log1p_mask)
         names = self.layout.feature_names
-        return [dict(zip(names, map(float, row), strict=True)) for row in z]
+        return [dict(zip(names, row, strict=True)) for row in z.tolist()]
 
     def learn_one(self, x_row: np.ndarray, ttft_ms: float) -> None:
         """Update the scaler with the sample, then take one Adam step on it."""

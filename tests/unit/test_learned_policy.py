@@ -78,13 +78,19 @@ def test_unvalidated_snapshot_uses_the_fallback() -> None:
     assert d.policy == "learned"
 
 
-def test_out_of_range_inputs_use_the_fallback() -> None:
-    # trained on uncached_per_speed in [0, 1000]; margin 10% -> up to 1100. The L4 sees 2000/0.39.
-    p = policy(snapshot=linear_snapshot(hi=1000.0))
+def test_out_of_range_pick_uses_the_fallback() -> None:
+    # trained on uncached_per_speed in [0, 500]; margin 10% -> up to 550. The H100 pick sees 2000/3.17.
+    p = policy(snapshot=linear_snapshot(hi=500.0))
     assert p.choose(REQ, hetero_view()).policy == "learned/always_last"
     assert p.choose(RequestInfo("small", prompt_tokens=300), hetero_view()).policy == "learned"
-    p = policy(snapshot=linear_snapshot(hi=1000.0), check_range=False)
+    p = policy(snapshot=linear_snapshot(hi=500.0), check_range=False)
     assert p.choose(REQ, hetero_view()).policy == "learned"
+
+
+def test_out_of_range_candidates_that_are_not_picked_do_not_matter() -> None:
+    # up to 1100 allowed: the H100 (631) is in range, the L4 (5157) and A100 (2000) are not.
+    d = policy(snapshot=linear_snapshot(hi=1000.0)).choose(REQ, hetero_view())
+    assert (d.policy, d.worker_id) == ("learned", "w1")
 
 
 def test_a_snapshot_it_cannot_evaluate_is_refused_and_the_old_model_kept() -> None:
