@@ -13,6 +13,7 @@ from lodestar.commands.dispatcher import dispatcher
 from lodestar.commands.emulator import emulator
 from lodestar.commands.learner import learner
 from lodestar.commands.submit import submit
+from lodestar.commands.up import up
 from lodestar.commands.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Lodestar: a learned LLM request router.")
@@ -23,6 +24,7 @@ app.command("submit")(submit)
 app.command("emulator")(emulator)
 app.command("dispatcher")(dispatcher)
 app.command("learner")(learner)
+app.command("up")(up)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""What a supervisor asks to know whether a stack is up: engines answering `/health`, workers live in
+the Redis registry, consumer groups stable with their members (services name their Kafka clients:
+`dispatcher-<id>`, `learner`), how far a group is behind, and the current model snapshot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from lodestar.names import RedisKeys
+from lodestar.registry import WorkerRegistry
+from lodestar.settings import Settings
+from lodestar.snapshot import Snapshot
+from lodestar.snapshot_store import SnapshotStore
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """A consumer group as the broker describes it: `Stable` once every member has its partitions."""
+
+    state: str
+    client_ids: tuple[str, ...]
+
+    @property
+    def stable(self) -> bool:
+        return self.state == "Stable"
+
+
+class StackProbes:
+    """Open clients for repeated readiness checks (use as an async context manager)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._http = httpx.AsyncClient(timeout=2.0)
+        self._redis = aioredis.from_url(settings.redis.url)
+        keys = RedisKeys(settings.redis.key_prefix)
+        self._registry = WorkerRegistry(self._redis, keys, settings.worker.state_ttl_s)
+        self._snapshots = SnapshotStore(self._redis, keys, settings.learner.hmac_key)
+        self._admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+        self._offsets = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
+                                         enable_auto_commit=False)
+
+    async def __aenter__(self) -> StackProbes:
+        await self._admin.start()
+        await self._offsets.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._offsets.stop()
+        await self._admin.close()
+        await self._redis.aclose()
+        await self._http.aclose()
+
+    async def engine_healthy(self, base_url: str) -> bool:
+        """Whether an SGLang engine (or the emulator) answers 200 on `/health` (it does once warmed up)."""
+        try:
+            return (await self._http.get(f"{base_url}/health")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    async def engine_info(self, base_url: str) -> dict[str, Any]:
+        """An engine's `/server_info` (the emulator adds an `emulator` object with its clock's lag)."""
+        response = await self._http.get(f"{base_url}/server_info")
+        response.raise_for_status()
+        return response.json()
+
+    async def live_workers(self) -> set[str]:
+        """Ids of the workers whose registry entry is live."""
+        return {w.worker_id for w in await self._registry.live_workers()}
+
+    async def group(self, group_id: str) -> GroupState:
+        """The state and member client ids of a consumer group (`Dead`/empty if it has no members)."""
+        responses = await self._admin.describe_consumer_groups([group_id])
+        for response in responses:
+            for group in response.to_object()["groups"]:
+                if group["error_code"] == 0 and group["group"] == group_id:
+                    return GroupState(group["state"], tuple(sorted(m["client_id"] for m in group["members"])))
+        return GroupState("Dead", ())
+
+    async def group_lag(self, group_id: str, topic: str) -> int:
+        """Records of `topic` the group has not committed yet (all of them if it committed nothing)."""
+        (described,) = await self._admin.describe_topics([topic])
+        partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+        ends = await self._offsets.end_offsets(partitions)
+        committed = await self._admin.list_consumer_group_offsets(group_id, partitions=partitions)
+        return sum(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+                   for tp, end in ends.items())
+
+    async def snapshot(self) -> Snapshot | None:
+        """The verified model snapshot in Redis, or None if the learner has published none."""
+        return await self._snapshots.load()
