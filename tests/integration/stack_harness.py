@@ -1,0 +1,100 @@
+"""Helpers for the end-to-end tests: the whole pipeline as `lodestar` processes (lodestar.local_stack,
+the same bring-up as `lodestar up`) under settings no other test shares, plus request builders.
+
+The broker and Redis come from the conftest's `kafka_bootstrap` and `redis_url` fixtures; topics and
+keys are removed afterwards (worker_harness.cleanup). Process logs go to the test's tmp directory and
+a process that dies unexpectedly fails the test with its log tail (lodestar.stack.StackError)."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worker_harness import cleanup, isolated_settings
+
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.local_stack import child_env, start_pipeline
+from lodestar.names import Topics
+from lodestar.readiness import StackProbes
+from lodestar.schemas import InferenceRequest, SamplingParams
+from lodestar.settings import Settings
+from lodestar.stack import Stack
+from sim.cluster import WorkerSpec
+
+MODEL = "llama-3.1-8b"
+
+
+def e2e_settings(checkpoint: Path, *, dispatcher: dict[str, Any] | None = None, learner: dict[str, Any] | None = None,
+                 worker: dict[str, Any] | None = None) -> Settings:
+    """Isolated settings (own topics, keys, consumer groups and learner checkpoint), 4 request partitions,
+    and worker leases short enough for crash tests (2 s)."""
+    s = isolated_settings()
+    prefix = s.kafka.topic_prefix
+    return s.model_copy(update={
+        "kafka": s.kafka.model_copy(update={"request_partitions": 4}),
+        "worker": s.worker.model_copy(update={"state_ttl_s": 2.0, **(worker or {})}),
+        "dispatcher": s.dispatcher.model_copy(update={"consumer_group": f"{prefix}dispatchers", **(dispatcher or {})}),
+        "learner": s.learner.model_copy(update={"consumer_group": f"{prefix}learner", "checkpoint_path": checkpoint,
+                                                **(learner or {})}),
+    })
+
+
+def engines(*gpus: str) -> list[WorkerSpec]:
+    """One engine per GPU type given, with ids like `h100-0`, `l4-0`, `h100-1`."""
+    counts: dict[str, int] = {}
+    out = []
+    for gpu in gpus:
+        n = counts.get(gpu, 0)
+        counts[gpu] = n + 1
+        out.append(WorkerSpec(worker_id=f"{gpu.lower()}-{n}", gpu=gpu, model=MODEL))
+    return out
+
+
+@dataclass
+class Pipeline:
+    """A running pipeline: its settings, processes, probes and engine URLs by worker id."""
+
+    settings: Settings
+    stack: Stack
+    probes: StackProbes
+    urls: dict[str, str]
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.settings.kafka.topic_prefix)
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(
+    settings: Settings, log_dir: Path, cluster: Sequence[WorkerSpec], dispatcher_ids: Sequence[str], policy: str,
+    *, learner: bool = True, time_scale: float = 1.0,
+) -> AsyncIterator[Pipeline]:
+    """Start emulators, workers, (the learner) and dispatchers; stop them and remove topics and keys after."""
+    await ensure_topics(settings, fixed_topic_partitions(settings))
+    stack = Stack(log_dir, env=child_env(settings))
+    try:
+        async with StackProbes(settings) as probes:
+            urls = await start_pipeline(stack, probes, cluster, dispatcher_ids, policy, time_scale=time_scale,
+                                        learner=learner, timeout_s=120)
+            yield Pipeline(settings, stack, probes, urls)
+    finally:
+        stack.stop_all()
+        await cleanup(settings)
+
+
+def shared_prefix_requests(n: int, max_new_tokens: int, groups: int = 4, tag: str | None = None
+                           ) -> list[InferenceRequest]:
+    """`n` token prompts: one of `groups` shared 256-token system prompts, then 32 tokens of their own."""
+    tag = tag or uuid.uuid4().hex[:6]
+    return [
+        InferenceRequest(
+            request_id=f"{tag}-{i}",
+            input_ids=[1000 + 997 * (i % groups) + t for t in range(256)] + [50_000 + 32 * i + t for t in range(32)],
+            sampling=SamplingParams(max_new_tokens=max_new_tokens),
+        )
+        for i in range(n)
+    ]
