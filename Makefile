@@ -7,7 +7,7 @@
 #   make test      services, then the WHOLE suite, integration tests included (-m "");
 #                  extra pytest arguments: make test PYTEST_ARGS='-k kafka -x'
 #   make lint      ruff check
-#   make demo      services, then `lodestar demo`
+#   make demo      the whole pipeline, heuristic vs learned routing (`lodestar up`, ~3 min; docs/demo.md)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -50,6 +50,7 @@ test:
 lint:
 	$(VENV)/bin/ruff check .
 
+# lodestar up starts Kafka/Redis itself when they do not answer, and stops only what it started
 demo:
-	scripts/services start
-	$(VENV)/bin/lodestar demo
+	@[ -x $(VENV)/bin/lodestar ] || { echo "make demo: $(VENV)/bin/lodestar is missing: run 'make setup' first (or 'make setup demo')" >&2; exit 1; }
+	$(VENV)/bin/lodestar up
