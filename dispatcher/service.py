@@ -141,6 +141,7 @@ class Dispatcher:
         self.model_version = 0
         self._capacities: dict[str, int] = {}
         self._stop = asyncio.Event()
+        self._commit_task: asyncio.Task[None] | None = None
 
     @property
     def uses_snapshots(self) -> bool:
@@ -172,6 +173,7 @@ class Dispatcher:
                          self.policy_name, self.settings.dispatcher.consumer_group, self.topics.requests)
                 await self._consume(tasks)
             finally:
+                await self._settle_commit()
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -317,16 +319,31 @@ class Dispatcher:
         self.stats.dead_letters += len(requests)
 
     async def _commit(self, records: list[ConsumerRecord]) -> None:
+        """Start committing the batch's offsets; the commit overlaps the next batch's routing.
+
+        Commits stay in order (each waits for the previous one), start only after the batch's
+        publishes are acknowledged, and the last one is awaited before the consumer stops.
+        """
         offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             offsets[tp] = max(offsets.get(tp, 0), r.offset + 1)
+        await self._settle_commit()
+        self._commit_task = asyncio.create_task(self._commit_offsets(offsets, len(records)))
+
+    async def _settle_commit(self) -> None:
+        """Wait for the commit in flight, if any."""
+        if self._commit_task is not None:
+            task, self._commit_task = self._commit_task, None
+            await task
+
+    async def _commit_offsets(self, offsets: dict[TopicPartition, int], n_records: int) -> None:
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
             # The partitions moved to another dispatcher mid-batch: it will route these records again
             # (their first routing is already published; workers dedupe by request id).
-            log.warning("commit of %d records failed after a rebalance: %s", len(records), exc)
+            log.warning("commit of %d records failed after a rebalance: %s", n_records, exc)
 
     async def _sync_capacities(self) -> None:
         """Size each worker's prefix index to its KV cache (in blocks) when the worker reports it."""

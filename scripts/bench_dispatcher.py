@@ -9,7 +9,8 @@ service would), produces the requests and watches the dispatcher's committed off
 
 1. Throughput, for each worker count: requests are produced first (512-token prompts, 3/4 of them a
    shared 384-token system prompt out of 24), then the dispatcher starts; routed requests per second
-   from its first consumed batch to its last acknowledged publish.
+   from its first consumed batch to its last acknowledged publish, and the dispatcher process's CPU
+   time per routed request (what it would sustain on one free core).
 2. Routing overhead at a steady rate (default 500 req/s, 8 workers): per request, from the moment its
    batch was consumed to the moment every publish of the batch was acknowledged (the commit follows);
    p50/p99 over all requests, and the batch sizes seen.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
+import os
 import random
 import statistics
 import sys
@@ -75,11 +77,13 @@ def _dispatcher_process(settings_json: str, stop: Any, results: Any) -> None:
 
     class TimedDispatcher(Dispatcher):
         samples: list[tuple[int, float, float]]
+        cpu: list[float]
 
         def _batch_routed(self, plan: BatchPlan, started_at: float) -> None:
             super()._batch_routed(plan, started_at)
             end = time.perf_counter()
             self.samples.append((len(plan.routed), started_at, end))
+            self.cpu.append(time.process_time())
             for r in plan.routed:
                 self.policies[r.decision.policy] += 1
 
@@ -87,6 +91,7 @@ def _dispatcher_process(settings_json: str, stop: Any, results: Any) -> None:
         settings = Settings.model_validate_json(settings_json)
         service = TimedDispatcher(settings)
         service.samples = []
+        service.cpu = []
         service.policies = Counter()
         done = asyncio.Event()
         task = asyncio.create_task(service.run(done))
@@ -96,7 +101,7 @@ def _dispatcher_process(settings_json: str, stop: Any, results: Any) -> None:
                 break
         done.set()
         await task
-        results.put({"samples": service.samples, "policies": dict(service.policies),
+        results.put({"samples": service.samples, "cpu": service.cpu, "policies": dict(service.policies),
                      "model_version": service.model_version})
 
     asyncio.run(main())
@@ -307,7 +312,8 @@ async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: b
     samples = out["samples"]
     routed = sum(n for n, _, _ in samples)
     span = max(e for _, _, e in samples) - min(s for _, s, _ in samples)
-    return {"workers": n_workers, "routed": routed, "seconds": span, "rate": routed / span,
+    cpu_ms = (out["cpu"][-1] - out["cpu"][0]) * 1e3 / (routed - samples[0][0])
+    return {"workers": n_workers, "routed": routed, "seconds": span, "rate": routed / span, "cpu_ms": cpu_ms,
             "mean_batch": routed / len(samples), "policies": out["policies"], "model_version": out["model_version"]}
 
 
@@ -371,10 +377,13 @@ async def main() -> None:
     over = await overhead_phase(args.overhead_workers, args.rate, args.duration, args.policy, args.keep)
 
     print("\nthroughput (one dispatcher process, requests pre-produced)")
-    print(f"{'workers':>8} {'routed':>8} {'seconds':>8} {'req/s':>8} {'mean batch':>11}  decisions by policy")
+    print(f"{'workers':>8} {'routed':>8} {'seconds':>8} {'req/s':>8} {'CPU ms/req':>11} {'req/CPU-s':>10} "
+          f"{'mean batch':>11}  decisions by policy")
     for r in rows:
-        print(f"{r['workers']:>8} {r['routed']:>8} {r['seconds']:>8.2f} {r['rate']:>8.0f} {r['mean_batch']:>11.1f}  "
-              f"{r['policies']}")
+        print(f"{r['workers']:>8} {r['routed']:>8} {r['seconds']:>8.2f} {r['rate']:>8.0f} {r['cpu_ms']:>11.3f} "
+              f"{1000 / r['cpu_ms']:>10.0f} {r['mean_batch']:>11.1f}  {r['policies']}")
+    print(f"(host load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+          "CPU ms/req is the dispatcher process's own CPU time, steadier than wall time on a busy host)")
     print(f"\nrouting overhead, consume -> acknowledged publish, at {over['rate']:.0f} req/s "
           f"({over['workers']} workers, {over['requests']} requests)")
     print(f"  p50 {over['p50_ms']:.2f} ms   p99 {over['p99_ms']:.2f} ms   mean {over['mean_ms']:.2f} ms   "
