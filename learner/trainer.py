@@ -39,6 +39,8 @@ class LearnerConfig:
 
     snapshot_every_events: int = 1000
     snapshot_every_s: float = 30.0
+    # Until a validated snapshot is out, publish this often, so the dispatcher leaves its fallback sooner.
+    warmup_snapshot_every_events: int = 100
     retrain_every: int = 1000
     first_retrain_at: int = 100
     recent_capacity: int = 5000
@@ -182,7 +184,7 @@ class Learner:
         self._pending_x: list[np.ndarray] = []
         self._pending_y: list[float] = []
         self.errors: deque[tuple[float, float, float]] = deque(maxlen=c.error_window)
-        self.last_validation: dict[str, Any] = {}
+        self.published_validated = False
 
     # -- learning ---------------------------------------------------------------------------------
 
@@ -241,12 +243,18 @@ class Learner:
     # -- publishing -------------------------------------------------------------------------------
 
     def maybe_snapshot(self, now_s: float) -> Snapshot | None:
-        """A new snapshot if the model changed and N events or T seconds passed since the last one."""
+        """A new snapshot if the model changed and N events or T seconds passed since the last one.
+
+        Until a snapshot passed validation, N is at most `warmup_snapshot_every_events`.
+        """
         c = self.config
         if not (self.model.trained and self.model_changed and self.events_since_snapshot > 0):
             return None
         elapsed = now_s - (self.last_snapshot_s if self.last_snapshot_s is not None else now_s)
-        if self.events_since_snapshot < c.snapshot_every_events and elapsed < c.snapshot_every_s:
+        every = c.snapshot_every_events
+        if not self.published_validated:
+            every = min(every, c.warmup_snapshot_every_events)
+        if self.events_since_snapshot < every and elapsed < c.snapshot_every_s:
             return None
         return self.snapshot(now_s)
 
@@ -257,6 +265,7 @@ class Learner:
         self.last_snapshot_s = now_s
         self.model_changed = False
         validation = self.validate()
+        self.published_validated = validation["validated"]
         snap = self.model.to_snapshot(self.version)
         arrays = dict(snap.arrays)
         if self.n_trained > 0:
@@ -280,7 +289,6 @@ class Learner:
         hx, hy = self.holdout.arrays()
         result: dict[str, Any] = {"samples": int(len(hy)), "validated": False}
         if len(hy) == 0 or not self.model.trained:
-            self.last_validation = result
             return result
         pred = self.model.predict(hx)
         log_mae = float(np.mean(_log_errors(pred, hy)))
@@ -300,7 +308,6 @@ class Learner:
             and log_mae <= c.max_holdout_log_mae
             and skill >= c.min_holdout_skill
         )
-        self.last_validation = result
         return result
 
     def online_error(self) -> dict[str, float]:
@@ -333,7 +340,7 @@ class Learner:
                 "n_seen": self.n_seen, "n_trained": self.n_trained, "since_retrain": self.since_retrain,
                 "next_retrain_at": self.next_retrain_at, "version": self.version,
                 "events_since_snapshot": self.events_since_snapshot, "last_snapshot_s": self.last_snapshot_s,
-                "model_changed": self.model_changed,
+                "model_changed": self.model_changed, "published_validated": self.published_validated,
             },
             "feature_min": [None if not math.isfinite(v) else float(v) for v in self.feature_min],
             "feature_max": [None if not math.isfinite(v) else float(v) for v in self.feature_max],

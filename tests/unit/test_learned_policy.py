@@ -103,7 +103,7 @@ def test_a_snapshot_it_cannot_evaluate_is_refused_and_the_old_model_kept() -> No
 
 def test_exploration_decays_and_flags_decisions() -> None:
     p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.5, epsilon_min=0.01,
-                      epsilon_half_life=500, seed=1)
+                      epsilon_half_life=500, explore_within=100.0, seed=1)
     assert p.epsilon == pytest.approx(0.5)
     decisions = [p.choose(REQ, hetero_view()) for _ in range(4000)]
     assert p.epsilon == pytest.approx(0.01 + 0.49 * 0.5**8)
@@ -112,11 +112,29 @@ def test_exploration_decays_and_flags_decisions() -> None:
     assert early > 0.25 and late < 0.05
     # an explored decision goes elsewhere than the greedy choice; an unexplored one does not
     assert all((d.worker_id != "w1") == d.explored for d in decisions)
+    assert {d.worker_id for d in decisions if d.explored} == {"w0", "w2"}
+
+
+def test_exploration_stays_near_the_best_prediction() -> None:
+    # predictions: H100 ~632 ms, A100 2001 ms, L4 ~5157 ms; within 4x of the best only the A100 qualifies
+    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0,
+                      explore_within=4.0, seed=2)
+    assert {p.choose(REQ, hetero_view()).worker_id for _ in range(200)} == {"w2"}
+    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0,
+                      explore_within=1.5, seed=2)
+    d = p.choose(REQ, hetero_view())
+    assert (d.worker_id, d.explored) == ("w1", False)  # nothing close enough: no exploration
+
+
+def test_the_fallback_does_not_explore() -> None:
+    p = LearnedPolicy(fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0, seed=3)
+    assert all(not p.choose(REQ, hetero_view()).explored for _ in range(50))
 
 
 def test_same_seed_same_decisions() -> None:
     def run() -> list[int]:
-        p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.3, seed=7)
+        p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.3,
+                          explore_within=10.0, seed=7)
         return [p.choose(REQ, hetero_view()).index for _ in range(200)]
 
     assert run() == run()
@@ -132,3 +150,5 @@ def test_ties_are_broken_at_random_not_always_first() -> None:
 def test_invalid_epsilon_settings() -> None:
     with pytest.raises(ValueError):
         LearnedPolicy(fallback=AlwaysLast(), epsilon_start=0.1, epsilon_min=0.2)
+    with pytest.raises(ValueError):
+        LearnedPolicy(fallback=AlwaysLast(), explore_within=0.5)

@@ -47,7 +47,10 @@ def test_event_cadence_versions_and_ranges() -> None:
     cfg = LearnerConfig(snapshot_every_events=200, snapshot_every_s=1e9)
     learner = make_learner("river", cfg)
     snaps = feed(learner, stream(1000))
-    assert [s.version for s in snaps] == [1, 2, 3, 4, 5]
+    assert [s.version for s in snaps] == [1, 2, 3, 4, 5, 6]
+    # warm-up: every 100 events until one validated (20 held-out samples are needed), then every 200
+    assert [s.meta["n_seen"] for s in snaps] == [100, 200, 400, 600, 800, 1000]
+    assert [s.validated for s in snaps] == [False, True, True, True, True, True]
     last = snaps[-1]
     assert last.meta["n_seen"] == 1000 and last.meta["n_trained"] == 900  # one in ten held out
     model = TTFTModel(last)

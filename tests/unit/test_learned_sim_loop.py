@@ -1,0 +1,80 @@
+"""The learner in the simulator's telemetry loop: snapshots at the cadence, signed, swapped into the policy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dispatcher.policies.learned import LearnedPolicy
+from learner.trainer import LearnerConfig, make_learner
+from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.snapshot import SnapshotError
+from sim.cluster import ClusterSpec
+from sim.learning_loop import LearningLoop
+from sim.policy_factory import build_policy
+from sim.records import CompletedRequest
+from sim.simulator import Simulator
+from sim.workloads import parse_workload_spec, workload_from_spec
+
+
+class First:
+    name = "first"
+
+    def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
+        return Decision(index=0, worker_id=view.worker_ids[0], policy=self.name)
+
+
+def record(k: int, rng: np.random.Generator) -> CompletedRequest:
+    x = np.abs(rng.normal(size=N_FEATURES)) * 10.0
+    x[FEATURE_INDEX["gpu_speed"]] = 1.0
+    ttft_s = (5.0 + 0.5 * x[FEATURE_INDEX["backlog_tokens_per_speed"]]) / 1000.0
+    t = k * 0.05
+    return CompletedRequest(RequestInfo(f"r{k}", 100), Decision(0, "w0", "first"), "A100", x, 0, t, t + ttft_s,
+                            t + ttft_s + 0.1, 100, 0, 10, "stop")
+
+
+def test_loop_publishes_signed_snapshots_into_the_policy() -> None:
+    policy = LearnedPolicy(fallback=First())
+    cfg = LearnerConfig(snapshot_every_events=200, snapshot_every_s=1e9, warmup_snapshot_every_events=200)
+    loop = LearningLoop(make_learner("river", cfg), policy, hmac_key="sim-key")
+    rng = np.random.default_rng(0)
+    for k in range(1000):
+        rec = record(k, rng)
+        loop.observe(rec)
+        assert loop.tick(rec.finished_s) is None  # the policy is updated in place
+    assert [s["version"] for s in loop.snapshots] == [1, 2, 3, 4, 5]
+    assert policy.model_version == 5 and policy.model is not None and policy.model.validated
+
+
+def test_records_without_features_are_skipped() -> None:
+    loop = LearningLoop(make_learner("river"), LearnedPolicy(fallback=First()), hmac_key="k")
+    rec = record(0, np.random.default_rng(0))
+    rec.features = None
+    loop.observe(rec)
+    assert loop.learner.n_seen == 0
+
+
+def test_an_empty_key_is_refused_at_the_first_snapshot() -> None:
+    cfg = LearnerConfig(snapshot_every_events=10, warmup_snapshot_every_events=10)
+    loop = LearningLoop(make_learner("river", cfg), LearnedPolicy(fallback=First()), hmac_key="")
+    rng = np.random.default_rng(0)
+    with pytest.raises(SnapshotError, match="empty HMAC key"):
+        for k in range(20):
+            loop.observe(record(k, rng))
+            loop.tick(k * 0.05)
+
+
+@pytest.mark.parametrize("name", ["learned_river", "learned_mlp"])
+def test_learned_policy_learns_inside_a_simulation(name: str) -> None:
+    cluster = ClusterSpec.model_validate({"workers": [{"gpu": "A100", "count": 1}, {"gpu": "L4", "count": 1}]})
+    spec = parse_workload_spec({"kind": "shared_prefix", "preset": "sglang_gsp", "rate": 10.0, "duration_s": 60,
+                                "num_groups": 16, "prompts_per_group": 32, "output_len": 16})
+    setup = build_policy(name, seed=1, cluster=cluster, snapshot_every_s=5.0, fallback="round_robin")
+    assert isinstance(setup.policy, LearnedPolicy) and setup.sink is not None
+    result = Simulator(cluster, setup.policy, seed=1, sink=setup.sink).run(workload_from_spec(spec).requests(1))
+    policies = {r.decision.policy for r in result.records}
+    assert policies == {"learned/round_robin", "learned"}  # cold start on the fallback, then the model
+    assert setup.policy.model_version >= 2
+    versions = [r.decision.model_version for r in sorted(result.records, key=lambda r: r.arrival_s)]
+    assert versions == sorted(versions) and versions[0] == 0
