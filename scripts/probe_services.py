@@ -21,6 +21,7 @@ import asyncio
 import base64
 import logging
 import os
+import re
 import socket
 import struct
 import sys
@@ -167,6 +168,11 @@ def redis_once(url: str) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def masked(target: str) -> str:
+    """The address without its password (redis://:secret@host -> redis://:***@host)."""
+    return re.sub(r"(://[^:@/]*:)[^@/]*@", r"\1***@", target)
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -187,15 +193,17 @@ def wait(check, target: str, timeout: float, pid: int | None) -> int:
     last = "no attempt made"
     while True:
         if pid is not None and not pid_alive(pid):
-            print(f"process {pid} exited before {target} answered (last: {last})", file=sys.stderr)
+            print(f"process {pid} exited before {masked(target)} answered (last: {last})", file=sys.stderr)
             return 2
         try:
             print(check(target))
             return 0
         except Exception as exc:  # any failure means "not (yet) answering"
-            last = f"{type(exc).__name__}: {exc}".strip()
+            text = str(exc) or repr(exc)
+            last = text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
         if time.monotonic() >= deadline:
-            print(f"{target} did not answer within {timeout:g}s (last: {last})", file=sys.stderr)
+            within = f" within {timeout:g}s" if timeout else ""
+            print(f"{masked(target)} did not answer{within} (last: {last})", file=sys.stderr)
             return 1
         time.sleep(RETRY_PAUSE_S)
 
