@@ -1,6 +1,6 @@
 """Benchmark one dispatcher process on the real broker and Redis over loopback.
 
-    .venv/bin/python scripts/bench_dispatcher.py [--workers 8,64] [--requests 15000] [--rate 500]
+    .venv/bin/python scripts/bench_dispatcher.py [--workers 8,64] [--requests 15000] [--rates 500]
         [--duration 20] [--policy learned] [--keep]
 
 The dispatcher runs in its own process (the production `Dispatcher` class, with its per-batch hook
@@ -11,7 +11,7 @@ service would), produces the requests and watches the dispatcher's committed off
    shared 384-token system prompt out of 24), then the dispatcher starts; routed requests per second
    from its first consumed batch to its last acknowledged publish, and the dispatcher process's CPU
    time per routed request (what it would sustain on one free core).
-2. Routing overhead at a steady rate (default 500 req/s, 8 workers): per request, from the moment its
+2. Routing overhead at steady rates (default 500 req/s, 8 workers): per request, from the moment its
    batch was consumed to the moment every publish of the batch was acknowledged (the commit follows);
    p50/p99 over all requests, and the batch sizes seen.
 With `--policy learned` (default) a validated river snapshot trained on synthetic telemetry is published
@@ -361,7 +361,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", default="8,64", help="worker counts for the throughput phase")
     parser.add_argument("--requests", type=int, default=15000, help="requests per throughput run")
-    parser.add_argument("--rate", type=float, default=500.0, help="request rate of the overhead phase")
+    parser.add_argument("--rates", default="500", help="request rates of the overhead phase (comma-separated)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of the overhead phase")
     parser.add_argument("--overhead-workers", type=int, default=8)
     parser.add_argument("--policy", default="learned")
@@ -373,8 +373,10 @@ async def main() -> None:
     for n in (int(x) for x in args.workers.split(",")):
         print(f"throughput with {n} workers ...")
         rows.append(await throughput_phase(n, args.requests, args.policy, args.keep))
-    print(f"routing overhead at {args.rate:.0f} req/s with {args.overhead_workers} workers ...")
-    over = await overhead_phase(args.overhead_workers, args.rate, args.duration, args.policy, args.keep)
+    overheads = []
+    for rate in (float(x) for x in args.rates.split(",")):
+        print(f"routing overhead at {rate:.0f} req/s with {args.overhead_workers} workers ...")
+        overheads.append(await overhead_phase(args.overhead_workers, rate, args.duration, args.policy, args.keep))
 
     print("\nthroughput (one dispatcher process, requests pre-produced)")
     print(f"{'workers':>8} {'routed':>8} {'seconds':>8} {'req/s':>8} {'CPU ms/req':>11} {'req/CPU-s':>10} "
@@ -384,10 +386,12 @@ async def main() -> None:
               f"{1000 / r['cpu_ms']:>10.0f} {r['mean_batch']:>11.1f}  {r['policies']}")
     print(f"(host load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           "CPU ms/req is the dispatcher process's own CPU time, steadier than wall time on a busy host)")
-    print(f"\nrouting overhead, consume -> acknowledged publish, at {over['rate']:.0f} req/s "
-          f"({over['workers']} workers, {over['requests']} requests)")
-    print(f"  p50 {over['p50_ms']:.2f} ms   p99 {over['p99_ms']:.2f} ms   mean {over['mean_ms']:.2f} ms   "
-          f"batch mean {over['mean_batch']:.1f} max {over['max_batch']}   {over['policies']}")
+    print("\nrouting overhead per request, batch consumed -> every publish of the batch acknowledged")
+    for over in overheads:
+        print(f"  at {over['rate']:.0f} req/s ({over['workers']} workers, {over['requests']} requests): "
+              f"p50 {over['p50_ms']:.2f} ms  p99 {over['p99_ms']:.2f} ms  mean {over['mean_ms']:.2f} ms  "
+              f"batch mean {over['mean_batch']:.1f} max {over['max_batch']}")
+    print(f"(host load average at the end: {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":
