@@ -93,6 +93,7 @@ def up(
     from sim.cluster import read_cluster
     from sim.workloads import load_workload
 
+    started = time.monotonic()
     console = Console() if Console().is_terminal else Console(width=int(os.environ.get("COLUMNS", 120)))
     engines = read_cluster(cluster).expand()
     ignored = sorted({k for e in engines for k in e.engine})
@@ -133,9 +134,10 @@ def up(
         stack.stop_all()
         with contextlib.suppress(Exception):
             asyncio.run(remove_namespace(settings))
-        console.print(f"stopped {len(stack.processes)} processes in {time.monotonic() - t0:.1f} s; "
-                      f"removed namespace {namespace}")
+        console.print(f"all {len(stack.processes)} processes of the run stopped ({time.monotonic() - t0:.1f} s); "
+                      f"namespace {namespace} removed")
         services.stop_started()
+        console.print(f"lodestar up: {time.monotonic() - started:.0f} s in all")
     raise typer.Exit(code)
 
 
