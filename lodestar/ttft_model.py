@@ -97,7 +97,14 @@ class TTFTModel:
         if "feature_min" in snapshot.arrays or "feature_max" in snapshot.arrays:
             self.feature_min = _vector(snapshot.arrays, "feature_min", n)
             self.feature_max = _vector(snapshot.arrays, "feature_max", n)
-        self.range_margin = _number(meta.get("range_margin", 0.1), "meta.range_margin")
+        self.range_margin = _number(meta.get("range_margin", 0.25), "meta.range_margin")
+        self._range_lo: np.ndarray | None = None
+        self._range_hi: np.ndarray | None = None
+        if self.feature_min is not None and self.feature_max is not None:
+            lo = transform_inputs(self.feature_min[None, :], self.log1p_mask)[0]
+            hi = transform_inputs(self.feature_max[None, :], self.log1p_mask)[0]
+            slack = self.range_margin * (hi - lo)
+            self._range_lo, self._range_hi = lo - slack, hi + slack
         # Fold the standardization into the first layer: (z - c) * s @ W + b = z @ (s W) + (b - (c s) @ W).
         w0, b0 = self.layers[0]
         self._w0 = self.x_inv_scale[:, None] * w0
@@ -119,12 +126,15 @@ class TTFTModel:
         return inverse_target(h[:, 0] * self.target_scale + self.target_center, self.target_transform)
 
     def out_of_range(self, x: np.ndarray) -> np.ndarray:
-        """Per row: whether any feature lies outside the training range widened by the margin."""
-        if self.feature_min is None or self.feature_max is None:
+        """Per row: whether any feature lies outside the training range widened by the margin.
+
+        Compared in the model's input space (log1p for the heavy-tailed features), where the margin is
+        a fraction of the span: for a queue length seen up to 20, a margin of 0.25 allows up to ~45.
+        """
+        if self._range_lo is None or self._range_hi is None:
             return np.zeros(len(x), dtype=bool)
-        z = x[:, self.columns]
-        slack = self.range_margin * (self.feature_max - self.feature_min)
-        return np.any((z < self.feature_min - slack) | (z > self.feature_max + slack), axis=1)
+        z = transform_inputs(x[:, self.columns], self.log1p_mask)
+        return np.any((z < self._range_lo) | (z > self._range_hi), axis=1)
 
 
 def _number(value: Any, name: str) -> float:

@@ -8,7 +8,7 @@ the simulator measures what the live system would do, cold start included.
 
 Registered simulator policies: `learned` (the model family from settings, `mlp` by default),
 `learned_river` and `learned_mlp`. Options (from `lodestar bench sim`) go to the learner config
-(`snapshot_every_events`, `retrain_every`, ...), the model (`hidden`, `lr`, ...) or the policy
+(`snapshot_every_events`, `warmup_snapshot_every_events`, ...), the model (`hidden`, `lr`, ...) or the policy
 (`fallback`, `epsilon_start`, ...), by name.
 """
 

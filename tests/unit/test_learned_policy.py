@@ -7,7 +7,9 @@ import pytest
 
 from dispatcher.policies.learned import LearnedPolicy
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.features import FEATURE_INDEX, N_FEATURES
 from lodestar.snapshot import Snapshot, SnapshotError
+from lodestar.ttft_model import TTFTModel
 
 REQ = RequestInfo("r", prompt_tokens=2000)
 
@@ -152,3 +154,19 @@ def test_invalid_epsilon_settings() -> None:
         LearnedPolicy(fallback=AlwaysLast(), epsilon_start=0.1, epsilon_min=0.2)
     with pytest.raises(ValueError):
         LearnedPolicy(fallback=AlwaysLast(), explore_within=0.5)
+
+
+def test_range_is_checked_in_the_models_log_space() -> None:
+    # inflight seen in [0, 20], through log1p: margin 0.25 of the log span allows up to ~44 in flight
+    snap = Snapshot(
+        version=1, family="mlp", kind="dense", feature_names=("inflight",),
+        arrays={"x_center": np.zeros(1), "x_inv_scale": np.ones(1), "layer0_w": np.ones((1, 1)),
+                "layer0_b": np.zeros(1), "feature_min": np.zeros(1), "feature_max": np.array([20.0])},
+        meta={"layers": 1, "log1p_features": ["inflight"], "range_margin": 0.25, "validated": True,
+              "target": {"transform": "log1p", "center": 0.0, "scale": 1.0}},
+    )
+    model = TTFTModel(snap)
+    x = np.zeros((3, N_FEATURES))
+    x[:, FEATURE_INDEX["inflight"]] = [0.0, 44.0, 46.0]
+    assert model.out_of_range(x).tolist() == [False, False, True]
+    np.testing.assert_allclose(model.predict(x), x[:, FEATURE_INDEX["inflight"]])  # expm1(log1p(v)) = v

@@ -37,10 +37,11 @@ def feed(learner: Learner, samples: list[tuple[np.ndarray, float]], t0: float = 
     return snaps
 
 
-def test_no_snapshot_before_the_model_learned() -> None:
-    learner = make_learner("mlp", LearnerConfig(first_retrain_at=100, snapshot_every_events=10), **SMALL_MLP)
-    snaps = feed(learner, stream(50))
-    assert snaps == [] and not learner.model.trained
+def test_no_snapshot_before_the_cadence_and_none_without_new_samples() -> None:
+    learner = make_learner("mlp", LearnerConfig(warmup_snapshot_every_events=100), **SMALL_MLP)
+    assert feed(learner, stream(50)) == [] and not learner.model.trained
+    assert learner.maybe_snapshot(1e9) is not None  # T seconds passed: retrain and publish
+    assert learner.maybe_snapshot(2e9) is None  # nothing new learned since
 
 
 def test_event_cadence_versions_and_ranges() -> None:
@@ -76,16 +77,20 @@ def test_validation_passes_on_learnable_data_and_fails_on_noise() -> None:
     assert not feed(noisy, noise)[-1].validated
 
 
-def test_mlp_retrains_on_a_warm_up_schedule() -> None:
-    cfg = LearnerConfig(first_retrain_at=50, retrain_every=200)
+def test_mlp_retrains_at_each_snapshot_on_replayed_samples() -> None:
+    cfg = LearnerConfig(snapshot_every_events=300, snapshot_every_s=1e9, warmup_snapshot_every_events=300,
+                        recent_capacity=200, diverse_capacity=100)
     learner = make_learner("mlp", cfg, **SMALL_MLP)
-    retrain_points = []
+    trained_at, learned = [], []
     for k, (x, y) in enumerate(stream(1000)):
-        before = learner.model.n_learned
         learner.observe(x, y, k * 0.01)
-        if learner.model.n_learned != before:
-            retrain_points.append(learner.n_trained)
-    assert retrain_points == [50, 100, 200, 400, 600, 800]
+        before = learner.model.n_learned
+        if learner.maybe_snapshot(k * 0.01) is not None:
+            trained_at.append(learner.n_seen)
+            learned.append(learner.model.n_learned - before)
+    assert trained_at == [300, 600, 900]
+    # each retrain sees the recent ring (200) plus up to 100 replayed from the strata
+    assert all(200 < n <= 300 for n in learned)
 
 
 def test_online_error_is_prequential_and_shrinks() -> None:
@@ -110,7 +115,7 @@ def test_bad_samples_are_refused() -> None:
 
 @pytest.mark.parametrize("family", ["river", "mlp"])
 def test_checkpoint_restore_resumes_identically(family: str) -> None:
-    cfg = LearnerConfig(snapshot_every_events=150, first_retrain_at=60, retrain_every=120, holdout_every=7)
+    cfg = LearnerConfig(snapshot_every_events=150, warmup_snapshot_every_events=60, holdout_every=7)
     params = SMALL_MLP if family == "mlp" else {}
     learner = make_learner(family, cfg, **params)
     samples = stream(900, seed=3)
