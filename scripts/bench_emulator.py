@@ -15,6 +15,8 @@ minimal asyncio client (one connection per request, streaming `/generate` with `
    that the stream of chunks grows large before the modelled GPU saturates. The arrival times the
    client used are replayed through a fresh engine in virtual time; the TTFT shift is measured mean
    TTFT / predicted mean TTFT - 1, and the emulator "sustains" a rate while the shift stays within 5%.
+   "server shift" is the same from the emulator's own TTFT histogram (receipt to delivery), which leaves
+   out the client and the loopback hops.
    The emulator process's CPU time per streamed chunk is printed too: on a busy shared host it is a
    steadier figure than latency. `--capacity-time-scale X` runs the emulator X times slower than the
    modelled GPU (rates and TTFTs are then per emulated second), the remedy for a host that cannot keep up.
@@ -34,6 +36,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from lodestar.hashing import token_block_hashes
 from sim.engine import Engine, EngineRequest
@@ -148,6 +152,14 @@ async def stream_generate(host: str, port: int, payload: dict) -> StreamResult:
     return StreamResult(sent, first, last, chunks, int(meta.get("completion_tokens", 0)))
 
 
+async def server_ttft(port: int) -> tuple[float, float]:
+    """The emulator's own TTFT histogram (sum, count), measured from request receipt to token delivery."""
+    _, body = await http_get("127.0.0.1", port, "/metrics")
+    values = {s.name: s.value for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    return (values.get("sglang:time_to_first_token_seconds_sum", 0.0),
+            values.get("sglang:time_to_first_token_seconds_count", 0.0))
+
+
 # ---- the engine model's prediction ------------------------------------------------------------
 
 @dataclass
@@ -221,6 +233,7 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
     """One level: Poisson arrivals at `rate` per emulated second for `seconds` of wall time."""
     tasks: list[asyncio.Task[StreamResult]] = []
     arrivals: list[Arrival] = []
+    ttft_sum0, ttft_n0 = await server_ttft(emu.port)
     t0 = time.perf_counter()
     cpu0 = emu.cpu_seconds()
     next_at = 0.0
@@ -239,6 +252,8 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
     results = await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     cpu = emu.cpu_seconds() - cpu0
+    ttft_sum1, ttft_n1 = await server_ttft(emu.port)
+    server_mean = (ttft_sum1 - ttft_sum0) / max(ttft_n1 - ttft_n0, 1) / time_scale
     _, info = await http_get("127.0.0.1", emu.port, "/server_info")
     max_lag = json.loads(info)["emulator"]["max_lag_s"] * time_scale  # wall seconds, since start
     measured = [(r.first - r.sent) / time_scale for r in results]
@@ -251,6 +266,7 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
     return {
         "rate": rate, "req_s": len(results) / wall, "chunks_s": chunks / wall,
         "ttft_ms": m_mean * 1e3, "pred_ms": p_mean * 1e3, "shift": m_mean / p_mean - 1,
+        "server_shift": server_mean / statistics.fmean(pred) - 1,
         "p90_shift_ms": shifts[int(0.9 * (len(shifts) - 1))] * 1e3, "cpu": cpu / wall,
         "cpu_us_chunk": cpu / chunks * 1e6, "max_lag_ms": max_lag * 1e3,
     }
@@ -262,7 +278,8 @@ async def capacity(rates: list[float], seconds: float, shared_tokens: int, uniqu
           f"unique tokens, {out_tokens} output tokens, {seconds:.0f} wall s per level; load average "
           f"{os.getloadavg()[0]:.1f}. rate: per emulated second; req/s, chunks/s: per wall second; TTFT: emulated")
     print(f"{'rate':>6s} {'req/s':>7s} {'chunks/s':>9s} {'TTFT ms':>8s} {'model':>7s} {'shift':>7s} "
-          f"{'p90 shift ms':>12s} {'emulator CPU':>12s} {'CPU us/chunk':>12s} {'max lag ms':>10s}")
+          f"{'p90 shift ms':>12s} {'server shift':>12s} {'emulator CPU':>12s} {'CPU us/chunk':>12s} "
+          f"{'max lag ms':>10s}")
     rng = random.Random(2)
     emu = EmulatorProcess("H100", time_scale)
     sustained: dict[str, float] | None = None
@@ -273,6 +290,7 @@ async def capacity(rates: list[float], seconds: float, shared_tokens: int, uniqu
             row = await capacity_level(emu, rate, seconds, shared, rng, unique, out_tokens, f"L{level}", time_scale)
             print(f"{row['rate']:6.0f} {row['req_s']:7.1f} {row['chunks_s']:9.0f} {row['ttft_ms']:8.1f} "
                   f"{row['pred_ms']:7.1f} {100 * row['shift']:+6.1f}% {row['p90_shift_ms']:12.1f} "
+                  f"{100 * row['server_shift']:+11.1f}% "
                   f"{100 * row['cpu']:11.0f}% {row['cpu_us_chunk']:12.0f} {row['max_lag_ms']:10.1f}", flush=True)
             if row["shift"] <= 0.05:
                 sustained = row

@@ -33,7 +33,7 @@ from sim.engine import Engine, EngineRequest, StepOutcome
 logger = logging.getLogger(__name__)
 
 LATENESS_WEIGHT = 0.1  # of the latest wake-up in the running average of wake-up lateness
-MAX_LATENESS_S = 0.002  # a longer stall (GC, a busy host) is not something to anticipate
+MAX_LATENESS_S = 0.005  # a longer stall (GC, a host out of CPU) is not something to anticipate
 IDLE_RECHECK_S = 0.01  # wall seconds between looks at an engine that has work but starts none
 
 
