@@ -113,9 +113,8 @@ class StreamResult:
     completion_tokens: int
 
 
-async def stream_generate(host: str, port: int, payload: dict) -> StreamResult:
-    """POST /generate with stream=true; time the first and last token events."""
-    body = json.dumps(payload).encode()
+async def stream_generate(host: str, port: int, body: bytes) -> StreamResult:
+    """POST a streaming /generate body; time the first and last token events."""
     reader, writer = await asyncio.open_connection(host, port)
     head = (f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
@@ -128,7 +127,7 @@ async def stream_generate(host: str, port: int, payload: dict) -> StreamResult:
         pass  # headers (uvicorn streams with chunked transfer encoding)
     first = last = 0.0
     chunks = 0
-    meta: dict = {}
+    last_data = b"{}"
     buf = b""
     done = False
     while not done:
@@ -147,9 +146,16 @@ async def stream_generate(host: str, port: int, payload: dict) -> StreamResult:
                 first = now
             last = now
             chunks += 1
-            meta = json.loads(data)["meta_info"]
+            last_data = data
     writer.close()
+    meta = json.loads(last_data).get("meta_info", {})
     return StreamResult(sent, first, last, chunks, int(meta.get("completion_tokens", 0)))
+
+
+def generate_body(rid: str | None, ids: list[int], out_tokens: int) -> bytes:
+    """A streaming /generate request body."""
+    body = {"input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}}
+    return json.dumps({**body, "rid": rid} if rid else body).encode()
 
 
 async def server_ttft(port: int) -> tuple[float, float]:
@@ -214,8 +220,7 @@ async def fidelity(gpus: list[str], lengths: list[int], out_tokens: int, repeats
                 ttfts, tpots = [], []
                 for _ in range(repeats):
                     ids = [rng.randrange(VOCAB) for _ in range(n)]  # fresh: nothing cached
-                    res = await stream_generate("127.0.0.1", emu.port, {
-                        "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}})
+                    res = await stream_generate("127.0.0.1", emu.port, generate_body(None, ids, out_tokens))
                     ttfts.append(res.first - res.sent)
                     tpots.append((res.last - res.first) / max(res.completion_tokens - 1, 1))
                 ttft, tpot = statistics.median(ttfts), statistics.median(tpots)
@@ -233,22 +238,22 @@ async def capacity_level(emu: EmulatorProcess, rate: float, seconds: float, shar
     """One level: Poisson arrivals at `rate` per emulated second for `seconds` of wall time."""
     tasks: list[asyncio.Task[StreamResult]] = []
     arrivals: list[Arrival] = []
+    schedule: list[float] = []  # wall offsets of the arrivals, and the requests, prepared beforehand
+    next_at = 0.0
+    while next_at < seconds:
+        schedule.append(next_at)
+        next_at += rng.expovariate(rate) * time_scale
+    prompts = [shared + [rng.randrange(VOCAB) for _ in range(unique)] for _ in schedule]
+    bodies = [generate_body(f"{tag}-{k}", ids, out_tokens) for k, ids in enumerate(prompts)]
     ttft_sum0, ttft_n0 = await server_ttft(emu.port)
     t0 = time.perf_counter()
     cpu0 = emu.cpu_seconds()
-    next_at = 0.0
-    k = 0
-    while next_at < seconds:
-        delay = t0 + next_at - time.perf_counter()
+    for k, at in enumerate(schedule):
+        delay = t0 + at - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        ids = shared + [rng.randrange(VOCAB) for _ in range(unique)]
-        rid = f"{tag}-{k}"
-        k += 1
-        arrivals.append(Arrival(rid, (time.perf_counter() - t0) / time_scale, ids, out_tokens))
-        tasks.append(asyncio.create_task(stream_generate("127.0.0.1", emu.port, {
-            "rid": rid, "input_ids": ids, "stream": True, "sampling_params": {"max_new_tokens": out_tokens}})))
-        next_at += rng.expovariate(rate) * time_scale
+        arrivals.append(Arrival(f"{tag}-{k}", (time.perf_counter() - t0) / time_scale, prompts[k], out_tokens))
+        tasks.append(asyncio.create_task(stream_generate("127.0.0.1", emu.port, bodies[k])))
     results = await asyncio.gather(*tasks)
     wall = time.perf_counter() - t0
     cpu = emu.cpu_seconds() - cpu0
