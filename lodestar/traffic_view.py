@@ -25,6 +25,13 @@ def _top(counts: Counter[str] | Counter[int], limit: int = 4, fmt: str = "{}") -
     return ", ".join(f"{fmt.format(k)} {n / total:.0%}" for k, n in counts.most_common(limit))
 
 
+def _versions(counts: Counter[int]) -> str:
+    """Model versions used: each with its share when few, else the range."""
+    if len(counts) <= 3:
+        return _top(counts, fmt="v{}")
+    return f"v{min(counts)}-v{max(counts)} ({len(counts)} versions)"
+
+
 def describe_snapshot(snapshot: Snapshot | None) -> str:
     """One line about the learner's current snapshot."""
     if snapshot is None:
@@ -45,7 +52,7 @@ def progress_lines(tally: PhaseTally, label: str, phase_s: float, snapshot: Snap
         + ("" if elapsed <= phase_s else f" (+{elapsed - phase_s:.0f} s draining)"),
         f"sent {len(tally.sent)} · completed {tally.completed} · in flight {tally.in_flight} · errors {tally.errors}",
         f"rolling TTFT (last {roll.count}): p50 {_ms(roll.p50)} ms · p90 {_ms(roll.p90)} ms",
-        f"decisions: {_top(tally.policy_counts())} · model {_top(tally.model_versions(), fmt='v{}')}",
+        f"decisions: {_top(tally.policy_counts())} · model {_versions(tally.model_versions())}",
         f"dispatchers: {_top(tally.dispatcher_counts())} · load: {_fmt_shares(tally.gpu_shares())}",
         f"learner: {describe_snapshot(snapshot)}",
     ]
@@ -91,5 +98,5 @@ def load_share_table(tallies: Sequence[tuple[str, PhaseTally]], workers_by_gpu: 
 def decisions_line(tally: PhaseTally) -> str:
     """Who decided a phase's requests and with which model versions."""
     return (f"{tally.name}: decisions {_top(tally.policy_counts(), limit=6)}; "
-            f"model versions {_top(tally.model_versions(), limit=6, fmt='v{}')}; "
+            f"model versions {_versions(tally.model_versions())}; "
             f"dispatchers {_top(tally.dispatcher_counts())}")
