@@ -75,8 +75,7 @@ class Emulator:
 
     # ---- the request path -------------------------------------------------------------------
 
-    def prepare(self, text: Any, input_ids: Any, sampling_params: Any,
-                add_bos: bool = True) -> PreparedRequest:
+    def prepare(self, text: Any, input_ids: Any, sampling_params: Any) -> PreparedRequest:
         """Validate and tokenize a request; raises ValueError with SGLang's message when it is bad."""
         if text is None and input_ids is None:
             raise ValueError("Either text, input_ids or input_embeds should be provided.")
@@ -96,7 +95,7 @@ class Emulator:
                 raise ValueError("Batched requests are not supported by the emulator.")
             if not isinstance(text, str):
                 raise ValueError("text must be a string.")
-            ids = self.tokenizer.encode(text, add_bos=add_bos)
+            ids = self.tokenizer.encode(text)
             if not ids:
                 raise ValueError("The input must contain at least one token.")
         explicit_max = isinstance(sampling_params, dict) and sampling_params.get("max_new_tokens") is not None
