@@ -101,6 +101,7 @@ class Simulator:
         self.busy_until = np.zeros(n)
         self._busy = [False] * n
         self._kicked = [False] * n
+        self._monotone_steps = [e.cfg.step_time_jitter == 0 for e in self.engines]
         # Router-side state.
         self.index = InMemoryPrefixIndex(0)
         self._index_block_tokens = 0
@@ -268,7 +269,16 @@ class Simulator:
             return
         now = self.now
         engine = self.engines[i]
-        until = self._next_arrival_s + self._straddle_s(engine)
+        until = self._next_arrival_s
+        n = len(engine.running)
+        if n and self._monotone_steps[i]:
+            # A fused decode run may end up to a lower bound on one iteration (its time without the
+            # context term) after the next arrival. SGLang reads its queue between iterations, so a
+            # request arriving mid-iteration waits for that iteration: the bound includes the iteration
+            # in progress at the arrival and never one starting after it (a pure-decode run's
+            # iterations only grow), and saves a step per arrival and busy engine. Not with step-time
+            # jitter, where iteration times are not monotone.
+            until += engine.perf.decode_base(n) * engine.slowdown
         if self._pending_events and self._pending_events[0].at_s < until:
             until = self._pending_events[0].at_s
         for _ in range(2):
@@ -287,24 +297,32 @@ class Simulator:
         self.busy_until[i] = now + outcome.duration_s
         self._push(now + outcome.duration_s, _STEP_DONE, (i, outcome))
 
-    @staticmethod
-    def _straddle_s(engine: Engine) -> float:
-        """How far past the next arrival a fused decode run may go: a lower bound on one decode iteration.
-
-        SGLang looks at its queue between iterations, so a request arriving mid-iteration waits for that
-        iteration to end. Letting the run end up to one iteration's lower bound (its time without the
-        context-length term) after the arrival includes the iteration in progress at the arrival, never
-        one that starts after it (iterations of a pure-decode run only grow), and saves a step per arrival
-        and engine. Zero with step-time jitter, where iteration times are not monotone.
-        """
-        n = len(engine.running)
-        if n == 0 or engine.cfg.step_time_jitter > 0:
-            return 0.0
-        return engine.perf.decode_base(n) * engine.slowdown
-
     def _step_done(self, i: int, outcome: StepOutcome) -> None:
         now = self.now
         self._busy[i] = False
+        if outcome.kind == "decode":
+            self._itl_s.append(outcome.duration_s / outcome.iterations)
+            self._itl_tokens.append(outcome.batch_size * outcome.iterations)
+        elif outcome.iterations > 0:
+            decode_tokens = sum(outcome.tokens.values()) - len(outcome.first_tokens)
+            if decode_tokens > 0:
+                self._itl_s.append(outcome.duration_s / outcome.iterations)
+                self._itl_tokens.append(decode_tokens)
+        if outcome.first_tokens:
+            self._first_tokens(i, outcome, now)
+        if outcome.retracted:
+            self._retracted += len(outcome.retracted)
+        if outcome.finished:
+            self._finished(outcome, now)
+        if self._kicked[i]:
+            return
+        if self._next_arrival_s > now and not (self._pending_events and self._pending_events[0].at_s <= now):
+            self._kick(i)  # nothing else happens at this instant: start the next step at once
+        else:
+            self._kicked[i] = True
+            self._push(now, _KICK, i)
+
+    def _first_tokens(self, i: int, outcome: StepOutcome, now: float) -> None:
         inflight = self._inflight_reqs
         for ft in outcome.first_tokens:
             rec = inflight.get(ft.rid)
@@ -314,14 +332,9 @@ class Simulator:
             ttft_ms = (now - rec.arrival_s) * 1000.0
             prev = self._recent_ttft[i]
             self._recent_ttft[i] = ttft_ms if prev == 0 else prev + RECENT_TTFT_ALPHA * (ttft_ms - prev)
-        if outcome.kind == "decode":
-            decode_tokens = outcome.batch_size * outcome.iterations
-        else:
-            decode_tokens = sum(outcome.tokens.values()) - len(outcome.first_tokens)
-        if decode_tokens > 0 and outcome.iterations > 0:
-            self._itl_s.append(outcome.duration_s / outcome.iterations)
-            self._itl_tokens.append(decode_tokens)
-        self._retracted += len(outcome.retracted)
+
+    def _finished(self, outcome: StepOutcome, now: float) -> None:
+        inflight = self._inflight_reqs
         for fin in outcome.finished:
             rec = inflight.pop(fin.rid, None)
             if rec is None:
@@ -336,13 +349,6 @@ class Simulator:
             self._records.append(done)
             if self.sink is not None:
                 self.sink.observe(done)
-        if self._kicked[i]:
-            return
-        if self._next_arrival_s > now and not (self._pending_events and self._pending_events[0].at_s <= now):
-            self._kick(i)  # nothing else happens at this instant: start the next step at once
-        else:
-            self._kicked[i] = True
-            self._push(now, _KICK, i)
 
     def _apply_event(self, event: Slowdown) -> None:
         self._pending_events.remove(event)
