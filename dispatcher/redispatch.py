@@ -11,6 +11,9 @@ If the worker comes back before the timeout, it is live again and simply serves 
 comes back during a takeover, it joins its group, the partition moves to it, and the takeover stops at
 its last commit; a request re-routed but not yet committed may then reach two workers, which is what
 the workers' request-id dedupe is for.
+
+Each re-routed request gets a `route` span that continues the request's trace: its parent is the
+context the original routing put in the routed message's headers (a new trace when there is none).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from collections.abc import Awaitable, Callable, Sequence
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from opentelemetry.trace import Span
 from redis.exceptions import RedisError
 
 from dispatcher.worker_view import WorkerView
+from lodestar import tracing
 from lodestar.kafka_io import dead_letter_for, make_consumer
 from lodestar.names import RedisKeys, Topics
 from lodestar.schemas import DeadLetter, InferenceRequest, InvalidMessage, RoutedRequest, decode, now_ms
@@ -52,7 +57,8 @@ if score and tonumber(score) <= tonumber(ARGV[2]) then return redis.call('ZREM',
 return 0
 """
 
-Reroute = Callable[[Sequence[InferenceRequest], Sequence[int]], Awaitable[object]]
+# (requests, their route spans (ended by the callee), delivery attempts) -> routed and acknowledged
+Reroute = Callable[[Sequence[InferenceRequest], Sequence[Span], Sequence[int]], Awaitable[object]]
 
 
 class TakeoverAborted(RuntimeError):
@@ -87,6 +93,7 @@ class DeadWorkerTakeover:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._forget = client.register_script(_FORGET_IF_SILENT)
+        self._tracer = tracing.get_tracer("dispatcher")
         self.rerouted = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -146,10 +153,11 @@ class DeadWorkerTakeover:
 
     async def _drain(self, worker_id: str, lock: str, token: str) -> int:
         batch_size = self.settings.dispatcher.batch_size
+        group = self._topics.worker_group(worker_id)
         consumer = make_consumer(
             self.settings,
             self._topics.worker(worker_id),
-            group_id=self._topics.worker_group(worker_id),
+            group_id=group,
             client_id=f"dispatcher-{self._dispatcher_id}-takeover",
             max_poll_records=batch_size,
         )
@@ -162,7 +170,7 @@ class DeadWorkerTakeover:
                 batch = await consumer.getmany(timeout_ms=POLL_MS, max_records=batch_size)
                 records = [r for recs in batch.values() for r in recs]
                 if records:
-                    total += await self._reroute_records(consumer, records)
+                    total += await self._reroute_records(consumer, records, group)
                     if not await self._renew(keys=[lock], args=[token, LOCK_TTL_MS]):
                         raise TakeoverAborted("lost the takeover lock")
                 assigned = consumer.assignment()
@@ -180,9 +188,10 @@ class DeadWorkerTakeover:
         finally:
             await consumer.stop()
 
-    async def _reroute_records(self, consumer: AIOKafkaConsumer, records: list[ConsumerRecord]) -> int:
+    async def _reroute_records(self, consumer: AIOKafkaConsumer, records: list[ConsumerRecord], group: str) -> int:
         requests: list[InferenceRequest] = []
         attempts: list[int] = []
+        readable: list[ConsumerRecord] = []
         for record in records:
             try:
                 if record.value is None:
@@ -194,11 +203,17 @@ class DeadWorkerTakeover:
                 continue
             requests.append(routed.request)
             attempts.append(routed.decision.attempt + 1)
+            readable.append(record)
         if requests:
             await self._view.refresh()
             if not self._view.routable:
                 raise TakeoverAborted("no routable worker to take the backlog")
-            await self._reroute(requests, attempts)
+            spans = [
+                tracing.start_process_span(self._tracer, tracing.OP_ROUTE, record, request_id=request.request_id,
+                                           group=group)
+                for request, record in zip(requests, readable, strict=True)
+            ]
+            await self._reroute(requests, spans, attempts)
         offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)

@@ -12,6 +12,11 @@ With no routable worker the batch is held, not committed, and retried with backo
 letter, so nothing is dropped silently. The model snapshot (for policies that use one) is loaded at
 start and swapped when the learner announces a new version; a snapshot failing verification is
 logged and the current one kept.
+
+Observability: each valid request gets a `route` span (child of the client's `send` span, from the
+record's headers) that carries the decision and whose context goes on in the RoutedRequest's headers
+to the worker; `self.metrics` (lodestar.metrics.DispatcherMetrics) counts decisions, exploration,
+batches, dead letters, routing latency and the snapshot in use (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -31,17 +36,20 @@ from typing import Protocol, runtime_checkable
 import redis.asyncio as aioredis
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
+from opentelemetry.trace import Span
 
 from dispatcher.policies.base import Policy, make_policy
 from dispatcher.redis_prefix_index import RedisPrefixIndex
 from dispatcher.redispatch import DeadWorkerTakeover
 from dispatcher.routing import BatchPlan, BatchRouter, describe
 from dispatcher.worker_view import WorkerView
+from lodestar import tracing
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.metrics import DispatcherMetrics
 from lodestar.names import RedisKeys, Topics
 from lodestar.registry import WorkerRegistry
-from lodestar.schemas import InferenceRequest, InferenceResult, InvalidMessage, RoutedRequest, decode
+from lodestar.schemas import DeadLetter, InferenceRequest, InferenceResult, InvalidMessage, RoutedRequest, decode
 from lodestar.settings import Settings
 from lodestar.snapshot import Snapshot, SnapshotError
 from lodestar.snapshot_store import SnapshotStore
@@ -94,7 +102,7 @@ class WaitOutcome(Enum):
 
 @dataclass(slots=True)
 class DispatcherStats:
-    """Running totals, for the periodic log line (and later the metrics endpoint)."""
+    """Running totals, for the periodic log line (the Prometheus series are in `Dispatcher.metrics`)."""
 
     batches: int = 0
     routed: int = 0
@@ -105,7 +113,14 @@ class DispatcherStats:
 class Dispatcher:
     """One dispatcher process. Construct inside a running event loop, then `await run(stop)`."""
 
-    def __init__(self, settings: Settings, *, policy: str | None = None, dispatcher_id: str | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        policy: str | None = None,
+        dispatcher_id: str | None = None,
+        metrics: DispatcherMetrics | None = None,
+    ):
         self.settings = settings
         cfg = settings.dispatcher
         self.dispatcher_id = dispatcher_id or cfg.dispatcher_id or default_dispatcher_id()
@@ -134,10 +149,12 @@ class Dispatcher:
             self.view,
             reroute=self.route_and_publish,
             remove_prefixes=self.prefix_index.remove_worker,
-            dead_letter=lambda letter: send_dead_letter(self.producer, self.topics, letter),
+            dead_letter=self._takeover_dead_letter,
             dispatcher_id=self.dispatcher_id,
         )
         self.stats = DispatcherStats()
+        self.metrics = metrics if metrics is not None else DispatcherMetrics()
+        self.tracer = tracing.get_tracer(SERVICE)
         self.model_version = 0
         self._capacities: dict[str, int] = {}
         self._stop = asyncio.Event()
@@ -198,9 +215,11 @@ class Dispatcher:
     async def handle_batch(self, records: list[ConsumerRecord]) -> None:
         """Validate, route, publish and commit one batch of consumed records (see the module doc)."""
         consumed_at = time.perf_counter()
+        consumed_ns = time.time_ns()
         outcome = await self._ensure_workers(records)
         if outcome is WaitOutcome.STOPPED:
             return  # not committed: the group hands these records to another dispatcher
+        self.metrics.batch_size.observe(len(records))
         requests: list[InferenceRequest] = []
         accepted: list[ConsumerRecord] = []
         letters = []
@@ -213,16 +232,25 @@ class Dispatcher:
         if letters:
             await asyncio.gather(*(send_dead_letter(self.producer, self.topics, d) for d in letters))
             self.stats.dead_letters += len(letters)
+            for _ in letters:
+                self.metrics.record_dead_letter("invalid_request")
         if requests:
+            group = self.settings.dispatcher.consumer_group
+            spans = [
+                tracing.start_process_span(self.tracer, tracing.OP_ROUTE, record, request_id=request.request_id,
+                                           group=group, start_time_ns=consumed_ns)
+                for request, record in zip(requests, accepted, strict=True)
+            ]
             if outcome is WaitOutcome.READY:
-                await self.route_and_publish(requests, started_at=consumed_at)
+                await self.route_and_publish(requests, spans, started_at=consumed_at)
             else:
-                await self._reject(requests, accepted)
+                await self._reject(requests, accepted, spans)
         await self._commit(records)
 
     async def route_and_publish(
         self,
         requests: Sequence[InferenceRequest],
+        spans: Sequence[Span],
         attempts: Sequence[int] | None = None,
         *,
         started_at: float | None = None,
@@ -230,36 +258,53 @@ class Dispatcher:
         """Route `requests` over the routable workers, publish them and wait for every acknowledgement.
 
         Two Redis round trips whatever the batch size: prefix matches before routing, inserts after.
-        `attempts` are the delivery attempts to record (re-routing); `started_at` (perf_counter) is when
-        the batch was consumed. Raises ValueError if no worker is routable (callers check first).
+        `spans` are the requests' `route` spans, in the same order: each gets its decision, its context
+        travels in the routed message's headers, and this call ends them all (marked failed if it
+        raises). `attempts` are the delivery attempts to record (re-routing); `started_at`
+        (perf_counter) is when the batch was consumed. Raises ValueError if no worker is routable
+        (callers check first).
         """
+        if len(spans) != len(requests):
+            raise ValueError(f"{len(requests)} requests but {len(spans)} spans")
         started_at = time.perf_counter() if started_at is None else started_at
-        if await self.view.refresh():
-            await self._sync_capacities()
-        view = self.view.cluster_view()
-        infos = [describe(r, self.settings.prefix) for r in requests]
-        matched = await self.prefix_index.match_many([i.block_hashes for i in infos], view.worker_ids)
-        plan = self.router.route(requests, infos, matched, view, attempts)
-        acks = []
-        for routed in plan.routed:
-            message = RoutedRequest(request=routed.request, decision=routed.decision)
-            acks.append(await self.producer.send(
-                self.topics.worker(routed.decision.worker_id), message.to_bytes(),
-                key=routed.request.request_id.encode(),
-            ))
-        await self.prefix_index.insert_many(
-            ((wid, chain) for wid, chains in plan.inserts.items() for chain in chains), time.time()
-        )
-        await asyncio.gather(*acks)
+        try:
+            if await self.view.refresh():
+                await self._sync_capacities()
+            view = self.view.cluster_view()
+            infos = [describe(r, self.settings.prefix) for r in requests]
+            matched = await self.prefix_index.match_many([i.block_hashes for i in infos], view.worker_ids)
+            plan = self.router.route(requests, infos, matched, view, attempts)
+            acks = []
+            for routed, span in zip(plan.routed, spans, strict=True):
+                tracing.set_decision_attributes(span, routed.decision)
+                message = RoutedRequest(request=routed.request, decision=routed.decision)
+                acks.append(await self.producer.send(
+                    self.topics.worker(routed.decision.worker_id), message.to_bytes(),
+                    key=routed.request.request_id.encode(), headers=tracing.headers_for(span),
+                ))
+            await self.prefix_index.insert_many(
+                ((wid, chain) for wid, chains in plan.inserts.items() for chain in chains), time.time()
+            )
+            await asyncio.gather(*acks)
+        except BaseException as exc:
+            for span in spans:
+                tracing.record_error(span, type(exc).__qualname__, str(exc) or repr(exc))
+            raise
+        finally:
+            for span in spans:
+                span.end()
         for routed in plan.routed:
             self.view.note_assigned(routed.decision.worker_id, routed.uncached_tokens, routed.decision.decided_at)
         self._batch_routed(plan, started_at)
         return plan
 
     def _batch_routed(self, plan: BatchPlan, started_at: float) -> None:
-        """The one place a routed batch is accounted for (logs now; spans and metrics hook in here)."""
+        """The one place a routed (and acknowledged) batch is accounted for: stats, metrics, debug log."""
         self.stats.batches += 1
         self.stats.routed += len(plan.routed)
+        self.metrics.record_routed(len(plan.routed), time.perf_counter() - started_at)
+        for routed in plan.routed:
+            self.metrics.record_decision(routed.decision)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("routed %d requests in %.2f ms: %s", len(plan.routed),
                       (time.perf_counter() - started_at) * 1e3,
@@ -302,21 +347,36 @@ class Dispatcher:
         finally:
             self.consumer.resume(*self.consumer.paused())
 
-    async def _reject(self, requests: list[InferenceRequest], records: list[ConsumerRecord]) -> None:
-        """Tell each client its request could not be routed, and dead-letter it for operators."""
+    async def _reject(
+        self, requests: list[InferenceRequest], records: list[ConsumerRecord], spans: list[Span]
+    ) -> None:
+        """Tell each client its request could not be routed, and dead-letter it for operators; ends `spans`."""
         reason = f"no live worker within {self.settings.dispatcher.no_worker_max_wait_s:.0f} s"
-        sends = []
-        for request, record in zip(requests, records, strict=True):
-            result = InferenceResult(request_id=request.request_id, worker_id="", status="rejected", error=reason)
-            sends.append(await self.producer.send(
-                request.reply_to or self.topics.results, result.to_bytes(), key=request.request_id.encode()
-            ))
-            sends.append(send_dead_letter(
-                self.producer, self.topics, dead_letter_for(record, stage="route", service=SERVICE, reason=reason)
-            ))
-        await asyncio.gather(*sends)
+        try:
+            sends = []
+            for request, record, span in zip(requests, records, spans, strict=True):
+                tracing.record_error(span, "no_worker", reason)
+                result = InferenceResult(request_id=request.request_id, worker_id="", status="rejected", error=reason)
+                sends.append(await self.producer.send(
+                    request.reply_to or self.topics.results, result.to_bytes(), key=request.request_id.encode(),
+                    headers=tracing.headers_for(span),
+                ))
+                sends.append(send_dead_letter(
+                    self.producer, self.topics, dead_letter_for(record, stage="route", service=SERVICE, reason=reason)
+                ))
+            await asyncio.gather(*sends)
+        finally:
+            for span in spans:
+                span.end()
         self.stats.rejected += len(requests)
         self.stats.dead_letters += len(requests)
+        for _ in requests:
+            self.metrics.record_dead_letter("no_worker")
+
+    async def _takeover_dead_letter(self, letter: DeadLetter) -> None:
+        """A routed message found unreadable on a dead worker's topic during takeover."""
+        await send_dead_letter(self.producer, self.topics, letter)
+        self.metrics.record_dead_letter("invalid_routed_request")
 
     async def _commit(self, records: list[ConsumerRecord]) -> None:
         """Start committing the batch's offsets; the commit overlaps the next batch's routing.
@@ -363,6 +423,9 @@ class Dispatcher:
             log.error("model snapshot v%d not usable, keeping v%d: %s", snapshot.version, self.model_version, exc)
             return
         previous, self.model_version = self.model_version, snapshot.version
+        created_at = snapshot.meta.get("created_at_s")
+        created_at_s = float(created_at) if isinstance(created_at, int | float) else None
+        self.metrics.snapshot_loaded(snapshot.version, created_at_s)
         log.info("model snapshot v%d (%s, validated=%s) replaces v%d", snapshot.version, snapshot.family,
                  snapshot.validated, previous)
 

@@ -7,6 +7,11 @@ events or T seconds (settings.learner) the learner's snapshot is published to Re
 `learner.checkpoint_path` (atomically) and only then are the consumed offsets committed, so a restart
 resumes from the checkpoint and relearns exactly the events after it, and snapshot versions keep
 increasing across restarts (also past a lost checkpoint: the stored version is the floor).
+
+Observability: each batch is learned inside a `learn` span, a trace of its own LINKED to the trace of
+every telemetry message in it (a batch has many requests, so no single parent); `self.metrics`
+(lodestar.metrics.LearnerMetrics) counts events learned and rejected, snapshots published, and holds the
+online prediction error (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
+from opentelemetry import trace
 
 from learner.trainer import Learner, LearnerConfig, make_learner
+from lodestar import tracing
 from lodestar.features import from_dict
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.metrics import LearnerMetrics
 from lodestar.names import RedisKeys, Topics
 from lodestar.schemas import DeadLetter, InvalidMessage, TelemetryEvent, decode
 from lodestar.settings import Settings
@@ -123,7 +131,7 @@ class LearnerStats:
 class LearnerService:
     """One learner process. Construct inside a running event loop, then `await run(stop)`."""
 
-    def __init__(self, settings: Settings, *, model: str | None = None):
+    def __init__(self, settings: Settings, *, model: str | None = None, metrics: LearnerMetrics | None = None):
         self.settings = settings
         cfg = settings.learner
         self.model_name = model or cfg.model
@@ -136,6 +144,8 @@ class LearnerService:
         self.consumer = make_consumer(settings, self.topics.telemetry, group_id=cfg.consumer_group,
                                       client_id="learner")
         self.stats = LearnerStats()
+        self.metrics = metrics if metrics is not None else LearnerMetrics()
+        self.tracer = tracing.get_tracer(SERVICE)
         self._batch_size = min(MAX_BATCH, cfg.snapshot_every_events)
         self._uncommitted: dict[TopicPartition, int] = {}
         self._last_checkpoint = time.monotonic()
@@ -187,8 +197,17 @@ class LearnerService:
                 next_report = time.monotonic() + REPORT_EVERY_S
 
     async def handle_records(self, records: list[ConsumerRecord]) -> Snapshot | None:
-        """Validate a batch, dead-letter the nonsense, learn from the rest (off the event loop);
-        returns the snapshot the learner cut along the way, if one came due."""
+        """Validate a batch, dead-letter the nonsense, learn from the rest (off the event loop), all in one
+        `learn` span linked to each record's trace; returns the snapshot the learner cut along the way, if
+        one came due."""
+        if not records:
+            return None
+        span = tracing.start_linked_span(self.tracer, tracing.OP_LEARN, records,
+                                         group=self.settings.learner.consumer_group)
+        with trace.use_span(span, end_on_exit=True):
+            return await self._handle_records(records)
+
+    async def _handle_records(self, records: list[ConsumerRecord]) -> Snapshot | None:
         samples: list[Sample] = []
         letters: list[DeadLetter] = []
         max_latency = self.settings.learner.max_latency_ms
@@ -204,7 +223,11 @@ class LearnerService:
                 samples.append(sample)
         if letters:
             await asyncio.gather(*(send_dead_letter(self.producer, self.topics, d) for d in letters))
+            for _ in letters:
+                self.metrics.record_rejected("invalid_telemetry")
         snapshot = await asyncio.to_thread(self._learn, samples, time.time()) if samples else None
+        if snapshot is not None:
+            trace.get_current_span().set_attribute(tracing.ATTR_MODEL_VERSION, snapshot.version)
         self.stats.events += len(records)
         self.stats.dead_letters += len(letters)
         for r in records:
@@ -213,13 +236,17 @@ class LearnerService:
         return snapshot
 
     def _learn(self, samples: list[Sample], now_s: float) -> Snapshot | None:
-        """The one place learned events pass through (spans and metrics hook in here). Checks the
+        """The one place learned events pass through (counted, and the online error refreshed). Checks the
         snapshot cadence after every event; keeps the newest snapshot if more than one came due."""
         snapshot = None
         for s in samples:
             self.learner.observe(s.features, s.ttft_ms, now_s)
             snapshot = self.learner.maybe_snapshot(now_s) or snapshot
         self.stats.learned += len(samples)
+        self.metrics.events.inc(len(samples))
+        error = self.learner.online_error()
+        if error.get("samples"):
+            self.metrics.record_online_error(error["mae_ms"], error["mape"])
         return snapshot
 
     async def _publish(self, snapshot: Snapshot) -> None:
@@ -230,6 +257,7 @@ class LearnerService:
             self.learner.version = exc.stored
             return
         self.stats.snapshots += 1
+        self.metrics.snapshot_published(snapshot.version)
         holdout = snapshot.meta.get("holdout", {})
         log.info("published snapshot v%d (%s, validated=%s, held-out log-MAE %s) after %d events",
                  snapshot.version, snapshot.family, snapshot.validated, _fmt(holdout.get("log_mae")),

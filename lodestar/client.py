@@ -14,6 +14,11 @@ the end of every partition as they were when the client started:
 - or a topic of the caller's (`reply_topic=`, e.g. `reply_topic_for("frontend-1")`), created if
   missing and set as every request's reply_to: each client reads only its own results.
 
+Each request is published inside a `send` span (PRODUCER), the root of the request's trace, whose
+context travels in the message's Kafka headers to the dispatcher and on to the worker. The span comes
+from the process's global tracer provider (`lodestar.tracing.setup_tracing`, or the application's own);
+with none installed it is a no-op and the dispatcher starts the trace.
+
 Results are delivered at least once (a worker that dies between publishing and recording that it
 did may publish again), so the client dedupes by request id: a request's future is resolved by the
 first result and later copies are counted in `duplicate_results`, never returned.
@@ -32,7 +37,9 @@ from types import TracebackType
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
 
+from lodestar import tracing
 from lodestar.kafka_admin import ensure_topics
 from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import Topics
@@ -64,6 +71,7 @@ class LodestarClient:
         self._pending: dict[str, asyncio.Future[InferenceResult]] = {}
         self._answered: OrderedDict[str, None] = OrderedDict()
         self.duplicate_results = 0
+        self.tracer = tracing.get_tracer("client")
 
     async def __aenter__(self) -> LodestarClient:
         await self.start()
@@ -142,7 +150,10 @@ class LodestarClient:
         try:
             async with asyncio.timeout(timeout_s):
                 key = (request.session_id or rid).encode()
-                await self._producer.send_and_wait(self.topics.requests, request.to_bytes(), key=key)
+                span = tracing.start_send_span(self.tracer, self.topics.requests, request_id=rid, key=key.decode())
+                with trace.use_span(span, end_on_exit=True):
+                    await self._producer.send_and_wait(self.topics.requests, request.to_bytes(), key=key,
+                                                       headers=tracing.inject_headers())
                 return await fut
         finally:
             self._pending.pop(rid, None)

@@ -16,6 +16,13 @@ Engine failures become results, never lost records: 503/connection errors are re
 exponential backoff, then an `error` result; a 400 is a `rejected` result. Redis or broker
 failures are retried until they heal (the record stays uncommitted meanwhile).
 
+Observability: each decoded record is handled inside a `serve` span (child of the dispatcher's
+`route` span, from the record's headers) with the request id bound to every log line; the engine call
+is a GenAI child span (an event at the first token, token usage); result and telemetry carry the
+`serve` span's context in their headers (the learner links to it). `self.metrics`
+(lodestar.metrics.WorkerMetrics) observes TTFT/TPOT/E2E, requests in flight, results by status and
+engine errors by kind (docs/observability.md).
+
 SIGTERM/SIGINT drain: the state is published with draining=true (dispatchers stop routing here),
 fetching stops, in-flight requests finish and are committed, the worker deregisters and exits.
 """
@@ -34,10 +41,14 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
 from redis.exceptions import RedisError
 
+from lodestar import tracing
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.logs import bind_request_id
+from lodestar.metrics import WorkerMetrics
 from lodestar.names import RedisKeys, Topics, check_worker_id
 from lodestar.registry import WorkerRegistry
 from lodestar.schemas import (
@@ -53,7 +64,14 @@ from lodestar.settings import Settings
 from workers.dedupe import Claim, CompletedRequest, RequestLedger
 from workers.live_state import LiveState, estimate_uncached_tokens
 from workers.offsets import OffsetTracker
-from workers.sglang_client import EngineError, EngineRejected, Generation, RetryPolicy, SGLangClient
+from workers.sglang_client import (
+    EngineError,
+    EngineRejected,
+    EngineUnavailable,
+    Generation,
+    RetryPolicy,
+    SGLangClient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +85,16 @@ REDIS_CONNECTIONS = 32
 T = TypeVar("T")
 
 
+def engine_error_kind(exc: EngineError) -> str:
+    """The bounded label of a failed engine call: `rejected` (input refused), `unavailable` (overloaded or
+    unreachable after retries) or `failed` (timed out, aborted, ended without output)."""
+    if isinstance(exc, EngineRejected):
+        return "rejected"
+    if isinstance(exc, EngineUnavailable):
+        return "unavailable"
+    return "failed"
+
+
 class WorkerService:
     """Consumes `lodestar.worker.<id>`, serves each request on the engine, publishes result and telemetry."""
 
@@ -76,6 +104,7 @@ class WorkerService:
         *,
         engine: SGLangClient | None = None,
         redis_client: aioredis.Redis | None = None,
+        metrics: WorkerMetrics | None = None,
     ):
         w = settings.worker
         self.settings = settings
@@ -90,6 +119,8 @@ class WorkerService:
             retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s),
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
+        self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id)
+        self.tracer = tracing.get_tracer(SERVICE)
         # Every in-flight request talks to Redis: share a bounded pool and queue for a connection
         # rather than fail when max_concurrency exceeds it.
         self._redis = redis_client or aioredis.Redis(
@@ -244,12 +275,20 @@ class WorkerService:
         self._complete(record)
 
     async def handle_record(self, record: ConsumerRecord) -> None:
-        """The one place a consumed record is handled: decode, dedupe, serve, publish."""
+        """The one place a consumed record is handled: decode, then (in its `serve` span, with its request
+        id on every log line) dedupe, serve, publish."""
         try:
             routed = self._decode(record)
         except InvalidMessage as exc:
             await self._dead_letter(record, "decode", exc.reason)
             return
+        rid = routed.request.request_id
+        span = tracing.start_process_span(self.tracer, tracing.OP_SERVE, record, request_id=rid, group=self.group_id)
+        with trace.use_span(span, end_on_exit=True), bind_request_id(rid):
+            await self._handle_once(routed)
+
+    async def _handle_once(self, routed: RoutedRequest) -> None:
+        """Serve `routed` unless the same request id is being served in this process already."""
         rid = routed.request.request_id
         earlier = self._active.get(rid)
         if earlier is not None:  # the same id is being served here already: its outcome is ours too
@@ -296,6 +335,7 @@ class WorkerService:
         claim = await self._claim(rid)
         if claim.state == "done":
             log.info("worker %s: request %s already answered; skipping the redelivery", self.worker_id, rid)
+            trace.get_current_span().set_attribute(tracing.ATTR_STATUS, "already_answered")
             return
         try:
             if claim.stored is not None:
@@ -337,14 +377,27 @@ class WorkerService:
         status: Status = "ok"
         error: str | None = None
         gen: Generation | None = None
-        try:
-            gen = await self.engine.generate(request, on_first_token=lambda: self.state.first_token(rid))
-        except EngineRejected as exc:
-            status, error = "rejected", str(exc)
-        except EngineError as exc:
-            status, error = "error", str(exc)
-        finally:
-            self.state.finished(rid, gen.ttft_ms if gen is not None else None)
+        gen_span = tracing.start_generate_span(self.tracer, sampling=request.sampling, worker_id=self.worker_id)
+
+        def on_first_token() -> None:
+            self.state.first_token(rid)
+            tracing.record_first_token(gen_span, time.perf_counter() - started)
+
+        self.metrics.inflight.inc()
+        with trace.use_span(gen_span, end_on_exit=True):
+            try:
+                gen = await self.engine.generate(request, on_first_token=on_first_token)
+            except EngineError as exc:
+                status, error = ("rejected" if isinstance(exc, EngineRejected) else "error"), str(exc)
+                kind = engine_error_kind(exc)
+                tracing.record_error(gen_span, kind, error)
+                self.metrics.record_engine_error(kind)
+            finally:
+                self.metrics.inflight.dec()
+                self.state.finished(rid, gen.ttft_ms if gen is not None else None)
+                if gen is not None:
+                    tracing.record_usage(gen_span, input_tokens=gen.prompt_tokens, output_tokens=gen.completion_tokens,
+                                         cached_tokens=gen.cached_tokens, finish_reason=gen.finish_reason)
         if error is not None:
             log.warning("worker %s: request %s %s: %s", self.worker_id, rid, status, error)
         e2e_ms = gen.e2e_ms if gen else (time.perf_counter() - started) * 1000.0
@@ -383,15 +436,20 @@ class WorkerService:
         return CompletedRequest(reply_topic=reply_topic, result=result, telemetry=telemetry)
 
     async def _publish(self, completed: CompletedRequest) -> None:
-        """Send result and telemetry and wait for the broker to acknowledge both."""
+        """Send result and telemetry, both carrying the current (`serve`) span's context, and wait for the
+        broker to acknowledge both."""
         assert self._producer is not None
         rid = completed.result.request_id
+        headers = tracing.inject_headers()
         await asyncio.gather(
-            self._producer.send_and_wait(completed.reply_topic, completed.result.to_bytes(), key=rid.encode()),
+            self._producer.send_and_wait(completed.reply_topic, completed.result.to_bytes(), key=rid.encode(),
+                                         headers=headers),
             self._producer.send_and_wait(
-                self.topics.telemetry, completed.telemetry.to_bytes(), key=self.worker_id.encode()
+                self.topics.telemetry, completed.telemetry.to_bytes(), key=self.worker_id.encode(), headers=headers
             ),
         )
+        trace.get_current_span().set_attribute(tracing.ATTR_STATUS, completed.result.status)
+        self.metrics.record_result(completed.result)
 
     async def _dead_letter(self, record: ConsumerRecord, stage: str, reason: str) -> None:
         assert self._producer is not None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from typing import Any
 
 import typer
 
+from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
 
@@ -35,19 +35,27 @@ def dispatcher(
     if redis_url:
         overrides["redis"] = {"url": redis_url}
     settings = load_settings(**overrides)
-    logging.basicConfig(
-        level=settings.telemetry.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("dispatcher", settings.telemetry)
     asyncio.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> None:
-    from dispatcher.service import Dispatcher
+    from dispatcher.service import Dispatcher, default_dispatcher_id
+    from lodestar.metrics import DispatcherMetrics, start_metrics_server
+    from lodestar.tracing import setup_tracing
 
-    stop = asyncio.Event()
-    service = Dispatcher(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.run(stop)
+    dispatcher_id = settings.dispatcher.dispatcher_id or default_dispatcher_id()
+    provider = setup_tracing("dispatcher", settings.telemetry, instance_id=dispatcher_id)
+    metrics = DispatcherMetrics()
+    server = start_metrics_server(metrics.registry, settings.dispatcher.metrics_port, settings.telemetry.metrics_host)
+    try:
+        stop = asyncio.Event()
+        service = Dispatcher(settings, dispatcher_id=dispatcher_id, metrics=metrics)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+    finally:
+        if server is not None:
+            server.close()
+        provider.shutdown()

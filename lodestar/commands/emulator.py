@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import typer
 
+from lodestar.logs import setup_logging
+from lodestar.settings import load_settings
+
 
 def emulator(
     gpu: str = typer.Option("H100", help="GPU type the engine model emulates (H100, A100, L40S, L4, A10G, ...)."),
@@ -23,12 +26,17 @@ def emulator(
     seed: int = typer.Option(0, help="Seed of the engine model."),
     block_tokens: int = typer.Option(16, min=1, help="Prefix-cache block (page) size in tokens."),
     served_model_name: str | None = typer.Option(None, help="Model name to report (default: the HF path)."),
-    log_level: str = typer.Option("info", help="uvicorn log level."),
+    log_level: str = typer.Option("info", help="Log level of the server (uvicorn) and of the emulator's own lines."),
 ) -> None:
-    """Run an SGLang-compatible server whose timing comes from the calibrated engine model."""
+    """Run an SGLang-compatible server whose timing comes from the calibrated engine model.
+
+    The emulator's own log lines follow the telemetry settings (JSON by default); it creates no spans,
+    it stands for the engine, and serves its SGLang-style metrics at /metrics."""
     from sim.emulator.emulator import EmulatorConfig
     from sim.emulator.server import serve
 
+    telemetry = load_settings().telemetry
+    setup_logging("emulator", telemetry.model_copy(update={"log_level": log_level}))
     config = EmulatorConfig(
         gpu=gpu, model=model, host=host, port=port, time_scale=time_scale,
         max_queued_requests=max_queued_requests, max_running_requests=max_running_requests, seed=seed,

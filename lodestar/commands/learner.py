@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
 
@@ -36,19 +36,26 @@ def learner(
     if redis_url:
         overrides["redis"] = {"url": redis_url}
     settings = load_settings(**overrides)
-    logging.basicConfig(
-        level=settings.telemetry.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("learner", settings.telemetry)
     asyncio.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> None:
     from learner.service import LearnerService
+    from lodestar.metrics import LearnerMetrics, start_metrics_server
+    from lodestar.tracing import setup_tracing
 
-    stop = asyncio.Event()
-    service = LearnerService(settings)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await service.run(stop)
+    provider = setup_tracing("learner", settings.telemetry)
+    metrics = LearnerMetrics()
+    server = start_metrics_server(metrics.registry, settings.learner.metrics_port, settings.telemetry.metrics_host)
+    try:
+        stop = asyncio.Event()
+        service = LearnerService(settings, metrics=metrics)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+    finally:
+        if server is not None:
+            server.close()
+        provider.shutdown()

@@ -8,8 +8,10 @@ from typing import Any
 import typer
 
 from lodestar.client import LodestarClient
+from lodestar.logs import setup_logging
 from lodestar.schemas import InferenceResult, SamplingParams
 from lodestar.settings import Settings, load_settings
+from lodestar.tracing import setup_tracing
 
 
 def submit(
@@ -20,17 +22,23 @@ def submit(
     timeout_s: float = typer.Option(120.0, "--timeout", help="Seconds to wait for the result."),
     bootstrap_servers: str | None = typer.Option(None, help="Kafka bootstrap servers (overrides settings)."),
 ) -> None:
-    """Submit a prompt and print the InferenceResult (exit 1 if it did not come back in time)."""
+    """Submit a prompt and print the InferenceResult (exit 1 if it did not come back in time).
+
+    The request's trace starts here (service `client`), exported as the telemetry settings say."""
     overrides: dict[str, Any] = {}
     if bootstrap_servers:
         overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
     settings = load_settings(**overrides)
+    setup_logging("client", settings.telemetry)
+    provider = setup_tracing("client", settings.telemetry)
     sampling = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
     try:
         result = asyncio.run(_submit(settings, prompt, sampling, session, timeout_s))
     except TimeoutError:
         typer.echo(f"no result within {timeout_s:g}s", err=True)
         raise typer.Exit(1) from None
+    finally:
+        provider.shutdown()  # export the `send` span before printing
     typer.echo(result.model_dump_json(indent=2))
 
 

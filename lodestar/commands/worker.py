@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
 
@@ -31,31 +32,39 @@ def worker(
     if redis_url:
         overrides["redis"] = {"url": redis_url}
     settings = load_settings(**overrides)
-    logging.basicConfig(
-        level=settings.telemetry.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("worker", settings.telemetry)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call and load poll otherwise
     asyncio.run(_serve(settings))
 
 
 async def _serve(settings: Settings) -> None:
+    from lodestar.metrics import WorkerMetrics, start_metrics_server
+    from lodestar.tracing import setup_tracing
     from workers.service import WorkerService
 
-    service = WorkerService(settings)
-    run = asyncio.create_task(service.run())
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        # The first signal drains; a second one stops at once (unfinished work is redelivered later).
-        if service.state.draining:
-            run.cancel()
-        else:
-            service.request_drain()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    worker_id = settings.worker.worker_id
+    provider = setup_tracing("worker", settings.telemetry, instance_id=worker_id)
+    metrics = WorkerMetrics(worker_id)
+    server = start_metrics_server(metrics.registry, settings.worker.metrics_port, settings.telemetry.metrics_host)
     try:
-        await run
-    except asyncio.CancelledError:
-        raise typer.Exit(130) from None
+        service = WorkerService(settings, metrics=metrics)
+        run = asyncio.create_task(service.run())
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            # The first signal drains; a second one stops at once (unfinished work is redelivered later).
+            if service.state.draining:
+                run.cancel()
+            else:
+                service.request_drain()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        try:
+            await run
+        except asyncio.CancelledError:
+            raise typer.Exit(130) from None
+    finally:
+        if server is not None:
+            server.close()
+        provider.shutdown()
