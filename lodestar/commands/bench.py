@@ -29,7 +29,7 @@ def sim(
     baseline: str | None = typer.Option(None, help="Policy to compare against (default: best heuristic by "
                                                    "mean TTFT)."),
     refresh_interval: float = typer.Option(0.1, help="Seconds between the router's load snapshots."),
-    out: Path = typer.Option(Path("results/bench"), help="Output directory for results.json and plots."),
+    out: Path = typer.Option(Path(".run/bench"), help="Output directory for results.json, results.md and plots."),
 ) -> None:
     """Run every policy x seed on identical arrivals; print a bench_serving-style table; write results."""
     from sim.bench import run_benchmark
