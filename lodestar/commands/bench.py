@@ -43,7 +43,7 @@ def sim(
         plot_ttft_over_time,
         print_results,
     )
-    from sim.workloads import load_workload
+    from sim.workloads import TraceNotFound, load_workload
 
     console = Console()
     if not console.is_terminal:
@@ -55,7 +55,11 @@ def sim(
     if baseline is not None and baseline not in names:
         names.append(baseline)
     spec = read_cluster(cluster)
-    work = load_workload(workload).with_duration(duration).with_rate(rate)
+    try:
+        work = load_workload(workload).with_duration(duration).with_rate(rate)
+    except TraceNotFound as err:
+        console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
     horizon = work.duration_s
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[clock]}"),

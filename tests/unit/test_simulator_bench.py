@@ -48,3 +48,11 @@ def test_unknown_policy_is_refused(tmp_path: Path) -> None:
                                       "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "nope" in result.output
+
+
+def test_missing_trace_is_reported_with_directions(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LODESTAR_DATA_DIR", str(tmp_path))
+    result = CliRunner().invoke(app, ["sim", "--cluster", "configs/clusters/homo_8a30.yaml", "--workload",
+                                      "configs/workloads/mooncake_conversation.yaml", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "kvcache-ai/Mooncake" in result.output and "mooncake_conversation.jsonl" in result.output
