@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lodestar.commands.up import prompt_tokens, request_stream
+from lodestar.demo import prompt_tokens, request_stream
 from lodestar.hashing import token_block_hashes
 from lodestar.schemas import InferenceResult, RoutingDecision, TelemetryEvent
 from lodestar.traffic import PhaseTally, summarize_ttft
