@@ -251,7 +251,13 @@ class EngineRunner:
                 state.cached_tokens = ft.cached_tokens
                 if state.log_metrics:
                     metrics.on_first_token(wall - state.created_wall)
-        for rid, n in outcome.tokens.items():
+        tokens = outcome.tokens
+        if outcome.first_tokens:
+            # Wake the handlers of first tokens first: a step's chunks go out one after another, and
+            # a first token queued behind a batch of decode chunks would show as a longer TTFT.
+            firsts = {ft.rid: tokens[ft.rid] for ft in outcome.first_tokens if ft.rid in tokens}
+            tokens = {**firsts, **{rid: n for rid, n in tokens.items() if rid not in firsts}}
+        for rid, n in tokens.items():
             state = states.get(rid)
             if state is None or n <= 0:
                 continue

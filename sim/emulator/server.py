@@ -9,6 +9,7 @@ response shape and where the emulator knowingly differs from SGLang.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 import uuid
@@ -45,6 +46,7 @@ from sim.engine import QueueFull
 
 SGLANG_VERSION = "0.5.5"  # the SGLang release whose API the emulator speaks
 WARMUP_TEXT = "The capital city of France is"  # SGLang's warmup prompt
+GC_GEN0_THRESHOLD = 20_000  # allocations between young-generation collections (CPython's default: 700)
 HEALTH_CHECK_TIMEOUT_S = 20.0
 logger = logging.getLogger(__name__)
 LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
@@ -381,5 +383,10 @@ async def _warm_up(server: uvicorn.Server, emulator: Emulator) -> None:
         for stream in (True, False):
             response = await client.post("/generate", json={**body, "stream": stream})
             response.raise_for_status()
+    # What exists now lives as long as the server: keep it out of every later collection (SGLang's
+    # /freeze_gc), and collect the young generation less often, so that collector pauses
+    # do not stall the runner.
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
     emulator.ready = True
     logger.info("emulator warmed up: %s on %s", emulator.engine.model_name, emulator.engine.gpu_type)
