@@ -12,8 +12,9 @@ measured on data the model has not learned yet), then one in `holdout_every` goe
 that is never trained on, and the rest feed the model: incremental models learn each sample at once;
 batch models (MLP) are retrained at each snapshot on the recent samples plus a stratified sample of
 older ones (strata: GPU speed x TTFT octave), as the paper does (it retrains every 1,000 samples; the
-snapshot cadence here is every N events or T seconds, and every `warmup_snapshot_every_events` until a
-snapshot passed validation, so the dispatcher leaves its cold-start fallback soon).
+snapshot cadence here is every N events or T seconds, with a doubling warm-up from
+`warmup_snapshot_every_events`, so the dispatcher leaves its cold-start fallback soon and early models,
+learned from little data, are replaced soon).
 A snapshot carries its held-out error and whether it passed validation; the dispatcher falls back to
 a heuristic until one did. `checkpoint()` / `restore()` save and resume everything as JSON-able data.
 """
@@ -240,14 +241,19 @@ class Learner:
     def maybe_snapshot(self, now_s: float) -> Snapshot | None:
         """A new snapshot (batch models retrained first) once N events or T seconds passed since the last.
 
-        Until a snapshot passed validation, N is at most `warmup_snapshot_every_events`. Nothing is
+        During warm-up N is at most the number of events seen before the last snapshot (at least
+        `warmup_snapshot_every_events`), and it is `warmup_snapshot_every_events` while the last
+        published snapshot failed validation. Nothing is
         published while no sample was learned since the last snapshot.
         """
         c = self.config
         if self.since_snapshot_trained == 0:
             return None
         elapsed = now_s - (self.last_snapshot_s if self.last_snapshot_s is not None else now_s)
-        every = c.snapshot_every_events
+        # Warm-up: the interval doubles with the data (100, 200, 400, ...) up to N, so early models,
+        # learned from little, are replaced soon; and it stays short while the last one failed validation.
+        seen_before = self.n_seen - self.events_since_snapshot
+        every = min(c.snapshot_every_events, max(c.warmup_snapshot_every_events, seen_before))
         if not self.published_validated:
             every = min(every, c.warmup_snapshot_every_events)
         if self.events_since_snapshot < every and elapsed < c.snapshot_every_s:

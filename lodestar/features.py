@@ -8,9 +8,12 @@ worker) and each worker's published live state (Redis hash / simulator view) plu
 The raw quantities follow the paper's list (input tokens, expected prefix hit on that instance,
 running and waiting requests, in-flight work, pending prefill tokens, KV usage, GPU model); the
 derived ones divide work by the GPU's speed so that TTFT is close to linear in them: the time to
-prefill this request's uncached tokens, the time to drain the prefill backlog ahead of it, and the
-queue depth per unit of speed. GPU model enters as its public compute and memory-bandwidth figures
-relative to an A100 (unique per known type, and meaningful for a type never seen in training).
+prefill this request's uncached tokens, the time to drain the prefill backlog ahead of it, the queue
+depth per unit of speed; and the KV pressure (prefill backlog plus this request over the free KV
+tokens: past 1, the request waits for running sequences to finish), which cut the learned policy's
+distance to the oracle by about a third in offline counterfactual tests (docs/learning.md). GPU model
+enters as its public compute and memory-bandwidth figures relative to an A100 (unique per known type,
+and meaningful for a type never seen in training).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "backlog_tokens_per_speed",
     "queue_per_speed",
     "running_per_mem_bw",
+    "kv_free_tokens",
+    "kv_pressure",
 )
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -57,6 +62,8 @@ HEAVY_TAILED: tuple[str, ...] = (
     "backlog_tokens_per_speed",
     "queue_per_speed",
     "running_per_mem_bw",
+    "kv_free_tokens",
+    "kv_pressure",
 )
 
 
@@ -101,6 +108,11 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     x[:, 13] = (view.pending_prefill_tokens + uncached) / speed
     x[:, 14] = queue / speed
     x[:, 15] = view.running / mem_bw
+    # KV headroom: once the prefill backlog plus this request outgrow the free KV cache, the request
+    # waits for running sequences to finish, not just for prefill compute. Unknown capacity counts as 0.
+    free = np.where(view.max_kv_tokens > 0, (1.0 - np.clip(view.kv_usage, 0.0, 1.0)) * view.max_kv_tokens, 0.0)
+    x[:, 16] = free
+    x[:, 17] = np.where(view.max_kv_tokens > 0, (view.pending_prefill_tokens + uncached) / np.maximum(free, 1.0), 0.0)
     return x
 
 

@@ -40,12 +40,13 @@ class MLPModel:
     incremental = False
 
     def __init__(self, layout: InputLayout | None = None, hidden: tuple[int, ...] = (64, 64),
-                 lr: float = 2e-3, epochs: int = 4, batch_size: int = 128, l2: float = 1e-5,
-                 seed: int = 0):
+                 lr: float = 2e-3, epochs: int = 4, min_steps: int = 300, batch_size: int = 128,
+                 l2: float = 1e-5, seed: int = 0):
         self.layout = layout or InputLayout()
         self.hidden = tuple(int(h) for h in hidden)
         self.lr = lr
         self.epochs = epochs
+        self.min_steps = min_steps
         self.batch_size = batch_size
         self.l2 = l2
         self.seed = seed
@@ -116,7 +117,7 @@ class MLPModel:
         self.y_center, self.y_scale = y_center, y_scale
 
     def learn_many(self, x_rows: np.ndarray, ttft_ms: np.ndarray) -> None:
-        """Fine-tune for `epochs` passes of shuffled mini-batches over this training set."""
+        """Fine-tune for `epochs` passes of shuffled mini-batches (at least `min_steps` steps) over this set."""
         z = self._inputs(x_rows)
         t = forward_target(ttft_ms, TARGET).astype(np.float64)
         if len(t) == 0:
@@ -125,8 +126,11 @@ class MLPModel:
         h = (z - self.x_center) * self.x_inv_scale
         y = (t - self.y_center) / self.y_scale
         n = len(y)
+        batches = -(-n // self.batch_size)
+        # Small training sets (cold start) get more passes: at least `min_steps` Adam steps per call.
+        epochs = max(self.epochs, -(-self.min_steps // batches))
         with single_threaded_blas():
-            for _ in range(self.epochs):
+            for _ in range(epochs):
                 order = self.rng.permutation(n)
                 for start in range(0, n, self.batch_size):
                     idx = order[start:start + self.batch_size]
@@ -181,7 +185,8 @@ class MLPModel:
             "family": self.family,
             "layout": self.layout.to_dict(),
             "params": {"hidden": list(self.hidden), "lr": self.lr, "epochs": self.epochs,
-                       "batch_size": self.batch_size, "l2": self.l2, "seed": self.seed},
+                       "min_steps": self.min_steps, "batch_size": self.batch_size, "l2": self.l2,
+                       "seed": self.seed},
             "n_learned": self.n_learned,
             "rng": self.rng.bit_generator.state,
             "weights": [encode_array(w) for w in self.weights],

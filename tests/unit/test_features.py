@@ -74,3 +74,14 @@ def test_column_indices_and_heavy_tailed_are_known_names() -> None:
     np.testing.assert_array_equal(column_indices(["gpu_speed", "prompt_tokens"]), [FEATURE_INDEX["gpu_speed"], 0])
     with pytest.raises(KeyError, match="nope"):
         column_indices(["nope"])
+
+
+def test_kv_pressure_columns() -> None:
+    x = candidate_matrix(RequestInfo("r", prompt_tokens=1000), view())
+    # free = (1 - kv_usage) * max_kv_tokens; pressure = (pending prefill + uncached) / free
+    np.testing.assert_allclose(col(x, "kv_free_tokens"), [5e5, 1e5, 1e4])
+    np.testing.assert_allclose(col(x, "kv_pressure"), [3488.0 / 5e5, 1000.0 / 1e5, 101.0 / 1e4])
+    unknown = view()
+    unknown.max_kv_tokens = np.zeros(3)
+    x = candidate_matrix(RequestInfo("r", prompt_tokens=1000), unknown)
+    assert np.all(col(x, "kv_free_tokens") == 0.0) and np.all(col(x, "kv_pressure") == 0.0)
