@@ -61,7 +61,8 @@ class LearnerConfig:
     def from_settings(cls, settings: LearnerSettings, **overrides: Any) -> LearnerConfig:
         """The live snapshot cadence from settings (`learner.snapshot_every_*`), plus overrides."""
         return cls(**{"snapshot_every_events": settings.snapshot_every_events,
-                      "snapshot_every_s": settings.snapshot_every_s, **overrides})
+                      "snapshot_every_s": settings.snapshot_every_s,
+                      "warmup_snapshot_every_events": settings.warmup_snapshot_every_events, **overrides})
 
 
 class _Ring:

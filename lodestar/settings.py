@@ -89,6 +89,7 @@ class LearnerSettings(BaseModel):
     model: str = "mlp"  # TTFT model family: mlp or river
     snapshot_every_events: int = Field(1000, ge=1)  # publish a snapshot after this many learned events
     snapshot_every_s: float = Field(30.0, gt=0)  # or after this many seconds
+    warmup_snapshot_every_events: int = Field(100, ge=1)  # first snapshots: after 100, 200, 400... events
     checkpoint_path: Path = PROJECT_ROOT / ".run" / "learner" / "checkpoint.json"  # learner state checkpoint (JSON)
     hmac_key: str = "lodestar-dev-key-change-me"  # HMAC key signing model snapshots (set it in production)
     max_latency_ms: float = Field(600_000.0, gt=0)  # telemetry latencies above this are rejected to the DLQ

@@ -167,7 +167,8 @@ async def test_a_restarted_learner_resumes_from_its_checkpoint(settings: Setting
 async def test_the_lodestar_learner_command_publishes_and_checkpoints_on_sigterm(settings: Settings) -> None:
     await ensure_topics(settings, fixed_topic_partitions(settings))
     env = {**settings_env(settings), "LODESTAR_LEARNER__CONSUMER_GROUP": settings.learner.consumer_group,
-           "LODESTAR_LEARNER__SNAPSHOT_EVERY_EVENTS": "150"}
+           "LODESTAR_LEARNER__SNAPSHOT_EVERY_EVENTS": "150",
+           "LODESTAR_LEARNER__WARMUP_SNAPSHOT_EVERY_EVENTS": "150"}
     client = aioredis.from_url(settings.redis.url)
     store = SnapshotStore(client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key)
     path = settings.learner.checkpoint_path
