@@ -22,7 +22,7 @@ def up(
                                                            "default: the workload file's."),
     time_scale: float = typer.Option(2.0, min=0.01, help="Emulator time scale: wall seconds per emulated GPU "
                                                           "second (2: engines run at half speed, CPU to spare)."),
-    heuristic: str = typer.Option("least_request", help="Policy of phase 1 (any registered heuristic)."),
+    heuristic: str = typer.Option("sglang_cache_aware", help="Policy of phase 1 (any registered heuristic)."),
     seed: int = typer.Option(1, help="Seed of phase 1's request stream (phase 2 uses seed + 1)."),
     startup_timeout: float = typer.Option(180.0, min=1.0, help="Seconds to wait for each tier of the stack."),
     request_timeout: float = typer.Option(120.0, min=1.0, help="Seconds a request may wait for its result."),
