@@ -36,6 +36,7 @@ from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.local_services import LocalServices, ServicesError
 from lodestar.local_stack import child_env, restart_dispatchers, start_pipeline
 from lodestar.names import Topics
+from lodestar.namespace import remove_namespace
 from lodestar.readiness import StackProbes
 from lodestar.schemas import InferenceRequest, SamplingParams
 from lodestar.settings import Settings, load_settings
@@ -324,25 +325,3 @@ def _count_check(console: Console, tallies: Sequence[PhaseTally], duplicates: in
                   f"({ok} ok, {answered - ok} not ok), {missing} without a result; {duplicates} duplicate "
                   f"deliveries discarded by the client[/]")
     return good
-
-
-async def remove_namespace(settings: Settings) -> None:
-    """Delete the run's topics and Redis keys."""
-    import redis.asyncio as aioredis
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        doomed = [t for t in await admin.list_topics() if t.startswith(settings.kafka.topic_prefix)]
-        if doomed:
-            await admin.delete_topics(doomed)
-    finally:
-        await admin.close()
-    client = aioredis.from_url(settings.redis.url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 
 import typer
 
+from lodestar.commands.connection import connection_overrides
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
@@ -30,10 +31,7 @@ def dispatcher(
     if dispatcher_id:
         section["dispatcher_id"] = dispatcher_id
     overrides: dict[str, Any] = {"dispatcher": section} if section else {}
-    if bootstrap_servers:
-        overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
-    if redis_url:
-        overrides["redis"] = {"url": redis_url}
+    overrides.update(connection_overrides(bootstrap_servers, redis_url))
     settings = load_settings(**overrides)
     setup_logging("dispatcher", settings.telemetry)
     asyncio.run(_serve(settings))

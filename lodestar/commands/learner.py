@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from lodestar.commands.connection import connection_overrides
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
@@ -31,10 +32,7 @@ def learner(
     if checkpoint_path:
         section["checkpoint_path"] = checkpoint_path
     overrides: dict[str, Any] = {"learner": section} if section else {}
-    if bootstrap_servers:
-        overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
-    if redis_url:
-        overrides["redis"] = {"url": redis_url}
+    overrides.update(connection_overrides(bootstrap_servers, redis_url))
     settings = load_settings(**overrides)
     setup_logging("learner", settings.telemetry)
     asyncio.run(_serve(settings))

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 
 from lodestar.client import LodestarClient
+from lodestar.commands.connection import connection_overrides
 from lodestar.logs import setup_logging
 from lodestar.schemas import InferenceResult, SamplingParams
 from lodestar.settings import Settings, load_settings
@@ -26,8 +27,7 @@ def submit(
 
     The request's trace starts here (service `client`), exported as the telemetry settings say."""
     overrides: dict[str, Any] = {}
-    if bootstrap_servers:
-        overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
+    overrides.update(connection_overrides(bootstrap_servers))
     settings = load_settings(**overrides)
     setup_logging("client", settings.telemetry)
     provider = setup_tracing("client", settings.telemetry)

@@ -7,6 +7,7 @@ import asyncio
 import typer
 from rich.console import Console
 
+from lodestar.commands.connection import connection_overrides
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.settings import load_settings
 
@@ -18,8 +19,7 @@ def create(
     bootstrap_servers: str | None = typer.Option(None, help="Kafka bootstrap servers (overrides settings)."),
 ) -> None:
     """Create lodestar.requests/results/telemetry/dlq (idempotent)."""
-    overrides = {"kafka": {"bootstrap_servers": bootstrap_servers}} if bootstrap_servers else {}
-    settings = load_settings(**overrides)
+    settings = load_settings(**connection_overrides(bootstrap_servers))
     wanted = fixed_topic_partitions(settings)
     outcome = asyncio.run(ensure_topics(settings, wanted))
     console = Console()

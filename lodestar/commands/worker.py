@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from lodestar.commands.connection import connection_overrides
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
@@ -27,10 +28,7 @@ def worker(
         if value is not None:
             worker_overrides[key] = value
     overrides: dict[str, Any] = {"worker": worker_overrides}
-    if bootstrap_servers:
-        overrides["kafka"] = {"bootstrap_servers": bootstrap_servers}
-    if redis_url:
-        overrides["redis"] = {"url": redis_url}
+    overrides.update(connection_overrides(bootstrap_servers, redis_url))
     settings = load_settings(**overrides)
     setup_logging("worker", settings.telemetry)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call and load poll otherwise

@@ -23,12 +23,12 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import RedisKeys, Topics
+from lodestar.namespace import remove_namespace
 from lodestar.registry import WorkerRegistry
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
 from lodestar.settings import Settings
@@ -154,21 +154,7 @@ async def create_topics(settings: Settings) -> None:
 
 async def cleanup(settings: Settings) -> None:
     """Delete the topics and Redis keys under the settings' prefixes."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        doomed = [t for t in await admin.list_topics() if t.startswith(settings.kafka.topic_prefix)]
-        if doomed:
-            await admin.delete_topics(doomed)
-    finally:
-        await admin.close()
-    client = aioredis.from_url(settings.redis.url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await remove_namespace(settings)
 
 
 async def produce(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
