@@ -113,11 +113,6 @@ class TTFTModel:
         self.version = snapshot.version
         self.family = snapshot.family
         self.validated = snapshot.validated
-        holdout = meta.get("holdout")
-        log_mae = holdout.get("log_mae") if isinstance(holdout, dict) else None
-        self.holdout_log_mae: float | None = (
-            float(log_mae) if isinstance(log_mae, (int, float)) and np.isfinite(log_mae) else None
-        )
         self.meta: dict[str, Any] = dict(meta)
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from sim.records import CompletedRequest
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(LearnerConfig)}
 _POLICY_OPTIONS = {"fallback", "epsilon_start", "epsilon_min", "epsilon_half_life", "explore_within",
-                   "trust_margin", "require_validated", "check_range"}
+                   "require_validated", "check_range"}
 
 
 class LearningLoop:

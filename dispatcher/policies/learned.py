@@ -5,9 +5,7 @@ request the shared candidate matrix (lodestar.features) is evaluated by lodestar
 over all workers at once. A heuristic decides instead (default `gpu_speed_queue`, built by
 `make_policy`) while there is no snapshot, while the snapshot is not validated on held-out telemetry,
 and whenever the candidate the model picks has features outside the range the model was trained on
-(with the snapshot's margin): its prediction there is extrapolation, possibly optimistic. And the
-model overrides the heuristic's own pick only when it predicts a gain larger than `trust_margin` times
-its held-out log error, so a young model defers to the heuristic on close calls.
+(with the snapshot's margin): its prediction there is extrapolation, possibly optimistic.
 Exploration is epsilon-greedy with a decaying epsilon and a seeded RNG, but only among the candidates
 the model rates close to the best (predicted TTFT within `explore_within` times the least): that is
 where its ranking is uncertain and a sample is informative, and a request is never sent to a worker
@@ -42,7 +40,6 @@ class LearnedPolicy:
         epsilon_min: float = 0.002,
         epsilon_half_life: float = 2000.0,
         explore_within: float = 1.5,
-        trust_margin: float = 0.5,
         require_validated: bool = True,
         check_range: bool = True,
         seed: int = 0,
@@ -59,8 +56,6 @@ class LearnedPolicy:
         self.epsilon_min = epsilon_min
         self.epsilon_half_life = epsilon_half_life
         self.explore_within = explore_within
-        self.trust_margin = trust_margin
-        self._fallback_pick = -1
         self.require_validated = require_validated
         self.check_range = check_range
         self.rng = np.random.default_rng(seed)
@@ -82,19 +77,6 @@ class LearnedPolicy:
         """The exploration probability of the next decision (halves every `epsilon_half_life` decisions)."""
         decay = 0.5 ** (self.decisions / self.epsilon_half_life)
         return self.epsilon_min + (self.epsilon_start - self.epsilon_min) * decay
-
-    def _keep_fallback(self, request: RequestInfo, view: ClusterView, predicted: np.ndarray, pick: int) -> bool:
-        """Whether the model's gain over the heuristic's pick is within its own error (then keep the pick).
-
-        The bar is `trust_margin` times the snapshot's held-out log-MAE, in log TTFT: a young model
-        overrides the heuristic only where it predicts a clear win, a mature one almost everywhere.
-        """
-        assert self.model is not None
-        if self.trust_margin <= 0 or self.model.holdout_log_mae is None:
-            return False
-        self._fallback_pick = self.fallback.choose(request, view).index
-        gain = np.log1p(predicted[self._fallback_pick]) - np.log1p(predicted[pick])
-        return bool(gain <= self.trust_margin * self.model.holdout_log_mae)
 
     def _model_usable(self) -> bool:
         return self.model is not None and (self.model.validated or not self.require_validated)
@@ -118,8 +100,6 @@ class LearnedPolicy:
         explored = False
         if predicted is None:
             index, policy = self.fallback.choose(request, view).index, self.fallback_name
-        elif self._keep_fallback(request, view, predicted, index):
-            index, policy = self._fallback_pick, self.fallback_name
         else:
             policy = NAME
             if coin < epsilon:
