@@ -8,7 +8,7 @@ each run exactly as `lodestar bench sim` runs it (same policy builder, simulator
 `--jobs` processes. Per scenario it writes `<out>/<scenario>/results.json` and `results.md` in the
 bench's format, and keeps every run (results row + per-request arrival, TTFT and routing kind) under
 `<out>/<scenario>/runs/`, so an interrupted campaign resumes where it stopped (a run is reused only if
-it was made from the same source: commit plus uncommitted diff). Then it writes the learned-routing
+the simulator, policies, learner, core and configs are unchanged since it was made). Then it writes the learned-routing
 sections of docs/results.md (between generated-region markers; hand-written text around them is kept)
 and the plots in docs/img/. `--quick` is a smoke subset (two short scenarios, one seed) that writes
 under `<out>-quick` and leaves the docs alone.
@@ -85,23 +85,29 @@ class Scenario:
         return [*self.baselines, LEARNED, *([RIVER] if self.families else [])]
 
 
+# The oracle runs where it is affordable: its forward simulation of every candidate engine runs at
+# 25-100 requests per wall second on this shared machine (a 12k-request run took 7 min; one on 8x H100
+# had not finished after 14 min).
+SHIFT_BASELINES: tuple[str, ...] = ("sglang_cache_aware", "lmetric", "gpu_speed_queue")
 MATRIX: tuple[Scenario, ...] = (
     Scenario("hetero_2h100_2a100_4l4", "mooncake_conversation", 25, families=True, curve=True),
     Scenario("hetero_2h100_2a100_4l4", "mooncake_conversation", 40),
-    Scenario("hetero_2h100_2a100_4l4", "mooncake_synthetic", 14),
+    Scenario("hetero_2h100_2a100_4l4", "mooncake_synthetic", 14, oracle=False),
     Scenario("hetero_2h100_2a100_4l4", "shared_prefix", 20),
-    Scenario("hetero_2h100_2a100_4l4", "multi_turn", 3),
-    Scenario("hetero_2h100_2a100_4l4", "azure_conv", 30),
-    Scenario("hetero_4a30_4v100", "mooncake_conversation", 14, families=True),
+    Scenario("hetero_2h100_2a100_4l4", "multi_turn", 3, oracle=False),
+    Scenario("hetero_2h100_2a100_4l4", "azure_conv", 30, oracle=False),
+    Scenario("hetero_4a30_4v100", "mooncake_conversation", 14, families=True, oracle=False),
     Scenario("hetero_4a30_4v100", "shared_prefix", 12),
-    Scenario("hetero_4a30_4v100", "azure_conv", 16),
+    Scenario("hetero_4a30_4v100", "azure_conv", 16, oracle=False),
     Scenario("homo_8a30", "mooncake_conversation", 16, families=True, curve=True),
     Scenario("homo_8a30", "shared_prefix", 12),
-    Scenario("homo_8a30", "multi_turn", 4),
-    Scenario("homo_8h100", "mooncake_conversation", 120),
+    Scenario("homo_8a30", "multi_turn", 3, oracle=False),
+    Scenario("homo_8h100", "mooncake_conversation", 120, oracle=False),
     Scenario("homo_8h100", "shared_prefix", 30),
-    Scenario("hetero_2h100_2a100_4l4", "shift_slowdown", 20, duration_s=600, oracle=False, shift_at_s=150),
-    Scenario("homo_8a30", "shift_prefix_share", 16, duration_s=600, oracle=False, shift_at_s=150),
+    Scenario("hetero_2h100_2a100_4l4", "shift_slowdown", 20, duration_s=600, baselines=SHIFT_BASELINES,
+             oracle=False, shift_at_s=150),
+    Scenario("homo_8a30", "shift_prefix_share", 16, duration_s=600, baselines=SHIFT_BASELINES, oracle=False,
+             shift_at_s=150),
 )
 QUICK: tuple[Scenario, ...] = (
     Scenario("hetero_2h100_2a100_4l4", "mooncake_conversation", 25, duration_s=60, seeds=(1,),
@@ -186,6 +192,26 @@ class Settling:
     settle_s: float | None  # seconds after the curve's start; None if it never stayed within tolerance
 
 
+def _settled_after(starts: np.ndarray, curve: np.ndarray, steady: float, start_s: float,
+                   tolerance: float) -> float | None:
+    """Seconds from `start_s` to the first window from which `curve` stays within `tolerance` of `steady`
+    (nan windows skipped); None if the last window is still off."""
+    off = np.abs(curve / steady - 1.0) > tolerance  # nan compares False: skipped
+    if not off.any():
+        return 0.0
+    last_off = int(np.flatnonzero(off)[-1])
+    if last_off + 1 >= len(starts):
+        return None
+    return float(starts[last_off + 1] - start_s)
+
+
+def _tail(arrival_s: np.ndarray, steady_from_s: float, end_s: float) -> np.ndarray:
+    tail = (arrival_s >= steady_from_s) & (arrival_s < end_s)
+    if not tail.any():
+        raise ValueError("no sample in the steady-state stretch")
+    return tail
+
+
 def settle_time(arrival_s: np.ndarray, values: np.ndarray, *, start_s: float, steady_from_s: float, end_s: float,
                 window_s: float = WINDOW_S, tolerance: float = TOLERANCE) -> Settling:
     """When the curve from `start_s` settles: the steady state is the mean over arrivals in
@@ -193,37 +219,52 @@ def settle_time(arrival_s: np.ndarray, values: np.ndarray, *, start_s: float, st
     `start_s`) from which every window's mean stays within `tolerance` of it, empty windows skipped."""
     if not start_s <= steady_from_s < end_s:
         raise ValueError("need start_s <= steady_from_s < end_s")
-    tail = (arrival_s >= steady_from_s) & (arrival_s < end_s)
-    if not tail.any():
-        raise ValueError("no sample in the steady-state stretch")
-    steady = float(values[tail].mean())
+    steady = float(values[_tail(arrival_s, steady_from_s, end_s)].mean())
     starts, means = window_means(arrival_s, values, start_s, end_s, window_s)
-    off = np.abs(means / steady - 1.0) > tolerance  # nan (empty window) compares False: skipped
-    if not off.any():
-        return Settling(steady, 0.0)
-    last_off = int(np.flatnonzero(off)[-1])
-    if last_off + 1 >= len(starts):
-        return Settling(steady, None)
-    return Settling(steady, float(starts[last_off + 1] - start_s))
+    return Settling(steady, _settled_after(starts, means, steady, start_s, tolerance))
 
 
-def target_verdict(value: float, target: float, higher_is_better: bool = True) -> str:
-    """'met' or how far from the target, in the target's own unit."""
-    ok = value >= target if higher_is_better else value <= target
-    return "met" if ok else f"missed by {abs(value - target):.2f}"
+def ratio_settle_time(ref_arrival_s: np.ndarray, ref: np.ndarray, arrival_s: np.ndarray, values: np.ndarray, *,
+                      start_s: float, steady_from_s: float, end_s: float, window_s: float = WINDOW_S,
+                      tolerance: float = TOLERANCE) -> Settling:
+    """`settle_time` of the paired curve mean(ref) / mean(values) per window (the x of `values` over `ref`
+    on the same arrivals): what changes with the traffic moves both and cancels, learning does not."""
+    if not start_s <= steady_from_s < end_s:
+        raise ValueError("need start_s <= steady_from_s < end_s")
+    steady = float(ref[_tail(ref_arrival_s, steady_from_s, end_s)].mean()
+                   / values[_tail(arrival_s, steady_from_s, end_s)].mean())
+    starts, ref_means = window_means(ref_arrival_s, ref, start_s, end_s, window_s)
+    _, means = window_means(arrival_s, values, start_s, end_s, window_s)
+    return Settling(steady, _settled_after(starts, ref_means / means, steady, start_s, tolerance))
+
+
+def ratio_after(ref_arrival_s: np.ndarray, ref: np.ndarray, arrival_s: np.ndarray, values: np.ndarray,
+                from_s: float) -> float:
+    """mean(ref) / mean(values) over the requests of each arriving at or after `from_s` (nan if none)."""
+    ref_after, after = ref[ref_arrival_s >= from_s], values[arrival_s >= from_s]
+    if len(ref_after) == 0 or len(after) == 0:
+        return math.nan
+    return float(ref_after.mean() / after.mean())
 
 
 # ---------------------------------------------------------------------------------------- running --
 
 
+# What a simulation's numbers depend on: a run is reused only while these are unchanged.
+CODE_PATHS: tuple[str, ...] = ("lodestar", "dispatcher", "learner", "sim", "configs", "pyproject.toml")
+
+
 def source_id() -> dict[str, str]:
-    """The commit these numbers come from, and a digest of any uncommitted change to tracked files."""
+    """The commit the numbers come from, the files changed but not committed, and `code`: a digest of the
+    committed trees of CODE_PATHS plus their uncommitted diff (the key under which runs are cached)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
 
-    diff = git("diff", "HEAD")
-    dirty = sorted(line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines())
-    return {"commit": git("rev-parse", "HEAD").strip(), "diff_sha1": hashlib.sha1(diff.encode()).hexdigest(),
+    trees = git("rev-parse", *(f"HEAD:{p}" for p in CODE_PATHS))
+    diff = git("diff", "HEAD", "--", *CODE_PATHS)
+    dirty = sorted(line[3:] for line in git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS)
+                   .splitlines())
+    return {"commit": git("rev-parse", "HEAD").strip(), "code": hashlib.sha1((trees + diff).encode()).hexdigest(),
             "dirty_files": ", ".join(dirty)}
 
 
@@ -300,8 +341,7 @@ def load_run(out: Path, key: RunKey, source: Mapping[str, str]) -> RunData | Non
     if not (meta_path.exists() and series_path.exists()):
         return None
     meta = json.loads(meta_path.read_text())
-    if meta.get("source", {}).get("commit") != source["commit"] or \
-            meta["source"].get("diff_sha1") != source["diff_sha1"]:
+    if meta.get("source", {}).get("code") != source["code"]:
         return None
     with np.load(series_path) as series:
         return RunData(meta["row"], series["arrival_s"], series["ttft_s"], series["kind"], meta["snapshots"])
@@ -370,11 +410,13 @@ class ScenarioReport:
     learned: Comparison
     river: Comparison | None
     model_share: float  # fraction of learned decisions the model made (not the fallback), over seeds
-    settling: Settling | None  # learned, from cold start (or from the shift)
-    baseline_settling: Settling | None  # the best baseline under the same definition: the noise floor
+    first_validated_s: list[float]  # per seed: when the learner's first validated snapshot came out
+    warm_x: float  # best baseline / learned mean TTFT on requests arriving after that, mean over seeds
+    x_settling: Settling | None  # the paired x curve (best baseline / learned), from cold start or the shift
+    settling: Settling | None  # learned's own TTFT curve, from cold start or the shift
+    baseline_settling: Settling | None  # the best baseline's TTFT curve by the same rule: the noise floor
     requests: int
     span_s: float
-    first_validated_s: list[float]  # per seed: when the learner's first validated snapshot came out
 
 
 def cluster_is_homogeneous(path: Path) -> bool:
@@ -384,23 +426,27 @@ def cluster_is_homogeneous(path: Path) -> bool:
     return len({w.gpu for w in read_cluster(path).expand()}) == 1
 
 
+def seed_runs(runs: Mapping[RunKey, RunData], scenario: Scenario, policy: str) -> list[RunData]:
+    """`policy`'s runs on `scenario`, by seed."""
+    return [d for k, d in sorted(runs.items(), key=lambda kd: kd[0].seed)
+            if k.scenario == scenario and k.policy == policy]
+
+
 def pooled(runs: Mapping[RunKey, RunData], scenario: Scenario, policy: str) -> tuple[np.ndarray, np.ndarray]:
     """Arrival times and TTFTs (ms) of `policy` on `scenario`, all its seeds pooled."""
-    chosen = [d for k, d in runs.items() if k.scenario == scenario and k.policy == policy]
+    chosen = seed_runs(runs, scenario, policy)
     return (np.concatenate([d.arrival_s for d in chosen]),
             np.concatenate([d.ttft_s for d in chosen]) * 1000.0)
 
 
-def settling_of(runs: Mapping[RunKey, RunData], scenario: Scenario, policy: str) -> Settling | None:
-    """`policy`'s settle time from cold start (or from the shift), pooled over seeds; None if the run is too short.
-
-    The steady state is the last third of the stretch after the start (or shift)."""
-    arrival, ttft = pooled(runs, scenario, policy)
+def curve_span(scenario: Scenario, arrival_s: np.ndarray) -> tuple[float, float, float] | None:
+    """(start, steady_from, end) of a settle computation: from cold start or the shift to the last arrival,
+    the steady state over the last third; None if that is shorter than eight windows."""
     start = scenario.shift_at_s or 0.0
-    end = float(min(scenario.duration_s, arrival.max()))
+    end = float(min(scenario.duration_s, arrival_s.max()))
     if end - start < 8 * WINDOW_S:
         return None
-    return settle_time(arrival, ttft, start_s=start, steady_from_s=start + (end - start) * 2 / 3, end_s=end)
+    return start, start + (end - start) * 2 / 3, end
 
 
 def scenario_report(runs: Mapping[RunKey, RunData], scenario: Scenario) -> ScenarioReport:
@@ -408,18 +454,25 @@ def scenario_report(runs: Mapping[RunKey, RunData], scenario: Scenario) -> Scena
     rows = [d.row for k, d in runs.items() if k.scenario == scenario]
     learned = compare(rows, LEARNED, scenario.baselines)
     river = compare(rows, RIVER, scenario.baselines) if scenario.families else None
-    kinds = np.concatenate([d.kind for k, d in runs.items() if k.scenario == scenario and k.policy == LEARNED])
-    learned_rows = [r for r in rows if r["policy"] == LEARNED]
-    arrival, _ = pooled(runs, scenario, LEARNED)
-    validated = [next((s["at_s"] for s in d.snapshots if s["validated"]), math.nan)
-                 for k, d in sorted(runs.items(), key=lambda kd: kd[0].seed)
-                 if k.scenario == scenario and k.policy == LEARNED]
+    mine, base = seed_runs(runs, scenario, LEARNED), seed_runs(runs, scenario, learned.baseline)
+    kinds = np.concatenate([d.kind for d in mine])
+    validated = [next((s["at_s"] for s in d.snapshots if s["validated"]), math.nan) for d in mine]
+    warm_x = float(np.nanmean([ratio_after(b.arrival_s, b.ttft_s, d.arrival_s, d.ttft_s, t)
+                               for b, d, t in zip(base, mine, validated, strict=True)]))
+    arrival, ttft = pooled(runs, scenario, LEARNED)
+    base_arrival, base_ttft = pooled(runs, scenario, learned.baseline)
+    span = curve_span(scenario, arrival)
+    x_settling = settling = baseline_settling = None
+    if span is not None:
+        start, steady_from, end = span
+        x_settling = ratio_settle_time(base_arrival, base_ttft, arrival, ttft, start_s=start,
+                                       steady_from_s=steady_from, end_s=end)
+        settling = settle_time(arrival, ttft, start_s=start, steady_from_s=steady_from, end_s=end)
+        baseline_settling = settle_time(base_arrival, base_ttft, start_s=start, steady_from_s=steady_from, end_s=end)
     return ScenarioReport(
         scenario, cluster_is_homogeneous(scenario.cluster_path), rows, learned, river,
-        float(np.mean(kinds != FALLBACK)) if len(kinds) else math.nan,
-        settling_of(runs, scenario, LEARNED), settling_of(runs, scenario, learned.baseline),
-        int(np.mean([r["completed"] for r in learned_rows])), float(arrival.max()) if len(arrival) else 0.0,
-        validated)
+        float(np.mean(kinds != FALLBACK)), validated, warm_x, x_settling, settling, baseline_settling,
+        int(np.mean([r["completed"] for r in rows if r["policy"] == LEARNED])), float(arrival.max()))
 
 
 def bench_command(scenario: Scenario, policies: Sequence[str], seeds: Sequence[int], out_name: str) -> str:
@@ -427,7 +480,7 @@ def bench_command(scenario: Scenario, policies: Sequence[str], seeds: Sequence[i
     return (f".venv/bin/lodestar bench sim --cluster configs/clusters/{scenario.cluster}.yaml \\\n"
             f"    --workload configs/workloads/{scenario.workload}.yaml --rate {scenario.rate:g} "
             f"--duration {scenario.duration_s:g} --seeds {','.join(map(str, seeds))} \\\n"
-            f"    --policies {','.join(policies)} --out .run/campaign/{out_name}")
+            f"    --policies {','.join(policies)} --out .run/bench/{out_name}")
 
 
 def _x(value: float) -> str:
@@ -444,40 +497,51 @@ def _steady(s: Settling | None) -> str:
     return "-" if s is None else f"{s.steady:.1f} ms"
 
 
+def _steady_x(s: Settling | None) -> str:
+    return "-" if s is None else _x(s.steady)
+
+
 def title_of(scenario: Scenario) -> str:
     return f"{scenario.cluster} / {scenario.workload} @ {scenario.rate:g}/s"
 
 
 def summary_markdown(reports: Sequence[ScenarioReport], source: Mapping[str, str], wall_s: float,
-                     default_family: str) -> str:
+                     invocations: int, default_family: str) -> str:
     """The learned section's top: the scenario summary table and the targets, met or missed by how much."""
     lines = [
         f"Numbers from commit `{source['commit'][:10]}`"
         + (f" with uncommitted changes in {source['dirty_files']}" if source["dirty_files"] else "")
         + f"; `learned` is the `{default_family}` family (settings `learner.model`). "
-        f"Campaign wall time {wall_s / 60:.1f} min on the shared 2-core machine "
-        "(`.venv/bin/python scripts/results_campaign.py`; runs are cached per source, so this is the "
-        "time of the runs simulated by the last invocation).",
+        f"Simulating the {len(reports)} scenarios took {wall_s / 60:.1f} min of wall time on the shared "
+        f"2-core machine, 2 processes, over {invocations} invocation(s) of "
+        "`.venv/bin/python scripts/results_campaign.py` (runs are cached under .run/campaign while the "
+        "simulator, policies, learner, core and configs are unchanged).",
         "",
         "x = best baseline's TTFT / learned's TTFT, per seed, then mean over seeds (min over seeds in "
-        "brackets); the best baseline is the one of the seven with the least mean TTFT over seeds. "
-        "Oracle gap = learned mean TTFT / oracle mean TTFT on seed 1. Settle = time from cold start (or "
-        f"from the shift) until every {WINDOW_S:.0f} s window's mean TTFT (seeds pooled) stays within "
-        f"{TOLERANCE:.0%} of the steady state (mean over the last third); the best baseline's own figure "
-        "under the same rule, in brackets, is the noise floor. Model share = learned decisions made by the "
+        "brackets); the best baseline is the scenario's baseline with the least mean TTFT over seeds (of "
+        f"the seven: {', '.join(BASELINES)}; of three on the shift scenarios). "
+        "Warm x = the same ratio over the requests that arrived after the learner's first validated "
+        "snapshot (per seed), i.e. without the cold-start fallback. "
+        "Oracle gap = learned mean TTFT / oracle mean TTFT on seed 1 (- where the oracle was not run). "
+        f"Settle x = time from cold start (or from the shift) until the {WINDOW_S:.0f} s-window x curve "
+        f"(seeds pooled) stays within {TOLERANCE:.0%} of its steady value (over the last third of the run); "
+        "settle abs = the same rule on learned's own mean TTFT curve, with the best baseline's figure under "
+        "that rule in brackets: a baseline does not learn, so its figure is what the traffic's own changes "
+        "do to the rule (- where the run is shorter than 240 s). Model share = learned decisions made by the "
         "model rather than the cold-start / out-of-range fallback.",
         "",
-        "| scenario | kind | best baseline | x mean | x P99 | oracle gap | settle (baseline) | model share "
-        "| requests |",
-        "|---|---|---|---:|---:|---:|---|---:|---:|",
+        "| scenario | kind | best baseline | x mean | x P99 | warm x | oracle gap | settle x | settle abs "
+        "(baseline) | model share | requests |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|",
     ]
     for r in reports:
         c = r.learned
         gap = "-" if c.oracle_gap is None else f"{c.oracle_gap:.2f}"
         lines.append(
             f"| [{title_of(r.scenario)}](#{anchor(r.scenario)}) | {'homo' if r.homogeneous else 'hetero'} | "
-            f"{c.baseline} | {_x(c.mean_x)} ({_x(c.mean_x_min)}) | {_x(c.p99_x)} ({_x(c.p99_x_min)}) | {gap} | "
-            f"{_settle(r.settling)} ({_settle(r.baseline_settling)}) | {r.model_share:.0%} | {r.requests:,} |")
+            f"{c.baseline} | {_x(c.mean_x)} ({_x(c.mean_x_min)}) | {_x(c.p99_x)} ({_x(c.p99_x_min)}) | "
+            f"{_x(r.warm_x)} | {gap} | {_settle(r.x_settling)} | {_settle(r.settling)} "
+            f"({_settle(r.baseline_settling)}) | {r.model_share:.0%} | {r.requests:,} |")
     lines += ["", *targets_markdown(reports)]
     return "\n".join(lines) + "\n"
 
@@ -497,7 +561,10 @@ def targets_markdown(reports: Sequence[ScenarioReport]) -> list[str]:
          [(title_of(r.scenario), r.learned.mean_x) for r in reports], FLOOR_TARGET, True),
         (f"everywhere: P99 TTFT >= {FLOOR_TARGET}x best baseline",
          [(title_of(r.scenario), r.learned.p99_x) for r in reports], FLOOR_TARGET, True),
-        (f"settles within {SETTLE_TARGET_S:.0f} s (cold start, and after a shift)",
+        (f"x curve settles within {SETTLE_TARGET_S:.0f} s (cold start, and after a shift)",
+         [(title_of(r.scenario), math.inf if r.x_settling.settle_s is None else r.x_settling.settle_s)
+          for r in reports if r.x_settling is not None], SETTLE_TARGET_S, False),
+        (f"own TTFT curve settles within {SETTLE_TARGET_S:.0f} s",
          [(title_of(r.scenario), math.inf if r.settling.settle_s is None else r.settling.settle_s)
           for r in reports if r.settling is not None], SETTLE_TARGET_S, False),
         (f"mean TTFT within {ORACLE_TARGET - 1:.0%} of the oracle (gap <= {ORACLE_TARGET})",
@@ -532,7 +599,7 @@ def scenario_markdown(r: ScenarioReport) -> str:
     if sc.oracle:
         cmds.append(bench_command(sc, [LEARNED, ORACLE], seeds[:1], sc.slug + "-oracle"))
     c = r.learned
-    out = [f"### {title_of(sc)}", "", "```bash", *cmds, "```", ""]
+    out = [f"#### {title_of(sc)}", "", "```bash", *cmds, "```", ""]
     shift = f"; shift at t = {sc.shift_at_s:g} s" if sc.shift_at_s is not None else ""
     out.append(f"{r.requests:,} requests per seed over {r.span_s:.0f} s of arrivals{shift}. Mean over seeds "
                f"{','.join(map(str, seeds))} (oracle: seed {seeds[0]} only); latencies in ms; "
@@ -559,9 +626,10 @@ def scenario_markdown(r: ScenarioReport) -> str:
                    f"{_x(float(np.mean(xm)))} | {_x(float(np.mean(xp)))} |")
     gap = "" if c.oracle_gap is None else f"; oracle gap {c.oracle_gap:.2f}"
     out += ["", f"Learned vs {c.baseline}: mean {_x(c.mean_x)} (min over seeds {_x(c.mean_x_min)}), "
-                f"P99 {_x(c.p99_x)} (min {_x(c.p99_x_min)}){gap}; the model made {r.model_share:.0%} of the "
-                f"learned decisions; settle {_settle(r.settling)} (best baseline's own: "
-                f"{_settle(r.baseline_settling)}).", ""]
+                f"P99 {_x(c.p99_x)} (min {_x(c.p99_x_min)}){gap}; mean after the first validated snapshot "
+                f"(at t = {first_validated(r)}) {_x(r.warm_x)}; the model made {r.model_share:.0%} of the "
+                f"learned decisions; settle x {_settle(r.x_settling)}, abs {_settle(r.settling)} (best "
+                f"baseline's own: {_settle(r.baseline_settling)}).", ""]
     return "\n".join(out)
 
 
@@ -580,8 +648,9 @@ def families_markdown(reports: Sequence[ScenarioReport], default_family: str) ->
 
 
 def plot_curve(runs: Mapping[RunKey, RunData], r: ScenarioReport, path: Path) -> None:
-    """Mean TTFT per window (seeds pooled) of learned and the best baseline (and the oracle, seed 1), the
-    steady state and settle time, and below it the share of learned decisions the model made."""
+    """Three panels over arrival time, seeds pooled, per window: mean TTFT of learned, the best baseline
+    (and the oracle, seed 1); the x curve (best baseline / learned) with its steady band and settle time;
+    the share of learned decisions the model made (not the fallback)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -589,37 +658,45 @@ def plot_curve(runs: Mapping[RunKey, RunData], r: ScenarioReport, path: Path) ->
 
     sc = r.scenario
     end = min(sc.duration_s, r.span_s)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True, height_ratios=(3, 1))
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2, 1))
+    means: dict[str, np.ndarray] = {}
     for policy, style in ((LEARNED, "-"), (r.learned.baseline, "--"), (ORACLE, ":")):
-        if not any(k.scenario == sc and k.policy == policy for k in runs):
+        if not seed_runs(runs, sc, policy):
             continue
         arrival, ttft = pooled(runs, sc, policy)
-        starts, means = window_means(arrival, ttft, 0.0, end, WINDOW_S)
+        starts, means[policy] = window_means(arrival, ttft, 0.0, end, WINDOW_S)
         label = f"{policy} (seed 1)" if policy == ORACLE else policy
-        top.plot(starts + WINDOW_S / 2, means, style, marker="o", markersize=3, label=label)
-    if r.settling is not None:
-        start = sc.shift_at_s or 0.0
-        top.axhline(r.settling.steady, color="grey", lw=0.8)
-        top.axhspan(r.settling.steady * (1 - TOLERANCE), r.settling.steady * (1 + TOLERANCE), color="grey",
-                    alpha=0.15, label=f"learned steady state ±{TOLERANCE:.0%}")
-        if r.settling.settle_s is not None:
-            top.axvline(start + r.settling.settle_s, color="green", lw=1,
-                        label=f"settled: {r.settling.settle_s:.0f} s")
-    if sc.shift_at_s is not None:
-        top.axvline(sc.shift_at_s, color="red", lw=1, label=f"shift at {sc.shift_at_s:g} s")
-        bottom.axvline(sc.shift_at_s, color="red", lw=1)
+        top.plot(starts + WINDOW_S / 2, means[policy], style, marker="o", markersize=3, label=label)
     top.set_ylabel(f"mean TTFT per {WINDOW_S:.0f} s (ms)")
     top.set_title(f"{title_of(sc)}, seeds {','.join(map(str, sc.seeds))} pooled", fontsize=10)
-    top.grid(True, alpha=0.3)
-    top.legend(fontsize="small")
-    arrival = np.concatenate([d.arrival_s for k, d in runs.items() if k.scenario == sc and k.policy == LEARNED])
-    kind = np.concatenate([d.kind for k, d in runs.items() if k.scenario == sc and k.policy == LEARNED])
-    starts, share = window_means(arrival, (kind != FALLBACK).astype(np.float64), 0.0, end, WINDOW_S)
+    middle.plot(starts + WINDOW_S / 2, means[r.learned.baseline] / means[LEARNED], marker="o", markersize=3,
+                color="black", label=f"x = {r.learned.baseline} / learned")
+    middle.axhline(1.0, color="grey", lw=0.8, ls=":")
+    middle.set_ylabel("x per window")
+    if r.x_settling is not None:
+        steady = r.x_settling.steady
+        middle.axhspan(steady * (1 - TOLERANCE), steady * (1 + TOLERANCE), color="grey", alpha=0.2,
+                       label=f"steady x {steady:.2f} ±{TOLERANCE:.0%}")
+        if r.x_settling.settle_s is not None:
+            at = (sc.shift_at_s or 0.0) + r.x_settling.settle_s
+            for ax in (top, middle):
+                ax.axvline(at, color="green", lw=1)
+            middle.plot([], [], color="green", lw=1, label=f"settled: {r.x_settling.settle_s:.0f} s")
+    if sc.shift_at_s is not None:
+        for ax in (top, middle, bottom):
+            ax.axvline(sc.shift_at_s, color="red", lw=1)
+        top.plot([], [], color="red", lw=1, label=f"shift at {sc.shift_at_s:g} s")
+    arrival = np.concatenate([d.arrival_s for d in seed_runs(runs, sc, LEARNED)])
+    kind = np.concatenate([d.kind for d in seed_runs(runs, sc, LEARNED)])
+    _, share = window_means(arrival, (kind != FALLBACK).astype(np.float64), 0.0, end, WINDOW_S)
     bottom.plot(starts + WINDOW_S / 2, share, marker="o", markersize=3)
     bottom.set_ylim(-0.05, 1.05)
     bottom.set_ylabel("model share")
     bottom.set_xlabel("arrival time (s, virtual)")
-    bottom.grid(True, alpha=0.3)
+    for ax in (top, middle, bottom):
+        ax.grid(True, alpha=0.3)
+    for ax in (top, middle):
+        ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
@@ -640,16 +717,17 @@ def details_markdown(reports: Sequence[ScenarioReport], plots: Mapping[str, Path
     if curves:
         out += ["### Learning from cold start", ""]
         for r in curves:
-            first = first_validated(r)
-            out += [f"**{title_of(r.scenario)}**: settles in {_settle(r.settling)} (steady state "
-                    f"{_steady(r.settling)}; the best baseline's own curve: {_settle(r.baseline_settling)}); "
-                    f"first validated snapshot at t = {first} (per seed).", "",
-                    f"![learning curve]({rel(plots[r.scenario.slug])})", ""]
+            out += [f"**{title_of(r.scenario)}**: the x curve settles in {_settle(r.x_settling)} (steady x "
+                    f"{_steady_x(r.x_settling)}); learned's own TTFT curve in {_settle(r.settling)} (steady "
+                    f"{_steady(r.settling)}; the best baseline's own curve under that rule: "
+                    f"{_settle(r.baseline_settling)}); first validated snapshot at t = {first_validated(r)} "
+                    "(per seed).", "", f"![learning curve]({rel(plots[r.scenario.slug])})", ""]
     if shifts:
         out += ["### Adaptation after a shift", ""]
         for r in shifts:
-            out += [f"**{title_of(r.scenario)}** (shift at t = {r.scenario.shift_at_s:g} s): settles "
-                    f"{_settle(r.settling)} after the shift (new steady state {_steady(r.settling)}; "
+            out += [f"**{title_of(r.scenario)}** (shift at t = {r.scenario.shift_at_s:g} s): the x curve "
+                    f"settles {_settle(r.x_settling)} after the shift (steady x {_steady_x(r.x_settling)}); "
+                    f"learned's own TTFT curve {_settle(r.settling)} (new steady state {_steady(r.settling)}; "
                     f"best baseline's own: {_settle(r.baseline_settling)}).", "",
                     f"![adaptation]({rel(plots[r.scenario.slug])})", ""]
     out += ["### Per scenario", ""]
@@ -701,18 +779,19 @@ def write_scenario_files(out: Path, r: ScenarioReport) -> None:
                                        f"{markdown_table(mean_by_policy(r.rows), r.learned.baseline)}")
 
 
-def campaign_wall_s(out: Path, source: Mapping[str, str], wall_s: float, simulated: bool) -> float:
-    """This invocation's wall time if it simulated anything (recorded in <out>/campaign.json), else the
-    recorded time of the last invocation that did, from the same source."""
+def campaign_wall_s(out: Path, source: Mapping[str, str], wall_s: float, simulated: int) -> tuple[float, int]:
+    """Wall time spent simulating this campaign's runs, summed over the invocations that simulated any with
+    the same code (recorded in <out>/campaign.json), and how many invocations that took."""
     record = out / "campaign.json"
-    if simulated:
-        record.write_text(json.dumps({"source": dict(source), "wall_s": wall_s}))
-        return wall_s
+    total, invocations = 0.0, 0
     if record.exists():
         stored = json.loads(record.read_text())
-        if stored["source"] == dict(source):
-            return float(stored["wall_s"])
-    return wall_s
+        if stored.get("code") == source["code"]:
+            total, invocations = float(stored["wall_s"]), int(stored["invocations"])
+    if simulated:
+        total, invocations = total + wall_s, invocations + 1
+        record.write_text(json.dumps({"code": source["code"], "wall_s": total, "invocations": invocations}))
+    return total, invocations
 
 
 def main() -> None:
@@ -735,7 +814,7 @@ def main() -> None:
     print(f"source: {source['commit'][:10]}{dirty}", flush=True)
     t0 = time.perf_counter()
     runs, simulated = run_campaign(scenarios, out, args.jobs, source)
-    wall_s = campaign_wall_s(out, source, time.perf_counter() - t0, simulated=simulated > 0)
+    wall_s, invocations = campaign_wall_s(out, source, time.perf_counter() - t0, simulated)
     reports = []
     for sc in scenarios:
         r = scenario_report(runs, sc)
@@ -748,7 +827,7 @@ def main() -> None:
             plots[r.scenario.slug] = img / f"{kind}_{r.scenario.cluster}_{r.scenario.workload}.png"
             plot_curve(runs, r, plots[r.scenario.slug])
     family = Settings().learner.model
-    summary = summary_markdown(reports, source, wall_s, family)
+    summary = summary_markdown(reports, source, wall_s, invocations, family)
     details = details_markdown(reports, plots, args.doc, family)
     (out / "learned_summary.md").write_text(summary)
     (out / "learned_details.md").write_text(details)
@@ -756,7 +835,8 @@ def main() -> None:
     if not (args.quick or args.no_doc):
         write_doc(args.doc, summary, details)
         print(f"wrote {args.doc} and {len(plots)} plots in {img}")
-    print(f"campaign wall time {wall_s:.0f} s", flush=True)
+    print(f"this invocation {time.perf_counter() - t0:.0f} s; campaign simulation wall time {wall_s:.0f} s "
+          f"over {invocations} invocation(s)", flush=True)
 
 
 if __name__ == "__main__":

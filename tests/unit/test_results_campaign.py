@@ -110,3 +110,25 @@ def test_settle_time_rejects_a_steady_stretch_outside_the_curve(campaign: Module
     arrival, ttft = curve([100, 100])
     with pytest.raises(ValueError):
         campaign.settle_time(arrival, ttft, start_s=0.0, steady_from_s=90.0, end_s=60.0)
+
+
+def test_the_paired_x_curve_cancels_what_the_traffic_does_to_both(campaign: ModuleType) -> None:
+    # The traffic has a heavy phase (windows 5-6) that doubles every policy's TTFT; learned is 2x better than
+    # the baseline from the third window on. Its own curve never settles; the x curve settles at 60 s.
+    phase = [1, 1, 1, 1, 1, 2, 2, 1, 1, 1]
+    base_arrival, base = curve([100.0 * p for p in phase])
+    arrival, learned = curve([100.0, 80.0] + [50.0 * p for p in phase[2:]])
+    x = campaign.ratio_settle_time(base_arrival, base, arrival, learned, start_s=0.0, steady_from_s=200.0,
+                                   end_s=300.0)
+    assert x.steady == pytest.approx(2.0)
+    assert x.settle_s == 60.0
+    own = campaign.settle_time(arrival, learned, start_s=0.0, steady_from_s=200.0, end_s=300.0)
+    assert own.settle_s == 210.0
+
+
+def test_ratio_after_compares_the_same_arrival_stretch(campaign: ModuleType) -> None:
+    base_arrival, base = curve([400, 100, 100])
+    arrival, learned = curve([800, 50, 50])
+    assert campaign.ratio_after(base_arrival, base, arrival, learned, 30.0) == pytest.approx(2.0)
+    assert campaign.ratio_after(base_arrival, base, arrival, learned, 0.0) == pytest.approx(600 / 900)
+    assert math.isnan(campaign.ratio_after(base_arrival, base, arrival, learned, 500.0))
