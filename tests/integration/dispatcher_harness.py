@@ -15,6 +15,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from worker_harness import isolated_settings, produce
 
 from dispatcher.service import Dispatcher
+from learner.service import LearnerService
 from lodestar.kafka_admin import ensure_topics
 from lodestar.names import RedisKeys, Topics
 from lodestar.registry import WorkerRegistry
@@ -124,3 +125,16 @@ async def produce_requests(settings: Settings, requests: list[InferenceRequest])
     topic = Topics(settings.kafka.topic_prefix).requests
     for r in requests:
         await produce(settings, topic, [r.to_bytes()], key=r.request_id.encode())
+
+
+@contextlib.asynccontextmanager
+async def running_learner(settings: Settings) -> AsyncIterator[LearnerService]:
+    """A learner service running as a task until the block exits."""
+    stop = asyncio.Event()
+    service = LearnerService(settings)
+    task = asyncio.create_task(service.run(stop))
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)

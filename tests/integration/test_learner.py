@@ -4,21 +4,25 @@ picks up, refuses nonsense to the DLQ, and resumes from its checkpoint after a r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
-from dispatcher_harness import FakeWorkers, dispatch_settings, produce_requests, running_dispatcher, wait_until
+from dispatcher_harness import (
+    FakeWorkers,
+    dispatch_settings,
+    produce_requests,
+    running_dispatcher,
+    running_learner,
+    wait_until,
+)
 from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
 
-from learner.service import LearnerService
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.features import as_dict, candidate_matrix
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
@@ -58,18 +62,6 @@ def telemetry(n: int, seed: int) -> list[TelemetryEvent]:
         out.append(TelemetryEvent(request_id=info.request_id, decision=decision, gpu_type=gpus[i % 3],
                                   status="ok", ttft_ms=float(ttft), e2e_ms=float(ttft) + 500.0))
     return out
-
-
-@contextlib.asynccontextmanager
-async def running_learner(settings: Settings) -> AsyncIterator[LearnerService]:
-    stop = asyncio.Event()
-    service = LearnerService(settings)
-    task = asyncio.create_task(service.run(stop))
-    try:
-        yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
 
 
 async def produce_telemetry(settings: Settings, events: list[TelemetryEvent]) -> None:

@@ -7,25 +7,22 @@ dead-worker takeover's re-route continues the original trace from the routed mes
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from dispatcher_harness import FakeWorkers, dispatch_settings, running_dispatcher, wait_until
+from dispatcher_harness import FakeWorkers, dispatch_settings, running_dispatcher, running_learner, wait_until
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
 from worker_harness import cleanup, create_topics, emulator, running_worker
 
-from learner.service import LearnerService
 from lodestar import tracing
 from lodestar.client import LodestarClient
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
-from lodestar.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -42,18 +39,6 @@ def mem() -> Iterator[tracing.InMemoryTracing]:
     recorder = tracing.in_memory_tracing(install_global=True)
     yield recorder
     recorder.exporter.shutdown()
-
-
-@contextlib.asynccontextmanager
-async def running_learner(settings: Settings) -> AsyncIterator[LearnerService]:
-    stop = asyncio.Event()
-    service = LearnerService(settings)
-    task = asyncio.create_task(service.run(stop))
-    try:
-        yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
 
 
 def spans_of(mem: tracing.InMemoryTracing, request_id: str) -> dict[str, ReadableSpan]:
