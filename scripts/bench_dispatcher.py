@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -46,6 +45,7 @@ from lodestar.cluster_view import ClusterView, RequestInfo  # noqa: E402
 from lodestar.features import FEATURE_INDEX, candidate_matrix  # noqa: E402
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions  # noqa: E402
 from lodestar.names import RedisKeys, Topics  # noqa: E402
+from lodestar.namespace import remove_namespace  # noqa: E402
 from lodestar.registry import WorkerRegistry  # noqa: E402
 from lodestar.schemas import InferenceRequest, WorkerState  # noqa: E402
 from lodestar.settings import Settings  # noqa: E402
@@ -258,26 +258,6 @@ async def publish_trained_snapshot(settings: Settings) -> int:
 # --------------------------------------------------------------------------- phases
 
 
-async def cleanup(settings: Settings, worker_ids: list[str]) -> None:
-    topics = Topics(settings.kafka.topic_prefix)
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-    await admin.start()
-    try:
-        names = set(await admin.list_topics())
-        doomed = [t for t in [*fixed_topic_partitions(settings), *(topics.worker(w) for w in worker_ids)] if t in names]
-        if doomed:
-            await admin.delete_topics(doomed)
-    finally:
-        await admin.close()
-    client = aioredis.from_url(settings.redis.url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 async def setup(settings: Settings, n_workers: int, policy: str) -> FakeWorkers:
     await ensure_topics(settings, fixed_topic_partitions(settings))
     workers = FakeWorkers(settings, n_workers)
@@ -308,7 +288,7 @@ async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: b
     finally:
         await workers.stop()
         if not keep:
-            await cleanup(settings, workers.ids)
+            await remove_namespace(settings)  # the run's unique topic/key prefix
     samples = out["samples"]
     routed = sum(n for n, _, _ in samples)
     span = max(e for _, _, e in samples) - min(s for _, s, _ in samples)
@@ -340,7 +320,7 @@ async def overhead_phase(n_workers: int, rate: float, duration: float, policy: s
     finally:
         await workers.stop()
         if not keep:
-            await cleanup(settings, workers.ids)
+            await remove_namespace(settings)  # the run's unique topic/key prefix
     per_request: list[float] = []
     batch_sizes: list[int] = []
     routed_seen = 0

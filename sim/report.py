@@ -132,12 +132,7 @@ def plot_ttft_cdf(ttft_s: Mapping[str, Sequence[np.ndarray]], path: Path, title:
     ax.set_xscale("log")
     ax.set_xlabel("TTFT (ms)")
     ax.set_ylabel("fraction of requests")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, title)
 
 
 def plot_ttft_over_time(series: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]], path: Path, title: str,
@@ -165,6 +160,13 @@ def plot_ttft_over_time(series: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
     ax.set_yscale("log")
     ax.set_xlabel("arrival time (s, virtual)")
     ax.set_ylabel("mean TTFT (ms)")
+    _save(fig, ax, path, title)
+
+
+def _save(fig: Any, ax: Any, path: Path, title: str) -> None:
+    """Title, grid and legend as every plot here has them; write the PNG and free the figure."""
+    import matplotlib.pyplot as plt
+
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
