@@ -3,6 +3,7 @@ FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY lodestar ./lodestar
+COPY app ./app
 COPY dispatcher ./dispatcher
 COPY workers ./workers
 COPY learner ./learner

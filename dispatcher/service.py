@@ -48,11 +48,11 @@ from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
 from lodestar.metrics import DispatcherMetrics
 from lodestar.names import RedisKeys, Topics
-from lodestar.registry import WorkerRegistry
 from lodestar.schemas import DeadLetter, InferenceRequest, InferenceResult, InvalidMessage, RoutedRequest, decode
 from lodestar.settings import Settings
 from lodestar.snapshot import Snapshot, SnapshotError
 from lodestar.snapshot_store import SnapshotStore
+from lodestar.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
 

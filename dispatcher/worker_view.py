@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from lodestar.cluster_view import ClusterView
-from lodestar.registry import WorkerRegistry
 from lodestar.schemas import WorkerState, now_ms
+from lodestar.worker_registry import WorkerRegistry
 
 SETTLE_MS = 100.0
 

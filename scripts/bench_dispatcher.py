@@ -41,15 +41,15 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.namespace import remove_namespace  # noqa: E402
 from lodestar.cluster_view import ClusterView, RequestInfo  # noqa: E402
 from lodestar.features import FEATURE_INDEX, candidate_matrix  # noqa: E402
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions  # noqa: E402
 from lodestar.names import RedisKeys, Topics  # noqa: E402
-from lodestar.namespace import remove_namespace  # noqa: E402
-from lodestar.registry import WorkerRegistry  # noqa: E402
 from lodestar.schemas import InferenceRequest, WorkerState  # noqa: E402
 from lodestar.settings import Settings  # noqa: E402
 from lodestar.snapshot_store import SnapshotStore  # noqa: E402
+from lodestar.worker_registry import WorkerRegistry  # noqa: E402
 
 GPUS = ("H100", "A100", "L40S", "L4")
 PROMPT_TOKENS = 512

@@ -4,7 +4,7 @@
         [--rates 2,4,6,8,10,12,14,16] [--level-requests 40] [--capacity-time-scale 1]
         [--skip-fidelity] [--skip-capacity]
 
-Each emulator runs as its own process (`python -m lodestar.cli emulator`), driven over loopback HTTP by a
+Each emulator runs as its own process (`python -m app.cli emulator`), driven over loopback HTTP by a
 minimal asyncio client (one connection per request, streaming `/generate` with `input_ids`).
 
 1. Fidelity: for every GPU and prompt length, requests one at a time on an idle emulator (time scale 1,
@@ -62,7 +62,7 @@ class EmulatorProcess:
     def __init__(self, gpu: str, time_scale: float = 1.0) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lodestar.cli", "emulator", "--gpu", gpu, "--port", str(self.port),
+            [sys.executable, "-m", "app.cli", "emulator", "--gpu", gpu, "--port", str(self.port),
              "--time-scale", str(time_scale), "--log-level", "warning"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )

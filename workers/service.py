@@ -50,7 +50,6 @@ from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, sen
 from lodestar.logs import bind_request_id
 from lodestar.metrics import WorkerMetrics
 from lodestar.names import RedisKeys, Topics, check_worker_id
-from lodestar.registry import WorkerRegistry
 from lodestar.schemas import (
     InferenceResult,
     InvalidMessage,
@@ -61,6 +60,7 @@ from lodestar.schemas import (
     now_ms,
 )
 from lodestar.settings import Settings
+from lodestar.worker_registry import WorkerRegistry
 from workers.dedupe import Claim, CompletedRequest, RequestLedger
 from workers.live_state import LiveState, estimate_uncached_tokens
 from workers.offsets import OffsetTracker

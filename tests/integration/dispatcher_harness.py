@@ -18,9 +18,9 @@ from dispatcher.service import Dispatcher
 from learner.service import LearnerService
 from lodestar.kafka_admin import ensure_topics
 from lodestar.names import RedisKeys, Topics
-from lodestar.registry import WorkerRegistry
 from lodestar.schemas import InferenceRequest, WorkerState
 from lodestar.settings import Settings
+from lodestar.worker_registry import WorkerRegistry
 
 
 def dispatch_settings(**dispatcher: Any) -> Settings:

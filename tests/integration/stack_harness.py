@@ -1,9 +1,9 @@
-"""Helpers for the end-to-end tests: the whole pipeline as `lodestar` processes (lodestar.local_stack,
+"""Helpers for the end-to-end tests: the whole pipeline as `lodestar` processes (app.local_stack,
 the same bring-up as `lodestar up`) under settings no other test shares, plus request builders.
 
 The broker and Redis come from the conftest's `kafka_bootstrap` and `redis_url` fixtures; topics and
 keys are removed afterwards (worker_harness.cleanup). Process logs go to the test's tmp directory and
-a process that dies unexpectedly fails the test with its log tail (lodestar.stack.StackError)."""
+a process that dies unexpectedly fails the test with its log tail (app.stack.StackError)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from typing import Any
 
 from worker_harness import cleanup, isolated_settings
 
+from app.local_stack import child_env, start_pipeline
+from app.readiness import StackProbes
+from app.stack import Stack
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
-from lodestar.local_stack import child_env, start_pipeline
 from lodestar.names import Topics
-from lodestar.readiness import StackProbes
 from lodestar.schemas import InferenceRequest, SamplingParams
 from lodestar.settings import Settings
-from lodestar.stack import Stack
 from sim.cluster import WorkerSpec
 
 MODEL = "llama-3.1-8b"

@@ -19,8 +19,8 @@ import pytest
 from stack_harness import Pipeline, e2e_settings, engines, running_pipeline, shared_prefix_requests
 from worker_harness import TopicReader
 
+from app.local_stack import wait_workers, worker_spec
 from lodestar.client import LodestarClient
-from lodestar.local_stack import wait_workers, worker_spec
 from lodestar.schemas import InferenceResult, TelemetryEvent, now_ms
 
 pytestmark = pytest.mark.integration

@@ -26,12 +26,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
+from app.namespace import remove_namespace
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import RedisKeys, Topics
-from lodestar.namespace import remove_namespace
-from lodestar.registry import WorkerRegistry
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
 from lodestar.settings import Settings
+from lodestar.worker_registry import WorkerRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 LODESTAR = str(Path(sys.executable).with_name("lodestar"))

@@ -53,7 +53,7 @@ def test_every_lodestar_env_var_is_a_setting() -> None:
 def test_services_commands_are_lodestar_subcommands() -> None:
     import typer.main
 
-    from lodestar.cli import app
+    from app.cli import app
 
     click_app = typer.main.get_command(app)
     commands = set(click_app.commands)  # type: ignore[attr-defined]

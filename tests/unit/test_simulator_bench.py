@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from lodestar.commands.bench import app
+from app.commands.bench import app
 
 
 def test_bench_sim_writes_results_and_plots(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lodestar.stack import ProcessSpec, Stack, StackError
+from app.stack import ProcessSpec, Stack, StackError
 
 PY = sys.executable
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lodestar.demo import prompt_tokens, request_stream
+from app.demo import prompt_tokens, request_stream
+from app.traffic import PhaseTally, summarize_ttft
 from lodestar.hashing import token_block_hashes
 from lodestar.schemas import InferenceResult, RoutingDecision, TelemetryEvent
-from lodestar.traffic import PhaseTally, summarize_ttft
 from sim.workloads import load_workload, parse_workload_spec, workload_from_spec
 from sim.workloads.request import WorkloadRequest
 
@@ -77,7 +77,7 @@ def test_request_stream_is_the_workloads_first_seconds_deterministic_in_the_seed
 
 
 def test_the_demo_files_load() -> None:
-    from lodestar.commands.up import DEFAULT_CLUSTER, DEFAULT_WORKLOAD
+    from app.commands.up import DEFAULT_CLUSTER, DEFAULT_WORKLOAD
     from sim.cluster import read_cluster
 
     engines = read_cluster(DEFAULT_CLUSTER).expand()

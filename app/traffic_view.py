@@ -10,8 +10,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from app.traffic import PhaseTally, TTFTSummary
 from lodestar.snapshot import Snapshot
-from lodestar.traffic import PhaseTally, TTFTSummary
 
 
 def _ms(value: float | None) -> str:

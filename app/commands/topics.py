@@ -7,7 +7,7 @@ import asyncio
 import typer
 from rich.console import Console
 
-from lodestar.commands.connection import connection_overrides
+from app.commands.connection import connection_overrides
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.settings import load_settings
 

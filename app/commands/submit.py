@@ -7,8 +7,8 @@ from typing import Any
 
 import typer
 
+from app.commands.connection import connection_overrides
 from lodestar.client import LodestarClient
-from lodestar.commands.connection import connection_overrides
 from lodestar.logs import setup_logging
 from lodestar.schemas import InferenceResult, SamplingParams
 from lodestar.settings import Settings, load_settings

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from lodestar.commands.connection import connection_overrides
+from app.commands.connection import connection_overrides
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 

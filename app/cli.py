@@ -1,6 +1,6 @@
 """The `lodestar` command line: the composition root.
 
-Each subcommand lives in `lodestar/commands/` and imports the service it runs inside the command,
+Each subcommand lives in `app/commands/` and imports the service it runs inside the command,
 so the core never imports a service package at import time.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import typer
 
-from lodestar.commands import bench, topics
-from lodestar.commands.dispatcher import dispatcher
-from lodestar.commands.emulator import emulator
-from lodestar.commands.learner import learner
-from lodestar.commands.submit import submit
-from lodestar.commands.up import up
-from lodestar.commands.worker import worker
+from app.commands import bench, topics
+from app.commands.dispatcher import dispatcher
+from app.commands.emulator import emulator
+from app.commands.learner import learner
+from app.commands.submit import submit
+from app.commands.up import up
+from app.commands.worker import worker
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Lodestar: a learned LLM request router.")
 app.add_typer(topics.app, name="topics")

@@ -14,10 +14,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from lodestar.names import RedisKeys
-from lodestar.registry import WorkerRegistry
 from lodestar.settings import Settings
 from lodestar.snapshot import Snapshot
 from lodestar.snapshot_store import SnapshotStore
+from lodestar.worker_registry import WorkerRegistry
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The Lodestar pipeline as local processes: their command lines, their environment, and the order in
 which they are brought up and checked ready (used by `lodestar up` and the end-to-end tests).
 
-Every process is the `lodestar` CLI run by this interpreter (`python -m lodestar.cli ...`), so this
+Every process is the `lodestar` CLI run by this interpreter (`python -m app.cli ...`), so this
 module imports no service: they meet only through Kafka, Redis and the settings passed in the
 environment. Bring-up: the emulators (ready when `/health` answers, i.e. warmed up), then the workers,
 the learner and the dispatchers at once; ready when every worker is live in the registry and the
@@ -16,11 +16,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from lodestar.readiness import StackProbes
+from app.readiness import StackProbes
+from app.stack import ProcessSpec, Stack
 from lodestar.settings import Settings
-from lodestar.stack import ProcessSpec, Stack
 
-LODESTAR_CMD = (sys.executable, "-m", "lodestar.cli")
+LODESTAR_CMD = (sys.executable, "-m", "app.cli")
 EMULATOR_PORT_BASE = 31000
 EMULATORS, WORKERS, LEARNER, DISPATCHERS = "emulators", "workers", "learner", "dispatchers"
 

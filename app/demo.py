@@ -2,7 +2,7 @@
 through it.
 
 Starts Kafka and Redis if they do not answer (scripts/services; stopped again at the end only if
-started here), creates the topics, then runs as subprocesses (lodestar.stack, logs in `.run/up/`):
+started here), creates the topics, then runs as subprocesses (app.stack, logs in `.run/up/`):
 one emulator per engine of the cluster file, a worker in front of each, the learner and two
 dispatchers. Everything runs under a fresh topic and key prefix (`up<hex>.` / `up<hex>:`), removed at
 the end, so a run starts cold and leaves nothing behind.
@@ -31,19 +31,13 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
-from lodestar.client import LodestarClient
-from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
-from lodestar.local_services import LocalServices, ServicesError
-from lodestar.local_stack import child_env, restart_dispatchers, start_pipeline
-from lodestar.names import Topics
-from lodestar.namespace import remove_namespace
-from lodestar.readiness import StackProbes
-from lodestar.schemas import InferenceRequest, SamplingParams
-from lodestar.settings import Settings, load_settings
-from lodestar.snapshot import Snapshot, SnapshotError
-from lodestar.stack import Stack, StackError
-from lodestar.traffic import PhaseTally, TelemetryWatch, TimedRequest, drive
-from lodestar.traffic_view import (
+from app.local_services import LocalServices, ServicesError
+from app.local_stack import child_env, restart_dispatchers, start_pipeline
+from app.namespace import remove_namespace
+from app.readiness import StackProbes
+from app.stack import Stack, StackError
+from app.traffic import PhaseTally, TelemetryWatch, TimedRequest, drive
+from app.traffic_view import (
     decisions_line,
     describe_snapshot,
     load_share_table,
@@ -51,6 +45,12 @@ from lodestar.traffic_view import (
     progress_panel,
     ttft_table,
 )
+from lodestar.client import LodestarClient
+from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.names import Topics
+from lodestar.schemas import InferenceRequest, SamplingParams
+from lodestar.settings import Settings, load_settings
+from lodestar.snapshot import Snapshot, SnapshotError
 
 if TYPE_CHECKING:
     from sim.cluster import WorkerSpec

@@ -1,4 +1,4 @@
-"""`lodestar up`: the whole pipeline on this machine, a heuristic phase then a learned phase (lodestar.demo)."""
+"""`lodestar up`: the whole pipeline on this machine, a heuristic phase then a learned phase (app.demo)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def up(
 ) -> None:
     """Run the whole pipeline here (Kafka, Redis, emulators, workers, learner, two dispatchers) and compare a
     heuristic phase with a learned phase; exit 1 unless every request got exactly one result."""
-    from lodestar.demo import run_demo
+    from app.demo import run_demo
 
     raise typer.Exit(run_demo(
         cluster, workload, phase_seconds=phase_seconds, rate=rate, time_scale=time_scale, heuristic=heuristic,
