@@ -1,4 +1,4 @@
-"""Message contracts between services (DESIGN.md "Contracts"), JSON on the wire.
+"""Message contracts between services (docs/architecture.md "Contracts"), JSON on the wire.
 
 Every message carries `schema_version`; validation is strict (unknown fields are rejected, types are
 not coerced from strings) so that bad input fails loudly with a readable reason and goes to the DLQ.

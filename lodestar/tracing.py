@@ -59,7 +59,6 @@ ATTR_MODEL_VERSION = "lodestar.model_version"
 ATTR_MATCHED_PREFIX_TOKENS = "lodestar.matched_prefix_tokens"
 ATTR_EXPLORED = "lodestar.explored"
 ATTR_ATTEMPT = "lodestar.attempt"
-ATTR_GPU_TYPE = "lodestar.gpu_type"
 ATTR_STATUS = "lodestar.status"
 
 # Messaging semantic conventions (Kafka).

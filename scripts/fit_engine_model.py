@@ -59,7 +59,6 @@ DATACENTER_MEASURED = ("A100", "H100", "A40", "RTXPRO6000")
 COMPUTE_KEYS = ("gemm_flops_eff", "attn_flops_eff")
 TTFT_PROMPTS = (256, 1024, 2048, 4096, 8192, 16384)
 TPOT_CONTEXTS = (1024, 4096, 16384)
-BENCH_PROMPTS = (1024, 4096, 16384)
 
 
 def pnorm_arr(a: np.ndarray, b: np.ndarray | float, p: float) -> np.ndarray:

@@ -7,7 +7,7 @@ the step's effects (first tokens, finished requests) are applied when it complet
 may fuse iterations, but never past the iteration in progress when the next request arrives (nor past
 a scheduled event), so a new request waits at most for the iteration it arrived during, as in SGLang.
 
-The policy sees only what a router can know (see DESIGN.md): the router-side prefix index built from
+The policy sees only what a router can know (see docs/architecture.md): the router-side prefix index built from
 its own routing history (the chosen worker's set gets the request's blocks at routing time, per-worker
 capacity = the engine's KV tokens / block size, LRU), in-flight counts the router keeps itself, and
 engine load snapshots (running, waiting, pending prefill, KV usage, recent TTFT) re-read when a request

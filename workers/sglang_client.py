@@ -115,11 +115,6 @@ class StreamMeter:
         self.attempts += 1
         self._reset_output()
 
-    @property
-    def started_output(self) -> bool:
-        """Whether the current attempt has produced its first token."""
-        return self._first is not None
-
     def observe(self, chunk: dict[str, Any]) -> None:
         """Record one `data:` chunk: cumulative text plus meta_info."""
         now = self._clock()

@@ -39,8 +39,6 @@ LLMSS_GEMM = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 LLMSS_ELEM = (("layernorm", 2), ("rotary_emb", 1), ("act_fn", 1))
 LLMSS_STEP = ("embedding", "final_layernorm")
 
-LLAMA31_8B_LAYERS = 32
-
 
 @dataclass
 class DenseProfile:

@@ -198,10 +198,6 @@ class BlockRadixCache:
         del self._lock[node]
         return len(seg) * bt
 
-    def evictable_order(self) -> list[tuple[int, ...]]:
-        """Unreferenced nodes' block runs, next to be evicted first (for tests and debugging)."""
-        return [self._seg[n] for n in self._lru]
-
     def reset(self) -> None:
         """Drop everything (SGLang's flush_cache); callers ensure nothing is referenced."""
         if self.protected_tokens:

@@ -604,10 +604,6 @@ class Engine:
             new_token_ratio=self.new_token_ratio,
         )
 
-    def cached_prefix_tokens(self, block_hashes: tuple[int, ...], block_tokens: int) -> int:
-        """Tokens of this prefix the engine's cache holds now (no side effects)."""
-        return self.cache.cached_blocks(block_hashes) * block_tokens
-
     def flush_cache(self) -> bool:
         """Drop the prefix cache; like SGLang, refused (False) while requests are queued or running."""
         if self.has_work():

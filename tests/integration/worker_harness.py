@@ -69,7 +69,7 @@ def require_services(settings: Settings) -> None:
 def emulator(gpu: str = "H100", log_path: Path | None = None) -> Iterator[str]:
     """Run `lodestar emulator` on a free loopback port; yields its base URL."""
     if shutil.which(LODESTAR) is None:
-        pytest.skip("the lodestar command is not installed in this environment")
+        pytest.fail(f"the lodestar command is missing at {LODESTAR}: run `make setup`")
     port = free_port()
     log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
