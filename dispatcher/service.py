@@ -44,8 +44,9 @@ from dispatcher.redispatch import DeadWorkerTakeover
 from dispatcher.routing import BatchPlan, BatchRouter, describe
 from dispatcher.worker_view import WorkerView
 from lodestar import tracing
-from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_admin import fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.lifecycle import ServiceScope, service_lifecycle
 from lodestar.metrics import DispatcherMetrics
 from lodestar.names import RedisKeys, Topics
 from lodestar.schemas import DeadLetter, InferenceRequest, InferenceResult, InvalidMessage, RoutedRequest, decode
@@ -173,40 +174,27 @@ class Dispatcher:
         """Serve until `stop` is set (or forever); always leaves the group and closes its clients."""
         if stop is not None:
             self._stop = stop
-        await ensure_topics(self.settings, fixed_topic_partitions(self.settings))
-        await self.producer.start()
-        tasks: list[asyncio.Task[None]] = []
-        try:
-            await self.consumer.start()
+        async with service_lifecycle(self.settings, fixed_topic_partitions(self.settings), producer=self.producer,
+                                     consumers=[self.consumer], closers=[self.redis.aclose]) as scope:
             try:
                 if self.uses_snapshots:
                     ready = asyncio.Event()
-                    tasks.append(asyncio.create_task(self.snapshots.watch(self._on_snapshot, ready=ready)))
+                    scope.spawn(self.snapshots.watch(self._on_snapshot, ready=ready))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ready.wait(), _SNAPSHOT_WAIT_S)
-                tasks.append(asyncio.create_task(self.takeover.run(self._stop)))
-                tasks.append(asyncio.create_task(self._log_stats()))
+                scope.spawn(self.takeover.run(self._stop))
+                scope.spawn(self._log_stats())
                 log.info("dispatcher %s up: policy %s, group %s, topic %s", self.dispatcher_id,
                          self.policy_name, self.settings.dispatcher.consumer_group, self.topics.requests)
-                await self._consume(tasks)
+                await self._consume(scope)
             finally:
-                await self._settle_commit()
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-                await self.consumer.stop()
-        finally:
-            await self.producer.stop()
-            await self.redis.aclose()
+                await self._settle_commit()  # the last commit completes before the consumer leaves its group
         log.info("dispatcher %s stopped after routing %d requests", self.dispatcher_id, self.stats.routed)
 
-    async def _consume(self, background: list[asyncio.Task[None]]) -> None:
+    async def _consume(self, scope: ServiceScope) -> None:
         cfg = self.settings.dispatcher
         while not self._stop.is_set():
-            for task in background:
-                if task.done():  # a helper died: fail loudly rather than route without it
-                    task.result()
-                    raise RuntimeError(f"background task {task.get_name()} ended")
+            scope.check_background()  # a helper died: fail loudly rather than route without it
             batch = await self.consumer.getmany(timeout_ms=max(cfg.batch_timeout_ms, 1), max_records=cfg.batch_size)
             records = [r for recs in batch.values() for r in recs]
             if records:

@@ -35,8 +35,9 @@ from opentelemetry import trace
 from learner.trainer import Learner, LearnerConfig, make_learner
 from lodestar import tracing
 from lodestar.features import from_dict
-from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_admin import fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.lifecycle import service_lifecycle
 from lodestar.metrics import LearnerMetrics
 from lodestar.names import RedisKeys, Topics
 from lodestar.schemas import DeadLetter, InvalidMessage, TelemetryEvent, decode
@@ -158,25 +159,17 @@ class LearnerService:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Learn until `stop` is set; a clean stop checkpoints and commits what was learned."""
         stop = stop or asyncio.Event()
-        await ensure_topics(self.settings, fixed_topic_partitions(self.settings))
-        stored = await self.snapshots.stored_version()
-        if stored is not None and stored > self.learner.version:
-            log.info("the stored snapshot is v%d: continuing from there", stored)
-            self.learner.version = stored
-        await self.producer.start()
-        try:
-            await self.consumer.start()
-            try:
-                log.info("learner up: %s model, group %s, topic %s", self.model_name,
-                         self.settings.learner.consumer_group, self.topics.telemetry)
-                await self._consume(stop)
-                if self._uncommitted:
-                    await self._checkpoint_and_commit()
-            finally:
-                await self.consumer.stop()
-        finally:
-            await self.producer.stop()
-            await self.redis.aclose()
+        async with service_lifecycle(self.settings, fixed_topic_partitions(self.settings), producer=self.producer,
+                                     consumers=[self.consumer], closers=[self.redis.aclose]):
+            stored = await self.snapshots.stored_version()
+            if stored is not None and stored > self.learner.version:
+                log.info("the stored snapshot is v%d: continuing from there", stored)
+                self.learner.version = stored
+            log.info("learner up: %s model, group %s, topic %s", self.model_name,
+                     self.settings.learner.consumer_group, self.topics.telemetry)
+            await self._consume(stop)
+            if self._uncommitted:
+                await self._checkpoint_and_commit()
 
     async def _consume(self, stop: asyncio.Event) -> None:
         next_report = time.monotonic() + REPORT_EVERY_S

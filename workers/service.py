@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -45,8 +46,9 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from lodestar import tracing
-from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_admin import fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.lifecycle import service_lifecycle
 from lodestar.logs import bind_request_id
 from lodestar.metrics import WorkerMetrics
 from lodestar.names import RedisKeys, Topics, check_worker_id
@@ -159,23 +161,31 @@ class WorkerService:
 
     async def run(self) -> None:
         """Serve until drained (returns) or cancelled (in-flight work is abandoned to redelivery)."""
-        k = self.settings.kafka
-        await ensure_topics(self.settings, {**fixed_topic_partitions(self.settings), self.topic: k.worker_partitions})
-        self._producer = make_producer(self.settings, client_id=f"worker-{self.worker_id}")
-        self._consumer = make_consumer(
+        topics = {**fixed_topic_partitions(self.settings), self.topic: self.settings.kafka.worker_partitions}
+        self._producer = producer = make_producer(self.settings, client_id=f"worker-{self.worker_id}")
+        self._consumer = consumer = make_consumer(
             self.settings, group_id=self.group_id, client_id=f"worker-{self.worker_id}",
             max_poll_records=self.settings.worker.max_concurrency,
         )
-        background: list[asyncio.Task[None]] = []
         drained = False
-        try:
-            await self._producer.start()
-            await self._consumer.start()
+
+        async def leave() -> None:
+            """Once the heartbeat has stopped: abandon what is still in flight (unless drained), deregister."""
+            if not drained:
+                await self._abandon_in_flight()
+            with contextlib.suppress(RedisError, OSError):
+                await self.registry.deregister(self.worker_id)
+
+        closers = [self.engine.aclose, functools.partial(self._redis.aclose, close_connection_pool=True)]
+        async with service_lifecycle(self.settings, topics, producer=producer, consumers=[consumer],
+                                     closers=closers) as scope:
+            scope.on_stop(leave)
             await self._wait_for_engine()
             # Join the group only now: a worker whose engine never answers leaves its backlog to takeover.
-            self._consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
+            consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
             await self._publish_state()
-            background = [asyncio.create_task(self._state_loop()), asyncio.create_task(self._commit_loop())]
+            scope.spawn(self._state_loop())
+            scope.spawn(self._commit_loop())
             log.info("worker %s serving %s (group %s, gpu %s)", self.worker_id, self.topic, self.group_id,
                      self.state.gpu_type)
             await self._fetch_loop()
@@ -184,13 +194,7 @@ class WorkerService:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             await self._commit()
             drained = True
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if not drained:
-                await self._abandon_in_flight()
-            await self._shutdown()
+        log.info("worker %s stopped", self.worker_id)
 
     async def _wait_for_engine(self) -> None:
         """Register only once the engine answers: until then nothing should be routed here."""
@@ -212,17 +216,6 @@ class WorkerService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def _shutdown(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.registry.deregister(self.worker_id)
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-        await self.engine.aclose()
-        await self._redis.aclose(close_connection_pool=True)
-        log.info("worker %s stopped", self.worker_id)
 
     # ---- consuming -------------------------------------------------------------------------------
 
