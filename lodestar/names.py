@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
 def check_worker_id(worker_id: str) -> str:
     """Validate a worker id (it becomes part of a topic name and Redis keys)."""
-    if not _WORKER_ID.match(worker_id):
-        raise ValueError(f"worker id {worker_id!r} must match {_WORKER_ID.pattern}")
+    if not WORKER_ID_PATTERN.match(worker_id):
+        raise ValueError(f"worker id {worker_id!r} must match {WORKER_ID_PATTERN.pattern}")
     return worker_id
 
 

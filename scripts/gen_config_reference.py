@@ -9,7 +9,6 @@ failing that, the comment at the end of its line in settings.py.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import io
 import os
@@ -119,23 +118,7 @@ def render() -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    """Write the reference, or with --check report whether the committed one is current."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/configuration.md is out of date")
-    args = parser.parse_args()
-    text = render()
-    if args.check:
-        current = OUTPUT.read_text() if OUTPUT.exists() else ""
-        if current != text:
-            print(f"{OUTPUT} is out of date: run scripts/gen_config_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from docgen import generate  # scripts/ is on the path when this runs as a script
+
+    sys.exit(generate(OUTPUT, render, __doc__))
