@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis.asyncio as aioredis
@@ -21,7 +22,17 @@ from dispatcher_harness import (
     running_learner,
     wait_until,
 )
-from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
+from prometheus_client.parser import text_string_to_metric_families
+from worker_harness import (
+    LODESTAR,
+    ROOT,
+    TopicReader,
+    free_port,
+    isolated_settings,
+    produce,
+    require_services,
+    settings_env,
+)
 
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.features import as_dict, candidate_matrix
@@ -43,6 +54,19 @@ def settings(tmp_path: Path) -> Settings:
         "checkpoint_path": tmp_path / "learner" / "checkpoint.json",
     })
     return s
+
+
+async def learned_events(metrics_port: int) -> float | None:
+    """The learner process's count of events learned, from its /metrics (None until it answers)."""
+    try:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2.0)).text
+    except httpx.HTTPError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "lodestar_learner_events":
+            return sum(s.value for s in family.samples if s.name == "lodestar_learner_events_total")
+    return None
 
 
 def telemetry(n: int, seed: int) -> list[TelemetryEvent]:
@@ -158,9 +182,12 @@ async def test_a_restarted_learner_resumes_from_its_checkpoint(settings: Setting
 
 async def test_the_lodestar_learner_command_publishes_and_checkpoints_on_sigterm(settings: Settings) -> None:
     await ensure_topics(settings, fixed_topic_partitions(settings))
+    metrics_port = free_port()
+    # Only a snapshot (every 150 events) or the stop checkpoints: no time-based checkpoint in between.
     env = {**settings_env(settings), "LODESTAR_LEARNER__CONSUMER_GROUP": settings.learner.consumer_group,
            "LODESTAR_LEARNER__SNAPSHOT_EVERY_EVENTS": "150",
-           "LODESTAR_LEARNER__WARMUP_SNAPSHOT_EVERY_EVENTS": "150"}
+           "LODESTAR_LEARNER__WARMUP_SNAPSHOT_EVERY_EVENTS": "150", "LODESTAR_LEARNER__SNAPSHOT_EVERY_S": "3600",
+           "LODESTAR_LEARNER__METRICS_PORT": str(metrics_port)}
     client = aioredis.from_url(settings.redis.url)
     store = SnapshotStore(client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key)
     path = settings.learner.checkpoint_path
@@ -170,8 +197,10 @@ async def test_the_lodestar_learner_command_publishes_and_checkpoints_on_sigterm
     try:
         await produce_telemetry(settings, telemetry(170, seed=5))
         deadline = time.monotonic() + 90
-        while await store.stored_version() != 1:
-            assert time.monotonic() < deadline, "no snapshot from the learner command"
+        # Stop only once all 170 are learned (not merely once v1 is stored, which may be before the last 20
+        # are polled), so the stop is what checkpoints the 20 events after the snapshot.
+        while await store.stored_version() != 1 or await learned_events(metrics_port) != 170:
+            assert time.monotonic() < deadline, "the learner command did not learn 170 events and publish v1"
             await asyncio.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)
