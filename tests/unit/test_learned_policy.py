@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from dispatcher.policies.learned import LearnedPolicy
+from dispatcher.policies.registry import make_policy
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.params import ParamsError
 from lodestar.snapshot import Snapshot, SnapshotError
 from lodestar.ttft_model import TTFTModel
 
@@ -47,10 +49,17 @@ def hetero_view() -> ClusterView:
     return ClusterView.empty_like(["w0", "w1", "w2"], ["L4", "H100", "A100"])
 
 
-def policy(**kw) -> LearnedPolicy:
-    kw.setdefault("epsilon_start", 0.0)
-    kw.setdefault("epsilon_min", 0.0)
-    return LearnedPolicy(fallback=AlwaysLast(), **kw)
+def learned(snapshot: Snapshot | None = None, **kw) -> LearnedPolicy:
+    """A learned policy falling back to AlwaysLast, with `snapshot` loaded."""
+    p = LearnedPolicy(fallback=AlwaysLast(), **kw)
+    if snapshot is not None:
+        p.load_snapshot(snapshot)
+    return p
+
+
+def policy(snapshot: Snapshot | None = None, **kw) -> LearnedPolicy:
+    """The same, without exploration."""
+    return learned(snapshot, **{"epsilon_start": 0.0, "epsilon_min": 0.0, **kw})
 
 
 def test_prefers_the_instance_the_model_says_is_fastest() -> None:
@@ -104,7 +113,7 @@ def test_a_snapshot_it_cannot_evaluate_is_refused_and_the_old_model_kept() -> No
 
 
 def test_exploration_decays_and_flags_decisions() -> None:
-    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.5, epsilon_min=0.01,
+    p = learned(linear_snapshot(), epsilon_start=0.5, epsilon_min=0.01,
                       epsilon_half_life=500, explore_within=100.0, seed=1)
     assert p.epsilon == pytest.approx(0.5)
     decisions = [p.choose(REQ, hetero_view()) for _ in range(4000)]
@@ -119,23 +128,23 @@ def test_exploration_decays_and_flags_decisions() -> None:
 
 def test_exploration_stays_near_the_best_prediction() -> None:
     # predictions: H100 ~632 ms, A100 2001 ms, L4 ~5157 ms; within 4x of the best only the A100 qualifies
-    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0,
+    p = learned(linear_snapshot(), epsilon_start=1.0, epsilon_min=1.0,
                       explore_within=4.0, seed=2)
     assert {p.choose(REQ, hetero_view()).worker_id for _ in range(200)} == {"w2"}
-    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0,
+    p = learned(linear_snapshot(), epsilon_start=1.0, epsilon_min=1.0,
                       explore_within=1.5, seed=2)
     d = p.choose(REQ, hetero_view())
     assert (d.worker_id, d.explored) == ("w1", False)  # nothing close enough: no exploration
 
 
 def test_the_fallback_does_not_explore() -> None:
-    p = LearnedPolicy(fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0, seed=3)
+    p = learned(epsilon_start=1.0, epsilon_min=1.0, seed=3)
     assert all(not p.choose(REQ, hetero_view()).explored for _ in range(50))
 
 
 def test_same_seed_same_decisions() -> None:
     def run() -> list[int]:
-        p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.3,
+        p = learned(linear_snapshot(), epsilon_start=0.3,
                           explore_within=10.0, seed=7)
         return [p.choose(REQ, hetero_view()).index for _ in range(200)]
 
@@ -150,10 +159,10 @@ def test_ties_are_broken_at_random_not_always_first() -> None:
 
 
 def test_invalid_epsilon_settings() -> None:
-    with pytest.raises(ValueError):
-        LearnedPolicy(fallback=AlwaysLast(), epsilon_start=0.1, epsilon_min=0.2)
-    with pytest.raises(ValueError):
-        LearnedPolicy(fallback=AlwaysLast(), explore_within=0.5)
+    with pytest.raises(ParamsError, match="epsilon_min <= epsilon_start"):
+        make_policy("learned", {"fallback": AlwaysLast(), "epsilon_start": 0.1, "epsilon_min": 0.2})
+    with pytest.raises(ParamsError, match="explore_within: Input should be greater than or equal to 1"):
+        make_policy("learned", {"fallback": AlwaysLast(), "explore_within": 0.5})
 
 
 def test_range_is_checked_in_the_models_log_space() -> None:
