@@ -304,11 +304,11 @@ def simulate(cluster_path: str, workload_path: str, rate: float, duration_s: flo
     records = sorted(result.records, key=lambda r: r.arrival_s)
 
     def kind(decision: Any) -> int:
-        if not decision.policy.startswith(LEARNED):
+        if decision.fallback:
+            return FALLBACK
+        if decision.policy != LEARNED:
             return HEURISTIC
-        if decision.policy == LEARNED:
-            return EXPLORED if decision.explored else MODEL
-        return FALLBACK
+        return EXPLORED if decision.explored else MODEL
 
     return {
         "row": row,

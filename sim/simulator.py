@@ -30,7 +30,7 @@ import numpy as np
 from dispatcher.policies.base import Policy
 from dispatcher.prefix_index import InMemoryPrefixIndex
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
-from lodestar.features import candidate_matrix
+from lodestar.features import chosen_features
 from lodestar.hardware import relative_speed
 from sim.cluster import ClusterSpec, WorkerSpec
 from sim.engine import Engine, EngineConfig, EngineRequest, QueueFull, RequestTooLarge, StepOutcome
@@ -234,7 +234,7 @@ class Simulator:
         view = self.cluster_view(matched.astype(np.float64))
         decision = self.policy.choose(info, view)
         i = decision.index
-        features = candidate_matrix(info, view)[i] if self.sink is not None else None
+        features = chosen_features(info, view, decision) if self.sink is not None else None
         matched_i = int(min(matched[i], max(req.prompt_len - 1, 0)))
         self.index.insert(self.worker_ids[i], req.block_hashes, now)
         self._inflight[i] += 1

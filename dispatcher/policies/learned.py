@@ -9,8 +9,9 @@ and whenever the candidate the model picks has features outside the range the mo
 Exploration is epsilon-greedy with a decaying epsilon and a seeded RNG, but only among the candidates
 the model rates close to the best (predicted TTFT within `explore_within` times the least): that is
 where its ranking is uncertain and a sample is informative, and a request is never sent to a worker
-the model knows to be swamped. The fallback heuristic does not explore. Explored decisions are flagged
-so telemetry can tell them apart.
+the model knows to be swamped. The fallback heuristic does not explore. Explored and fallback decisions
+are flagged (`Decision.explored`, `Decision.fallback`; the fallback's are labelled `learned/<fallback>`),
+and each decision carries the chosen candidate's feature row, so the caller need not compute it again.
 """
 
 from __future__ import annotations
@@ -101,6 +102,7 @@ class LearnedPolicy:
         coin = self.rng.random()
         epsilon = self.epsilon
         self.decisions += 1
+        x: np.ndarray | None = None
         predicted: np.ndarray | None = None
         index = -1
         if self._model_usable():
@@ -112,22 +114,31 @@ class LearnedPolicy:
             # Only the pick matters: a candidate out of range but predicted slow is not chosen anyway.
             if self.check_range and self.model.out_of_range(x[index:index + 1])[0]:
                 predicted = None
-        explored = False
         if predicted is None:
-            index, policy = self.fallback.choose(request, view).index, self.fallback_label
-        else:
-            policy = NAME
-            if coin < epsilon:
-                near = np.flatnonzero(predicted <= self.explore_within * predicted[index])
-                near = near[near != index]
-                if len(near):
-                    index, explored = int(self.rng.choice(near)), True
+            heuristic = self.fallback.choose(request, view)
+            return Decision(
+                index=heuristic.index,
+                worker_id=view.worker_ids[heuristic.index],
+                policy=self.fallback_label,
+                scores=heuristic.scores,
+                model_version=self.model_version,
+                fallback=True,
+                features=None if x is None else x[heuristic.index],
+            )
+        explored = False
+        if coin < epsilon:
+            near = np.flatnonzero(predicted <= self.explore_within * predicted[index])
+            near = near[near != index]
+            if len(near):
+                index, explored = int(self.rng.choice(near)), True
+        assert x is not None
         return Decision(
             index=index,
             worker_id=view.worker_ids[index],
-            policy=policy,
-            scores=predicted,
+            policy=NAME,
+            scores=-predicted,
             explored=explored,
-            predicted_ttft_ms=None if predicted is None else float(predicted[index]),
+            predicted_ttft_ms=float(predicted[index]),
             model_version=self.model_version,
+            features=x[index],
         )

@@ -8,7 +8,7 @@ import pytest
 from dispatcher.policies.learned import LearnedPolicy
 from dispatcher.policies.registry import make_policy
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
-from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.features import FEATURE_INDEX, N_FEATURES, candidate_matrix
 from lodestar.params import ParamsError
 from lodestar.snapshot import Snapshot, SnapshotError
 from lodestar.ttft_model import TTFTModel
@@ -65,9 +65,10 @@ def policy(snapshot: Snapshot | None = None, **kw) -> LearnedPolicy:
 def test_prefers_the_instance_the_model_says_is_fastest() -> None:
     p = policy(snapshot=linear_snapshot())
     d = p.choose(REQ, hetero_view())
-    assert (d.worker_id, d.policy, d.explored, d.model_version) == ("w1", "learned", False, 4)
+    assert (d.worker_id, d.policy, d.explored, d.model_version, d.fallback) == ("w1", "learned", False, 4, False)
     assert d.predicted_ttft_ms == pytest.approx(1.0 + 2000 / (989 / 312))
-    assert d.scores is not None and d.scores.shape == (3,)
+    assert d.scores is not None and d.scores.shape == (3,) and d.scores.argmax() == d.index  # higher preferred
+    np.testing.assert_array_equal(d.features, candidate_matrix(REQ, hetero_view())[d.index])
 
 
 def test_hot_swap_changes_the_choice() -> None:
@@ -80,6 +81,7 @@ def test_hot_swap_changes_the_choice() -> None:
 def test_cold_start_uses_the_fallback() -> None:
     d = policy().choose(REQ, hetero_view())
     assert (d.worker_id, d.policy, d.model_version, d.predicted_ttft_ms) == ("w2", "learned/always_last", 0, None)
+    assert d.fallback and d.features is None  # no model: no candidate matrix either
 
 
 def test_unvalidated_snapshot_uses_the_fallback() -> None:
@@ -92,7 +94,10 @@ def test_unvalidated_snapshot_uses_the_fallback() -> None:
 def test_out_of_range_pick_uses_the_fallback() -> None:
     # trained on uncached_per_speed in [0, 500]; margin 10% -> up to 550. The H100 pick sees 2000/3.17.
     p = policy(snapshot=linear_snapshot(hi=500.0))
-    assert p.choose(REQ, hetero_view()).policy == "learned/always_last"
+    d = p.choose(REQ, hetero_view())
+    assert d.policy == "learned/always_last" and d.fallback
+    # the matrix the model looked at comes along with the fallback's pick
+    np.testing.assert_array_equal(d.features, candidate_matrix(REQ, hetero_view())[d.index])
     assert p.choose(RequestInfo("small", prompt_tokens=300), hetero_view()).policy == "learned"
     p = policy(snapshot=linear_snapshot(hi=500.0), check_range=False)
     assert p.choose(REQ, hetero_view()).policy == "learned"

@@ -79,8 +79,8 @@ def test_learned_policy_learns_inside_a_simulation(name: str) -> None:
     assert setup.sink.learner.config.snapshot_every_s == 5.0
     assert setup.sink.learner.model.family == learned_families()[name]
     result = Simulator(cluster, setup.policy, seed=1, sink=setup.sink).run(workload_from_spec(spec).requests(1))
-    policies = {r.decision.policy for r in result.records}
-    assert policies == {"learned/round_robin", "learned"}  # cold start on the fallback, then the model
+    policies = {(r.decision.policy, r.decision.fallback) for r in result.records}
+    assert policies == {("learned/round_robin", True), ("learned", False)}  # cold start on the fallback, then the model
     assert setup.policy.model_version >= 2
     versions = [r.decision.model_version for r in sorted(result.records, key=lambda r: r.arrival_s)]
     assert versions == sorted(versions) and versions[0] == 0

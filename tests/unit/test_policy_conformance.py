@@ -10,6 +10,7 @@ from policy_views import random_views
 
 from dispatcher.policies.base import Policy, SnapshotPolicy
 from dispatcher.policies.registry import RUN_PARAMS, heuristic_names, make_policy, policy_class, policy_names
+from lodestar.features import FEATURE_NAMES, candidate_matrix
 from lodestar.params import ParamsError, describe, validate_params
 from lodestar.snapshot import Snapshot
 
@@ -59,7 +60,8 @@ def test_same_seed_same_decisions(name: str) -> None:
     a, b = build(name, seed=5), build(name, seed=5)
     for req, view in random_views(seed=1, count=150):
         da, db = a.choose(req, view), b.choose(req, view)
-        assert (da.index, da.worker_id, da.policy, da.explored) == (db.index, db.worker_id, db.policy, db.explored)
+        assert (da.index, da.worker_id, da.policy, da.explored, da.fallback) == (
+            db.index, db.worker_id, db.policy, db.explored, db.fallback)
         np.testing.assert_array_equal(da.scores, db.scores)
 
 
@@ -71,9 +73,13 @@ def test_decisions_are_well_formed_and_leave_the_view_untouched(name: str) -> No
         ids = list(view.worker_ids)
         d = policy.choose(req, view)
         assert 0 <= d.index < view.size and d.worker_id == view.worker_ids[d.index]
-        assert d.policy == name or d.policy.startswith(f"{name}/")
+        assert d.policy == name or (d.fallback and d.policy.startswith(f"{name}/"))
         if d.scores is not None:
             assert d.scores.shape == (view.size,) and np.isfinite(d.scores[d.index])
+            assert d.explored or d.scores[d.index] == d.scores.max()  # scores: higher is preferred
+        if d.features is not None:
+            assert d.features.shape == (len(FEATURE_NAMES),)
+            np.testing.assert_array_equal(d.features, candidate_matrix(req, view)[d.index])
         for key, value in before.items():
             np.testing.assert_array_equal(getattr(view, key), value)
         assert view.worker_ids == ids
