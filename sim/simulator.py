@@ -115,7 +115,9 @@ class Simulator:
         self._recent_ttft = np.zeros(n)
         self._inflight = np.zeros(n)
         self.policy = policy
-        self._bind(policy)
+        bind = getattr(policy, "bind_simulator", None)
+        if bind is not None:
+            bind(self)  # the oracle reads the engines
         # Run state.
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
@@ -159,10 +161,7 @@ class Simulator:
                 break
             self.now = t
             if sink is not None:
-                new_policy = sink.tick(t)
-                if new_policy is not None:
-                    self.policy = new_policy
-                    self._bind(new_policy)
+                sink.tick(t)
             if kind == _STEP_DONE:
                 self._step_done(*payload)
             elif kind == _ARRIVAL:
@@ -193,11 +192,6 @@ class Simulator:
                            matched_prefix_tokens, self._gpu_speed, self.now * 1000.0)
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _bind(self, policy: Policy) -> None:
-        bind = getattr(policy, "bind_simulator", None)
-        if bind is not None:
-            bind(self)
 
     def _push(self, t: float, kind: int, payload: Any) -> None:
         self._seq += 1
