@@ -17,7 +17,7 @@ import numpy as np
 
 from dispatcher.policies.base import Policy
 from lodestar.cluster_view import ClusterView, RequestInfo
-from lodestar.features import as_dict, candidate_matrix
+from lodestar.features import as_dict, chosen_features
 from lodestar.hashing import text_block_hashes, token_block_hashes
 from lodestar.schemas import InferenceRequest, RoutingDecision, now_ms
 from lodestar.settings import PrefixSettings
@@ -113,7 +113,7 @@ class BatchRouter:
             candidate_view = view.with_matched(blocks * info.tokens_per_block)
             choice = self.policy.choose(info, candidate_view)
             i = choice.index
-            features = candidate_matrix(info, candidate_view)[i]
+            features = chosen_features(info, candidate_view, choice)
             matched_tokens = int(min(candidate_view.matched_prefix_tokens[i], max(info.prompt_tokens - 1, 0)))
             uncached = info.prompt_tokens - matched_tokens
             decision = RoutingDecision(

@@ -31,14 +31,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol, runtime_checkable
 
 import redis.asyncio as aioredis
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from opentelemetry.trace import Span
 
-from dispatcher.policies.base import Policy, make_policy
+from dispatcher.policies.base import Policy, SnapshotPolicy
+from dispatcher.policies.registry import check_params_by_policy, make_policy
 from dispatcher.redis_prefix_index import RedisPrefixIndex
 from dispatcher.redispatch import DeadWorkerTakeover
 from dispatcher.routing import BatchPlan, BatchRouter, describe
@@ -70,10 +70,10 @@ def default_dispatcher_id() -> str:
 
 
 def build_policy(name: str, settings: Settings) -> Policy:
-    """The named policy; `learned` gets the configured fallback heuristic."""
-    if name == "learned":
-        return make_policy(name, fallback=settings.dispatcher.fallback_policy)
-    return make_policy(name)
+    """The named policy with its parameters from `dispatcher.policy_params`, every entry of which is
+    validated first (unknown policy, unknown parameter, value out of bounds: ParamsError saying which)."""
+    check_params_by_policy(settings.dispatcher.policy_params)
+    return make_policy(name, settings.dispatcher.policy_params.get(name, {}))
 
 
 def validate_request(raw: bytes | None) -> InferenceRequest:
@@ -84,15 +84,6 @@ def validate_request(raw: bytes | None) -> InferenceRequest:
     if request.reply_to is not None and not _TOPIC_NAME.match(request.reply_to):
         raise InvalidMessage(f"invalid InferenceRequest: reply_to {request.reply_to!r} is not a Kafka topic name")
     return request
-
-
-@runtime_checkable
-class SnapshotPolicy(Protocol):
-    """A policy that evaluates a model snapshot (the `learned` policy)."""
-
-    def load_snapshot(self, snapshot: Snapshot) -> None:
-        """Swap in a new model; raises SnapshotError if it cannot be evaluated."""
-        ...
 
 
 class WaitOutcome(Enum):

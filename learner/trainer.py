@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
-from learner.models import OnlineTTFTModel, make_model, model_from_state
+from learner.models.base import OnlineTTFTModel
+from learner.models.registry import make_model, model_from_state
 from lodestar.features import FEATURE_INDEX, N_FEATURES
 from lodestar.settings import LearnerSettings
 from lodestar.snapshot import Snapshot, decode_array, encode_array
@@ -40,21 +43,27 @@ CHECKPOINT_FORMAT = 1
 class LearnerConfig:
     """Cadences, buffer sizes and validation thresholds of the learning loop."""
 
-    snapshot_every_events: int = 1000
-    snapshot_every_s: float = 30.0
-    # Until a validated snapshot is out, publish this often, so the dispatcher leaves its fallback sooner.
-    warmup_snapshot_every_events: int = 100
-    recent_capacity: int = 5000
-    diverse_capacity: int = 5000
-    diverse_per_stratum: int = 500
-    holdout_every: int = 10
-    holdout_capacity: int = 1000
-    min_train_samples: int = 100
-    min_holdout_samples: int = 20
-    max_holdout_log_mae: float = 0.6
-    min_holdout_skill: float = 0.2
-    error_window: int = 1000
-    range_margin: float = 0.25
+    snapshot_every_events: Annotated[int, Field(ge=1, description="publish a snapshot after this many events")] = 1000
+    snapshot_every_s: Annotated[float, Field(gt=0, description="or after this many seconds")] = 30.0
+    warmup_snapshot_every_events: Annotated[int, Field(ge=1, description=(
+        "until a validated snapshot is out, publish this often (then doubling), so the dispatcher leaves "
+        "its fallback sooner"))] = 100
+    recent_capacity: Annotated[int, Field(ge=1, description="most recent samples replayed at a retrain")] = 5000
+    diverse_capacity: Annotated[int, Field(ge=0, description=(
+        "older samples replayed at a retrain, drawn evenly over GPU speed x TTFT octave strata"))] = 5000
+    diverse_per_stratum: Annotated[int, Field(ge=1, description="reservoir size of each stratum")] = 500
+    holdout_every: Annotated[int, Field(ge=2, description="one sample in this many is held out, never trained "
+                                                           "on")] = 10
+    holdout_capacity: Annotated[int, Field(ge=1, description="held-out samples kept for validation")] = 1000
+    min_train_samples: Annotated[int, Field(ge=0, description="a snapshot validates only after this many "
+                                                              "trained samples")] = 100
+    min_holdout_samples: Annotated[int, Field(ge=0, description="and this many held-out samples")] = 20
+    max_holdout_log_mae: Annotated[float, Field(gt=0, description="and a held-out log error at most this")] = 0.6
+    min_holdout_skill: Annotated[float, Field(le=1, description=(
+        "and a skill (1 - its log error / the median predictor's) at least this"))] = 0.2
+    error_window: Annotated[int, Field(ge=1, description="samples of the rolling prequential error")] = 1000
+    range_margin: Annotated[float, Field(ge=0, description=(
+        "how far past its training range (fraction of the range) the dispatcher still trusts the model"))] = 0.25
     seed: int = 0
 
     @classmethod
@@ -377,11 +386,7 @@ def _columns(snap: Snapshot) -> list[int]:
     return [FEATURE_INDEX[n] for n in snap.feature_names]
 
 
-LEARNER_MODELS = ("river", "mlp")
-
-
-def make_learner(name: str, config: LearnerConfig | None = None, **model_params: Any) -> Learner:
-    """A learner around a fresh model of the named family (`river` or `mlp`)."""
-    if name not in LEARNER_MODELS:
-        raise KeyError(f"unknown learner model {name!r}; known: {', '.join(LEARNER_MODELS)}")
-    return Learner(make_model(name, **model_params), config)
+def make_learner(family: str, config: LearnerConfig | None = None, *, seed: int | None = None,
+                 model_params: Mapping[str, Any] | None = None) -> Learner:
+    """A learner around a fresh model of the named family (learner.models.registry.model_families())."""
+    return Learner(make_model(family, model_params, seed=seed), config)

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.hardware import GPUS, REFERENCE_GPU, gpu
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -114,6 +114,14 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     x[:, 16] = free
     x[:, 17] = np.where(view.max_kv_tokens > 0, (view.pending_prefill_tokens + uncached) / np.maximum(free, 1.0), 0.0)
     return x
+
+
+def chosen_features(request: RequestInfo, view: ClusterView, decision: Decision) -> np.ndarray:
+    """The chosen candidate's feature row: the one the policy computed if it did (the learned policy),
+    else computed now, so it is computed once per decision."""
+    if decision.features is not None:
+        return decision.features
+    return candidate_matrix(request, view)[decision.index]
 
 
 def as_dict(row: np.ndarray) -> dict[str, float]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -54,8 +54,10 @@ class DispatcherSettings(BaseModel):
     """The dispatcher service."""
 
     dispatcher_id: str = ""  # this dispatcher's id in decisions (default: host-pid)
-    policy: str = "learned"  # routing policy: learned or any baseline name
-    fallback_policy: str = "gpu_speed_queue"  # heuristic the learned policy uses until its model is validated
+    policy: str = "learned"  # routing policy: learned or any baseline name (docs/policies.md)
+    policy_params: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
+        "parameters by policy name, e.g. `{learned: {fallback: lmetric}}`, validated against the policy's "
+        "constructor at start (docs/policies.md lists each policy's parameters)"))
     batch_size: int = Field(64, ge=1)  # max requests consumed and routed per batch
     batch_timeout_ms: int = Field(5, ge=0)  # how long a batch fetch waits for more records
     registry_staleness_s: float = Field(0.25, gt=0)  # max age of the worker-state view before it is re-read from Redis
@@ -64,6 +66,16 @@ class DispatcherSettings(BaseModel):
     dead_worker_timeout_s: float = Field(15.0, gt=0)  # heartbeat gone this long: re-route its backlog
     consumer_group: str = "lodestar-dispatchers"  # consumer group of all dispatcher replicas
     metrics_port: int = Field(0, ge=0)  # Prometheus /metrics port (0 = off)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "fallback_policy" in data:
+            raise ValueError(
+                "dispatcher.fallback_policy was removed: the fallback is a parameter of the learned policy, "
+                "set dispatcher.policy_params.learned.fallback (YAML) or "
+                "LODESTAR_DISPATCHER__POLICY_PARAMS='{\"learned\": {\"fallback\": \"...\"}}'")
+        return data
 
 
 class WorkerSettings(BaseModel):
@@ -86,7 +98,7 @@ class WorkerSettings(BaseModel):
 class LearnerSettings(BaseModel):
     """The online learner service."""
 
-    model: str = "mlp"  # TTFT model family: mlp or river
+    model: str = "mlp"  # TTFT model family (a module of learner/models/; docs/policies.md lists them)
     snapshot_every_events: int = Field(1000, ge=1)  # publish a snapshot after this many learned events
     snapshot_every_s: float = Field(30.0, gt=0)  # or after this many seconds
     warmup_snapshot_every_events: int = Field(100, ge=1)  # first snapshots: after 100, 200, 400... events

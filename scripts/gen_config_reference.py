@@ -17,20 +17,16 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
-import annotated_types
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from lodestar import settings as settings_module
+from lodestar.params import bounds_text, type_text
 from lodestar.settings import PROJECT_ROOT, Settings
 
 OUTPUT = PROJECT_ROOT / "docs" / "configuration.md"
 ENV_PREFIX = "LODESTAR_"
 NESTED = "__"
-
-_BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
-           (annotated_types.Le, "le", "<="), (annotated_types.Lt, "lt", "<"))
-
 
 def line_comments(cls: type) -> dict[str, str]:
     """Field name -> the comment ending its line in the class source (`name: type = value  # comment`)."""
@@ -47,11 +43,8 @@ def line_comments(cls: type) -> dict[str, str]:
 
 def type_name(field: FieldInfo) -> str:
     """The field's type with its bounds, e.g. `int (>= 1)`."""
-    annotation = field.annotation
-    name = getattr(annotation, "__name__", str(annotation))
-    bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata for kind, attr, symbol in _BOUNDS
-              if isinstance(m, kind)]
-    return f"{name} ({', '.join(bounds)})" if bounds else name
+    bounds = bounds_text(field)
+    return f"{type_text(field.annotation)} ({bounds})" if bounds else type_text(field.annotation)
 
 
 def default_text(value: Any) -> str:

@@ -291,24 +291,24 @@ def simulate(cluster_path: str, workload_path: str, rate: float, duration_s: flo
     """One run as `lodestar bench sim` makes it; the results row, per-request series and learner snapshots."""
     from sim.bench import result_row
     from sim.cluster import read_cluster
-    from sim.policy_factory import build_policy
+    from sim.policy_factory import PolicySpec, build_sim_policy
     from sim.simulator import Simulator
     from sim.workloads import load_workload
 
     cluster = read_cluster(cluster_path)
     workload = load_workload(workload_path).with_duration(duration_s).with_rate(rate)
-    setup = build_policy(policy, seed=seed, cluster=cluster)
+    setup = build_sim_policy(PolicySpec.parse(policy), seed=seed)
     sim = Simulator(cluster, setup.policy, seed=seed, refresh_interval_s=0.1, sink=setup.sink)
     result = sim.run(workload.requests(seed), workload.slowdowns)
     row = result_row(result, policy=policy, seed=seed, cluster=cluster.name, workload=workload.name)
     records = sorted(result.records, key=lambda r: r.arrival_s)
 
     def kind(decision: Any) -> int:
-        if not decision.policy.startswith(LEARNED):
+        if decision.fallback:
+            return FALLBACK
+        if decision.policy != LEARNED:
             return HEURISTIC
-        if decision.policy == LEARNED:
-            return EXPLORED if decision.explored else MODEL
-        return FALLBACK
+        return EXPLORED if decision.explored else MODEL
 
     return {
         "row": row,

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from functools import cache
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 from threadpoolctl import ThreadpoolController
 
 from learner.models.base import InputLayout
@@ -39,9 +40,19 @@ class MLPModel:
     family = "mlp"
     incremental = False
 
-    def __init__(self, layout: InputLayout | None = None, hidden: tuple[int, ...] = (64, 64),
-                 lr: float = 2e-3, epochs: int = 4, min_steps: int = 300, batch_size: int = 128,
-                 l2: float = 1e-5, seed: int = 0):
+    def __init__(
+        self,
+        layout: InputLayout | None = None,
+        hidden: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(
+            min_length=1, description="width of each hidden ReLU layer")] = (64, 64),
+        lr: Annotated[float, Field(gt=0, description="Adam learning rate")] = 2e-3,
+        epochs: Annotated[int, Field(ge=1, description="passes over the training set per retrain")] = 4,
+        min_steps: Annotated[int, Field(ge=0, description="at least this many Adam steps per retrain (more "
+                                                          "passes on small sets)")] = 300,
+        batch_size: Annotated[int, Field(ge=1, description="samples per Adam step")] = 128,
+        l2: Annotated[float, Field(ge=0, description="L2 penalty on the weights")] = 1e-5,
+        seed: int = 0,
+    ):
         self.layout = layout or InputLayout()
         self.hidden = tuple(int(h) for h in hidden)
         self.lr = lr

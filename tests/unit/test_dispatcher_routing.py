@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dispatcher.policies import make_policy
+from dispatcher.policies.registry import make_policy
 from dispatcher.prefix_index import InMemoryPrefixIndex
 from dispatcher.routing import CHARS_PER_TOKEN, BatchRouter, describe
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from typer.testing import CliRunner
 
-from dispatcher.service import SnapshotPolicy, build_policy, validate_request
+from app.cli import app as cli
+from dispatcher.policies.base import SnapshotPolicy
+from dispatcher.service import build_policy, validate_request
+from lodestar.params import ParamsError
 from lodestar.schemas import InferenceRequest, InvalidMessage
 from lodestar.settings import Settings
 
@@ -36,11 +41,39 @@ def test_valid_requests_pass_unchanged() -> None:
     assert validate_request(request.to_bytes()) == request
 
 
-def test_only_the_learned_policy_follows_snapshots() -> None:
-    settings = Settings()
+def test_policies_take_their_parameters_from_settings() -> None:
+    settings = Settings(dispatcher={"policy_params": {"learned": {"fallback": "lmetric", "epsilon_start": "0.1"},
+                                                      "sglang_cache_aware": {"cache_threshold": 0.5}}})
     learned = build_policy("learned", settings)
     assert isinstance(learned, SnapshotPolicy)
-    assert learned.fallback.name == settings.dispatcher.fallback_policy  # type: ignore[attr-defined]
+    assert learned.fallback.name == "lmetric" and learned.epsilon_start == 0.1  # type: ignore[attr-defined]
+    assert build_policy("sglang_cache_aware", settings).cache_threshold == 0.5  # type: ignore[attr-defined]
     assert not isinstance(build_policy("round_robin", settings), SnapshotPolicy)
     with pytest.raises(KeyError, match="unknown policy"):
         build_policy("no_such_policy", settings)
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"nope": {}}, "parameters given for unknown policy 'nope'"),
+        ({"learned": {"fallbak": "lmetric"}}, "policy 'learned': fallbak: Extra inputs are not permitted"),
+        ({"learned": {"fallback": "nope"}}, "fallback: Value error, unknown policy 'nope'"),
+        ({"learned": {"fallback": "learned"}}, "the fallback must be a heuristic"),
+        ({"learned": {"epsilon_start": 2}}, "epsilon_start: Input should be less than or equal to 1"),
+        ({"learned": {"epsilon_start": 0.01, "epsilon_min": 0.1}}, "need epsilon_min <= epsilon_start"),
+        ({"round_robin": {"seed": 3}}, "policy 'round_robin': seed: Extra inputs are not permitted"),
+        ({"llmd_weighted": {"prefix_weight": "heavy"}}, "prefix_weight: Input should be a valid number"),
+    ],
+)
+def test_bad_policy_parameters_are_refused_at_start_with_the_reason(params: dict, reason: str) -> None:
+    # Every entry is checked, not only the running policy's: a typo waits for no policy switch.
+    with pytest.raises(ParamsError, match=re.escape(reason)):
+        build_policy("round_robin", Settings(dispatcher={"policy_params": params}))
+
+
+def test_the_dispatcher_command_stops_on_bad_parameters_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LODESTAR_DISPATCHER__POLICY_PARAMS", '{"learned": {"explore_within": 0.5}}')
+    result = CliRunner().invoke(cli, ["dispatcher"])
+    assert result.exit_code == 2
+    assert "policy 'learned': explore_within: Input should be greater than or equal to 1" in result.output

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from dispatcher.policies.learned import LearnedPolicy
+from dispatcher.policies.registry import make_policy
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
-from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.features import FEATURE_INDEX, N_FEATURES, candidate_matrix
+from lodestar.params import ParamsError
 from lodestar.snapshot import Snapshot, SnapshotError
 from lodestar.ttft_model import TTFTModel
 
@@ -47,18 +49,26 @@ def hetero_view() -> ClusterView:
     return ClusterView.empty_like(["w0", "w1", "w2"], ["L4", "H100", "A100"])
 
 
-def policy(**kw) -> LearnedPolicy:
-    kw.setdefault("epsilon_start", 0.0)
-    kw.setdefault("epsilon_min", 0.0)
-    return LearnedPolicy(fallback=AlwaysLast(), **kw)
+def learned(snapshot: Snapshot | None = None, **kw) -> LearnedPolicy:
+    """A learned policy falling back to AlwaysLast, with `snapshot` loaded."""
+    p = LearnedPolicy(fallback=AlwaysLast(), **kw)
+    if snapshot is not None:
+        p.load_snapshot(snapshot)
+    return p
+
+
+def policy(snapshot: Snapshot | None = None, **kw) -> LearnedPolicy:
+    """The same, without exploration."""
+    return learned(snapshot, **{"epsilon_start": 0.0, "epsilon_min": 0.0, **kw})
 
 
 def test_prefers_the_instance_the_model_says_is_fastest() -> None:
     p = policy(snapshot=linear_snapshot())
     d = p.choose(REQ, hetero_view())
-    assert (d.worker_id, d.policy, d.explored, d.model_version) == ("w1", "learned", False, 4)
+    assert (d.worker_id, d.policy, d.explored, d.model_version, d.fallback) == ("w1", "learned", False, 4, False)
     assert d.predicted_ttft_ms == pytest.approx(1.0 + 2000 / (989 / 312))
-    assert d.scores is not None and d.scores.shape == (3,)
+    assert d.scores is not None and d.scores.shape == (3,) and d.scores.argmax() == d.index  # higher preferred
+    np.testing.assert_array_equal(d.features, candidate_matrix(REQ, hetero_view())[d.index])
 
 
 def test_hot_swap_changes_the_choice() -> None:
@@ -71,6 +81,7 @@ def test_hot_swap_changes_the_choice() -> None:
 def test_cold_start_uses_the_fallback() -> None:
     d = policy().choose(REQ, hetero_view())
     assert (d.worker_id, d.policy, d.model_version, d.predicted_ttft_ms) == ("w2", "learned/always_last", 0, None)
+    assert d.fallback and d.features is None  # no model: no candidate matrix either
 
 
 def test_unvalidated_snapshot_uses_the_fallback() -> None:
@@ -83,7 +94,10 @@ def test_unvalidated_snapshot_uses_the_fallback() -> None:
 def test_out_of_range_pick_uses_the_fallback() -> None:
     # trained on uncached_per_speed in [0, 500]; margin 10% -> up to 550. The H100 pick sees 2000/3.17.
     p = policy(snapshot=linear_snapshot(hi=500.0))
-    assert p.choose(REQ, hetero_view()).policy == "learned/always_last"
+    d = p.choose(REQ, hetero_view())
+    assert d.policy == "learned/always_last" and d.fallback
+    # the matrix the model looked at comes along with the fallback's pick
+    np.testing.assert_array_equal(d.features, candidate_matrix(REQ, hetero_view())[d.index])
     assert p.choose(RequestInfo("small", prompt_tokens=300), hetero_view()).policy == "learned"
     p = policy(snapshot=linear_snapshot(hi=500.0), check_range=False)
     assert p.choose(REQ, hetero_view()).policy == "learned"
@@ -104,7 +118,7 @@ def test_a_snapshot_it_cannot_evaluate_is_refused_and_the_old_model_kept() -> No
 
 
 def test_exploration_decays_and_flags_decisions() -> None:
-    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.5, epsilon_min=0.01,
+    p = learned(linear_snapshot(), epsilon_start=0.5, epsilon_min=0.01,
                       epsilon_half_life=500, explore_within=100.0, seed=1)
     assert p.epsilon == pytest.approx(0.5)
     decisions = [p.choose(REQ, hetero_view()) for _ in range(4000)]
@@ -119,23 +133,23 @@ def test_exploration_decays_and_flags_decisions() -> None:
 
 def test_exploration_stays_near_the_best_prediction() -> None:
     # predictions: H100 ~632 ms, A100 2001 ms, L4 ~5157 ms; within 4x of the best only the A100 qualifies
-    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0,
+    p = learned(linear_snapshot(), epsilon_start=1.0, epsilon_min=1.0,
                       explore_within=4.0, seed=2)
     assert {p.choose(REQ, hetero_view()).worker_id for _ in range(200)} == {"w2"}
-    p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0,
+    p = learned(linear_snapshot(), epsilon_start=1.0, epsilon_min=1.0,
                       explore_within=1.5, seed=2)
     d = p.choose(REQ, hetero_view())
     assert (d.worker_id, d.explored) == ("w1", False)  # nothing close enough: no exploration
 
 
 def test_the_fallback_does_not_explore() -> None:
-    p = LearnedPolicy(fallback=AlwaysLast(), epsilon_start=1.0, epsilon_min=1.0, seed=3)
+    p = learned(epsilon_start=1.0, epsilon_min=1.0, seed=3)
     assert all(not p.choose(REQ, hetero_view()).explored for _ in range(50))
 
 
 def test_same_seed_same_decisions() -> None:
     def run() -> list[int]:
-        p = LearnedPolicy(snapshot=linear_snapshot(), fallback=AlwaysLast(), epsilon_start=0.3,
+        p = learned(linear_snapshot(), epsilon_start=0.3,
                           explore_within=10.0, seed=7)
         return [p.choose(REQ, hetero_view()).index for _ in range(200)]
 
@@ -150,10 +164,10 @@ def test_ties_are_broken_at_random_not_always_first() -> None:
 
 
 def test_invalid_epsilon_settings() -> None:
-    with pytest.raises(ValueError):
-        LearnedPolicy(fallback=AlwaysLast(), epsilon_start=0.1, epsilon_min=0.2)
-    with pytest.raises(ValueError):
-        LearnedPolicy(fallback=AlwaysLast(), explore_within=0.5)
+    with pytest.raises(ParamsError, match="epsilon_min <= epsilon_start"):
+        make_policy("learned", {"fallback": AlwaysLast(), "epsilon_start": 0.1, "epsilon_min": 0.2})
+    with pytest.raises(ParamsError, match="explore_within: Input should be greater than or equal to 1"):
+        make_policy("learned", {"fallback": AlwaysLast(), "explore_within": 0.5})
 
 
 def test_range_is_checked_in_the_models_log_space() -> None:

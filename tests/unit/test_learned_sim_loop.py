@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -9,10 +11,11 @@ from dispatcher.policies.learned import LearnedPolicy
 from learner.trainer import LearnerConfig, make_learner
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.params import ParamsError
 from lodestar.snapshot import SnapshotError
 from sim.cluster import ClusterSpec
 from sim.learning_loop import LearningLoop
-from sim.policy_factory import build_policy
+from sim.policy_factory import PolicySpec, build_sim_policy, learned_families
 from sim.records import CompletedRequest
 from sim.simulator import Simulator
 from sim.workloads import parse_workload_spec, workload_from_spec
@@ -65,16 +68,34 @@ def test_an_empty_key_is_refused_at_the_first_snapshot() -> None:
             loop.tick(k * 0.05)
 
 
-@pytest.mark.parametrize("name", ["learned_river", "learned_mlp"])
+@pytest.mark.parametrize("name", sorted(learned_families()))
 def test_learned_policy_learns_inside_a_simulation(name: str) -> None:
     cluster = ClusterSpec.model_validate({"workers": [{"gpu": "A100", "count": 1}, {"gpu": "L4", "count": 1}]})
     spec = parse_workload_spec({"kind": "shared_prefix", "preset": "sglang_gsp", "rate": 10.0, "duration_s": 60,
                                 "num_groups": 16, "prompts_per_group": 32, "output_len": 16})
-    setup = build_policy(name, seed=1, cluster=cluster, snapshot_every_s=5.0, fallback="round_robin")
-    assert isinstance(setup.policy, LearnedPolicy) and setup.sink is not None
+    params = {"fallback": "round_robin", "learner": {"snapshot_every_s": 5.0}}
+    setup = build_sim_policy(PolicySpec("l", name, params), seed=1)
+    assert isinstance(setup.policy, LearnedPolicy) and isinstance(setup.sink, LearningLoop)
+    assert setup.sink.learner.config.snapshot_every_s == 5.0
+    assert setup.sink.learner.model.family == learned_families()[name]
     result = Simulator(cluster, setup.policy, seed=1, sink=setup.sink).run(workload_from_spec(spec).requests(1))
-    policies = {r.decision.policy for r in result.records}
-    assert policies == {"learned/round_robin", "learned"}  # cold start on the fallback, then the model
+    policies = {(r.decision.policy, r.decision.fallback) for r in result.records}
+    assert policies == {("learned/round_robin", True), ("learned", False)}  # cold start on the fallback, then the model
     assert setup.policy.model_version >= 2
     versions = [r.decision.model_version for r in sorted(result.records, key=lambda r: r.arrival_s)]
     assert versions == sorted(versions) and versions[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"fallback": "nope"}, "fallback: Value error, unknown policy 'nope'"),
+        ({"learner": {"snapshot_every_events": 0}}, "learner section: snapshot_every_events: Input should be greater"),
+        ({"learner": {"seed": 3}}, "learner section: seed: Extra inputs are not permitted"),
+        ({"model": {"no_such_knob": 1}}, "no_such_knob: Extra inputs are not permitted"),
+        ({"epsilon_start": 0.01, "epsilon_min": 0.1}, "need epsilon_min <= epsilon_start"),
+    ],
+)
+def test_bad_learning_parameters_are_refused_before_the_run(params: dict, reason: str) -> None:
+    with pytest.raises(ParamsError, match=re.escape(reason)):
+        build_sim_policy(PolicySpec("l", "learned", params), seed=1)

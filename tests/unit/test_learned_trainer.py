@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from learner.models.registry import model_families
 from learner.trainer import Learner, LearnerConfig, make_learner
 from lodestar.features import FEATURE_INDEX, N_FEATURES
 from lodestar.ttft_model import TTFTModel
@@ -38,7 +39,7 @@ def feed(learner: Learner, samples: list[tuple[np.ndarray, float]], t0: float = 
 
 
 def test_no_snapshot_before_the_cadence_and_none_without_new_samples() -> None:
-    learner = make_learner("mlp", LearnerConfig(warmup_snapshot_every_events=100), **SMALL_MLP)
+    learner = make_learner("mlp", LearnerConfig(warmup_snapshot_every_events=100), model_params=SMALL_MLP)
     assert feed(learner, stream(50)) == [] and not learner.model.trained
     assert learner.maybe_snapshot(1e9) is not None  # T seconds passed: retrain and publish
     assert learner.maybe_snapshot(2e9) is None  # nothing new learned since
@@ -80,7 +81,7 @@ def test_validation_passes_on_learnable_data_and_fails_on_noise() -> None:
 def test_mlp_retrains_at_each_snapshot_on_replayed_samples() -> None:
     cfg = LearnerConfig(snapshot_every_events=300, snapshot_every_s=1e9, warmup_snapshot_every_events=300,
                         recent_capacity=200, diverse_capacity=100)
-    learner = make_learner("mlp", cfg, **SMALL_MLP)
+    learner = make_learner("mlp", cfg, model_params=SMALL_MLP)
     trained_at, learned = [], []
     for k, (x, y) in enumerate(stream(1000)):
         learner.observe(x, y, k * 0.01)
@@ -113,11 +114,10 @@ def test_bad_samples_are_refused() -> None:
         learner.observe(np.full(N_FEATURES, np.nan), 10.0, 0.0)
 
 
-@pytest.mark.parametrize("family", ["river", "mlp"])
+@pytest.mark.parametrize("family", model_families())
 def test_checkpoint_restore_resumes_identically(family: str) -> None:
     cfg = LearnerConfig(snapshot_every_events=150, warmup_snapshot_every_events=60, holdout_every=7)
-    params = SMALL_MLP if family == "mlp" else {}
-    learner = make_learner(family, cfg, **params)
+    learner = make_learner(family, cfg)
     samples = stream(900, seed=3)
     feed(learner, samples[:433])
     state = json.loads(json.dumps(learner.checkpoint()))
@@ -134,5 +134,5 @@ def test_checkpoint_restore_resumes_identically(family: str) -> None:
 
 
 def test_unknown_learner_name() -> None:
-    with pytest.raises(KeyError, match="unknown learner model"):
+    with pytest.raises(KeyError, match="unknown model family 'svm'"):
         make_learner("svm")
