@@ -1,6 +1,8 @@
 # Lodestar developer entry points. From a clean clone:  make setup test
 #
-#   make setup     create .venv (python3.11, else python3) if missing; pip install -e '.[dev]'
+#   make setup     create .venv (python3.11, else python3) if missing; pip install -e '.[dev]'; the Helm
+#                  chart's tools (scripts/chart_tools install: helm built from Go modules, checkov),
+#                  cached outside the checkout and rebuilt only when a pinned version changes
 #   make services  start the local Kafka broker and Redis (scripts/services start); idempotent
 #   make status    are they up? (exit 0 if both answer)
 #   make stop      stop the services this tree started
@@ -29,6 +31,7 @@ setup:
 		$(BOOTSTRAP_PYTHON) -m venv $(VENV); \
 	fi
 	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]'
+	scripts/chart_tools install
 
 services:
 	scripts/services start
