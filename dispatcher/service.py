@@ -16,7 +16,9 @@ logged and the current one kept.
 Observability: each valid request gets a `route` span (child of the client's `send` span, from the
 record's headers) that carries the decision and whose context goes on in the RoutedRequest's headers
 to the worker; `self.metrics` (lodestar.metrics.DispatcherMetrics) counts decisions, exploration,
-batches, dead letters, routing latency and the snapshot in use (docs/observability.md).
+batches, dead letters, routing latency and the snapshot in use (docs/observability.md). `self.health`
+(lodestar.health) is ready once the dispatcher joined its consumer group and its model is settled: a
+snapshot loaded, the fallback declared when none came within `_SNAPSHOT_WAIT_S`, or a policy without one.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from dispatcher.redispatch import DeadWorkerTakeover
 from dispatcher.routing import BatchPlan, BatchRouter, describe
 from dispatcher.worker_view import WorkerView
 from lodestar import tracing
+from lodestar.health import GroupJoined, Health
 from lodestar.kafka_admin import fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
 from lodestar.lifecycle import ServiceScope, service_lifecycle
@@ -128,13 +131,14 @@ class Dispatcher:
         self.prefix_index = RedisPrefixIndex(self.redis, self.keys, settings.prefix.index_capacity_blocks)
         self.snapshots = SnapshotStore(self.redis, self.keys, settings.learner.hmac_key)
         self.producer = make_producer(settings, client_id=f"dispatcher-{self.dispatcher_id}")
+        self.health = Health("group", "model")
         self.consumer = make_consumer(
             settings,
-            self.topics.requests,
             group_id=cfg.consumer_group,
             client_id=f"dispatcher-{self.dispatcher_id}",
             max_poll_records=cfg.batch_size,
         )
+        self.consumer.subscribe([self.topics.requests], listener=GroupJoined(self.health, cfg.consumer_group))
         self.takeover = DeadWorkerTakeover(
             settings,
             self.redis,
@@ -151,6 +155,8 @@ class Dispatcher:
         self._capacities: dict[str, int] = {}
         self._stop = asyncio.Event()
         self._commit_task: asyncio.Task[None] | None = None
+        if not self.uses_snapshots:
+            self.health.set("model", True, f"policy {self.policy_name} uses no model")
 
     @property
     def uses_snapshots(self) -> bool:
@@ -173,6 +179,9 @@ class Dispatcher:
                     scope.spawn(self.snapshots.watch(self._on_snapshot, ready=ready))
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ready.wait(), _SNAPSHOT_WAIT_S)
+                    if not self.model_version:
+                        self.health.set("model", True, "no model snapshot yet: routing with the fallback "
+                                                       f"{self.policy.fallback_name()}")
                 scope.spawn(self.takeover.run(self._stop))
                 scope.spawn(self._log_stats())
                 log.info("dispatcher %s up: policy %s, group %s, topic %s", self.dispatcher_id,
@@ -405,6 +414,7 @@ class Dispatcher:
         created_at = snapshot.meta.get("created_at_s")
         created_at_s = float(created_at) if isinstance(created_at, int | float) else None
         self.metrics.snapshot_loaded(snapshot.version, created_at_s)
+        self.health.set("model", True, f"model snapshot v{snapshot.version} loaded")
         log.info("model snapshot v%d (%s, validated=%s) replaces v%d", snapshot.version, snapshot.family,
                  snapshot.validated, previous)
 

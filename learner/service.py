@@ -11,7 +11,8 @@ increasing across restarts (also past a lost checkpoint: the stored version is t
 Observability: each batch is learned inside a `learn` span, a trace of its own LINKED to the trace of
 every telemetry message in it (a batch has many requests, so no single parent); `self.metrics`
 (lodestar.metrics.LearnerMetrics) counts events learned and rejected, snapshots published, and holds the
-online prediction error (docs/observability.md).
+online prediction error (docs/observability.md). `self.health` (lodestar.health) is ready once the
+learner (its checkpoint restored in the constructor) joined its consumer group.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from opentelemetry import trace
 from learner.trainer import Learner, LearnerConfig, make_learner
 from lodestar import tracing
 from lodestar.features import from_dict
+from lodestar.health import GroupJoined, Health
 from lodestar.kafka_admin import fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
 from lodestar.lifecycle import service_lifecycle
@@ -142,8 +144,9 @@ class LearnerService:
         self.redis = aioredis.from_url(settings.redis.url)
         self.snapshots = SnapshotStore(self.redis, RedisKeys(settings.redis.key_prefix), cfg.hmac_key)
         self.producer = make_producer(settings, client_id="learner")
-        self.consumer = make_consumer(settings, self.topics.telemetry, group_id=cfg.consumer_group,
-                                      client_id="learner")
+        self.health = Health("group")
+        self.consumer = make_consumer(settings, group_id=cfg.consumer_group, client_id="learner")
+        self.consumer.subscribe([self.topics.telemetry], listener=GroupJoined(self.health, cfg.consumer_group))
         self.stats = LearnerStats()
         self.metrics = metrics if metrics is not None else LearnerMetrics()
         self.tracer = tracing.get_tracer(SERVICE)

@@ -6,17 +6,21 @@ error kinds a short fixed word (`invalid_message`, `engine_unavailable`), never 
 `kind_label` refuses anything else so that a free-text reason cannot explode the series count.
 
 Each service builds one typed object (`DispatcherMetrics()`, `WorkerMetrics(worker_id)`,
-`LearnerMetrics()`) and serves its `.registry` with `start_metrics_server` (docs/observability.md).
+`LearnerMetrics()`) and serves its `.registry` with `start_metrics_server`, beside its liveness and
+readiness probes (lodestar/health.py; docs/observability.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -26,9 +30,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from lodestar.health import Health, with_probes
 from lodestar.schemas import InferenceResult, RoutingDecision
 
 # Time to first token: tens of milliseconds on an idle H100 to tens of seconds behind a long queue.
@@ -82,11 +88,31 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> MetricsServer | None:
-    """Serve `registry` at http://host:port/metrics in a daemon thread; port 0 means disabled (None)."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        """Probes and scrapes every few seconds: no access log."""
+
+
+def start_metrics_server(
+    registry: CollectorRegistry, port: int, host: str = "127.0.0.1", health: Health | None = None
+) -> MetricsServer | None:
+    """Serve `registry` at http://host:port/metrics in a daemon thread (a thread per request), and with
+    `health` also `/healthz` and `/readyz` (lodestar/health.py), probing the event loop that called this;
+    port 0 means disabled (None)."""
     if port == 0:
         return None
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    app = make_wsgi_app(registry)
+    if health is not None:
+        with contextlib.suppress(RuntimeError):  # no loop in this thread: /healthz tells only that it answers
+            health.watch_loop(asyncio.get_running_loop())
+        app = with_probes(health, app)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name=f"metrics-{port}", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)
 
 

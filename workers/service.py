@@ -21,7 +21,8 @@ Observability: each decoded record is handled inside a `serve` span (child of th
 is a GenAI child span (an event at the first token, token usage); result and telemetry carry the
 `serve` span's context in their headers (the learner links to it). `self.metrics`
 (lodestar.metrics.WorkerMetrics) observes TTFT/TPOT/E2E, requests in flight, results by status and
-engine errors by kind (docs/observability.md).
+engine errors by kind (docs/observability.md). `self.health` (lodestar.health) is ready while the engine
+answers and the worker is a member of its group, and not once it drains.
 
 SIGTERM/SIGINT drain: the state is published with draining=true (dispatchers stop routing here),
 fetching stops, in-flight requests finish and are committed, the worker deregisters and exits.
@@ -46,6 +47,7 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from lodestar import tracing
+from lodestar.health import GroupJoined, Health
 from lodestar.kafka_admin import fixed_topic_partitions
 from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
 from lodestar.lifecycle import service_lifecycle
@@ -122,6 +124,7 @@ class WorkerService:
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id)
+        self.health = Health("engine", "group")
         self.tracer = tracing.get_tracer(SERVICE)
         # Every in-flight request talks to Redis: share a bounded pool and queue for a connection
         # rather than fail when max_concurrency exceeds it.
@@ -155,6 +158,7 @@ class WorkerService:
         if self._draining.is_set():
             return
         log.info("worker %s draining: %d in flight", self.worker_id, len(self._tasks))
+        self.health.set("group", False, "draining: takes no more work")
         self.state.draining = True
         self._draining.set()
         self._slot_free.set()
@@ -204,6 +208,7 @@ class WorkerService:
             try:
                 self.state.engine = await self.engine.load()
                 self._engine_ok_at = time.monotonic()
+                self.health.set("engine", True, "the engine answers load polls")
                 return
             except EngineError as exc:
                 if time.monotonic() - warned_at > 5.0:
@@ -482,6 +487,8 @@ class WorkerService:
                 except EngineError as exc:
                     log.warning("worker %s: engine load unavailable: %s", self.worker_id, exc)
             engine_alive = time.monotonic() - self._engine_ok_at <= w.state_ttl_s
+            self.health.set("engine", engine_alive, "the engine answers load polls" if engine_alive else
+                            f"the engine has not answered for more than {w.state_ttl_s:g} s")
             try:
                 # An engine silent for longer than the state TTL stops the heartbeat: the entry expires
                 # and dispatchers stop routing here until the engine answers again.
@@ -518,6 +525,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
 
     def __init__(self, service: WorkerService):
         self._service = service
+        self._joined = GroupJoined(service.health, service.group_id)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self._service._commit()
@@ -525,3 +533,5 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("worker %s assigned %s", self._service.worker_id, sorted(map(str, assigned)))
+        if not self._service.state.draining:
+            await self._joined.on_partitions_assigned(assigned)

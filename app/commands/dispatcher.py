@@ -52,10 +52,11 @@ async def _serve(settings: Settings) -> None:
     dispatcher_id = settings.dispatcher.dispatcher_id or default_dispatcher_id()
     provider = setup_tracing("dispatcher", settings.telemetry, instance_id=dispatcher_id)
     metrics = DispatcherMetrics()
-    server = start_metrics_server(metrics.registry, settings.dispatcher.metrics_port, settings.telemetry.metrics_host)
+    service = Dispatcher(settings, dispatcher_id=dispatcher_id, metrics=metrics)
+    server = start_metrics_server(metrics.registry, settings.dispatcher.metrics_port, settings.telemetry.metrics_host,
+                                  health=service.health)
     try:
         stop = asyncio.Event()
-        service = Dispatcher(settings, dispatcher_id=dispatcher_id, metrics=metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

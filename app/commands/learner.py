@@ -46,10 +46,11 @@ async def _serve(settings: Settings) -> None:
 
     provider = setup_tracing("learner", settings.telemetry)
     metrics = LearnerMetrics()
-    server = start_metrics_server(metrics.registry, settings.learner.metrics_port, settings.telemetry.metrics_host)
+    service = LearnerService(settings, metrics=metrics)
+    server = start_metrics_server(metrics.registry, settings.learner.metrics_port, settings.telemetry.metrics_host,
+                                  health=service.health)
     try:
         stop = asyncio.Event()
-        service = LearnerService(settings, metrics=metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

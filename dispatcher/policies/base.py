@@ -27,7 +27,12 @@ class Policy(Protocol):
 
 @runtime_checkable
 class SnapshotPolicy(Protocol):
-    """A policy that evaluates a model snapshot (the `learned` policy): it follows the learner."""
+    """A policy that evaluates a model snapshot (the `learned` policy): it follows the learner, and routes with
+    a fallback heuristic while it has no usable model."""
+
+    def fallback_name(self) -> str:
+        """The name of the heuristic that routes while there is no usable model."""
+        ...
 
     def load_snapshot(self, snapshot: Snapshot) -> None:
         """Swap in a new model; raises SnapshotError if it cannot be evaluated."""

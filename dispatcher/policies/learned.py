@@ -80,6 +80,10 @@ class LearnedPolicy:
         self.decisions = 0
         self.model: TTFTModel | None = None
 
+    def fallback_name(self) -> str:
+        """The heuristic that routes while there is no usable model (and for out-of-range candidates)."""
+        return self.fallback.name
+
     def load_snapshot(self, snapshot: Snapshot) -> None:
         """Swap in a new model; a snapshot this build cannot evaluate raises SnapshotError (model kept)."""
         self.model = TTFTModel(snapshot)

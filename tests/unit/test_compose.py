@@ -6,27 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel
+from settings_env import settings_env_names
 
-from lodestar.settings import PROJECT_ROOT, Settings
+from lodestar.settings import PROJECT_ROOT
 
 COMPOSE = PROJECT_ROOT / "compose.yaml"
 
 
 def _compose() -> dict[str, Any]:
     return yaml.safe_load(Path(COMPOSE).read_text())
-
-
-def _settings_env_names() -> set[str]:
-    names: set[str] = set()
-    for field_name, field in Settings.model_fields.items():
-        sub = field.annotation
-        if isinstance(sub, type) and issubclass(sub, BaseModel):
-            for inner in sub.model_fields:
-                names.add(f"LODESTAR_{field_name}__{inner}".upper())
-        else:
-            names.add(f"LODESTAR_{field_name}".upper())
-    return names
 
 
 def test_services_present_with_expected_images() -> None:
@@ -43,7 +31,7 @@ def test_services_present_with_expected_images() -> None:
 
 
 def test_every_lodestar_env_var_is_a_setting() -> None:
-    known = _settings_env_names()
+    known = settings_env_names()
     for name, service in _compose()["services"].items():
         for var in (service.get("environment") or {}):
             if var.startswith("LODESTAR_"):
