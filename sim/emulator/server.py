@@ -28,7 +28,8 @@ from starlette.routing import Route
 
 from lodestar.hardware import model as model_spec
 from sim.emulator import openai_api
-from sim.emulator.emulator import QUEUE_FULL_MESSAGE, Emulator, EmulatorConfig
+from sim.emulator.emulator import QUEUE_FULL_MESSAGE, Emulator, EmulatorConfig, Generation, PreparedRequest, Sample
+from sim.emulator.native_input import parse_generate_body
 from sim.emulator.responses import (
     SSE_DONE,
     BadRequest,
@@ -41,7 +42,6 @@ from sim.emulator.responses import (
     sse,
     wait_unless_disconnected,
 )
-from sim.emulator.runner import RequestState
 from sim.engine import QueueFull
 
 SGLANG_VERSION = "0.5.5"  # the SGLang release whose API the emulator speaks
@@ -103,29 +103,67 @@ class _NativeRoutes:
     # ---- generation -------------------------------------------------------------------------
 
     async def generate(self, request: Request) -> Response:
-        """POST /generate: `text` or `input_ids`, `sampling_params`, `stream`, optional `rid`, `log_metrics`."""
+        """POST /generate: one prompt or a batch (`text` / `input_ids`), `sampling_params` (with `n`),
+        logprob options, `stream`, optional `rid`, `log_metrics`, `cache_salt`."""
         received = time.perf_counter()
         body = await read_json_object(request)
         emu = self.emu
         stream = bool(body.get("stream", False))
-        rid = body.get("rid") or uuid.uuid4().hex
-        if not isinstance(rid, str):
-            return native_error("Batched requests are not supported by the emulator.")
+        log_metrics = body.get("log_metrics") is not False
         try:
-            prepared = emu.prepare(body.get("text"), body.get("input_ids"), body.get("sampling_params"))
-            state = emu.submit(rid, prepared, log_metrics=body.get("log_metrics") is not False,
-                               received_wall=received)
+            inp = parse_generate_body(body, emu.card.vocab)
+            texts = inp.texts or [None] * inp.size
+            ids = inp.input_ids or [None] * inp.size
+            prepared = [emu.prepare(t, i, sp, lp, inp.cache_salt)
+                        for t, i, sp, lp in zip(texts, ids, inp.sampling_params, inp.logprobs, strict=True)]
+        except ValueError as exc:
+            return self._bad_request(str(exc), stream)
+        if not inp.batch and prepared[0].n == 1:
+            rid = inp.rids[0] if inp.rids else uuid.uuid4().hex
+            return await self._generate_one(request, received, rid, prepared[0], stream, log_metrics)
+        try:
+            gen = await emu.generate(prepared, inp.rids if prepared[0].n == 1 else None, log_metrics, received)
+        except QueueFull:
+            if stream:
+                return event_stream(events(sse(emu.reject(uuid.uuid4().hex, len(prepared[0].input_ids))), SSE_DONE))
+            emu.metrics.on_abort()
+            return error_response(QUEUE_FULL_MESSAGE, "503", 503)
+        except ValueError as exc:
+            return self._bad_request(str(exc), stream)
+        if stream:
+            return event_stream(self._stream_many(gen))
+        if not await wait_unless_disconnected(request, gen.wait):
+            gen.abort("Request is disconnected from the client side.")
+            return Response(status_code=499)
+        for s in gen.samples:
+            reason = s.state.finish_reason or {}
+            if reason.get("type") == "abort" and reason.get("status_code"):
+                code = int(reason["status_code"])
+                return error_response(str(reason.get("message")), str(code), code)
+        return Response(b"[" + b",".join(emu.output_json(s) for s in gen.samples) + b"]",
+                        media_type="application/json")
+
+    @staticmethod
+    def _bad_request(message: str, stream: bool) -> Response:
+        if stream:  # SGLang reports stream errors in-band
+            return event_stream(events(sse({"error": {"message": message}}), SSE_DONE))
+        return native_error(message)
+
+    async def _generate_one(self, request: Request, received: float, rid: str, prepared: PreparedRequest,
+                            stream: bool, log_metrics: bool) -> Response:
+        emu = self.emu
+        try:
+            state = emu.submit(rid, prepared, log_metrics=log_metrics, received_wall=received)
         except QueueFull:
             if stream:
                 return event_stream(events(sse(emu.reject(rid, len(prepared.input_ids))), SSE_DONE))
             emu.metrics.on_abort()
             return error_response(QUEUE_FULL_MESSAGE, "503", 503)
         except ValueError as exc:
-            if stream:
-                return event_stream(events(sse({"error": {"message": str(exc)}}), SSE_DONE))
-            return native_error(str(exc))
+            return self._bad_request(str(exc), stream)
+        sample = Sample(0, prepared, state)
         if stream:
-            return event_stream(self._stream(state, prepared.no_stop_trim))
+            return event_stream(self._stream(sample))
         if not await wait_unless_disconnected(request, state.wait_finished):
             emu.runner.abort(rid, "Request is disconnected from the client side.")
             return Response(status_code=499)
@@ -133,17 +171,29 @@ class _NativeRoutes:
         if reason.get("type") == "abort" and reason.get("status_code"):
             code = int(reason["status_code"])
             return error_response(str(reason.get("message")), str(code), code)
-        return Response(emu.output_json(state, prepared.no_stop_trim), media_type="application/json")
+        return Response(emu.output_json(sample), media_type="application/json")
 
-    async def _stream(self, state: RequestState, no_stop_trim: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, sample: Sample) -> AsyncIterator[bytes]:
         emu = self.emu
+        state = sample.state
         try:
-            async for current in emu.updates(state):
-                yield b"data: " + emu.output_json(current, no_stop_trim) + b"\n\n"
+            async for _ in emu.updates(state):
+                yield b"data: " + emu.output_json(sample) + b"\n\n"
             yield SSE_DONE
         finally:
             if not state.finished:  # the client went away mid-stream
                 emu.runner.abort(state.rid, "Request is disconnected from the client side.")
+
+    async def _stream_many(self, gen: Generation) -> AsyncIterator[bytes]:
+        """Each sample's cumulative output as it changes, tagged with its `index` in the request."""
+        emu = self.emu
+        try:
+            async for sample in gen.updates():
+                yield b"data: " + emu.output_json(sample, index=True) + b"\n\n"
+            yield SSE_DONE
+        finally:
+            if not gen.finished:
+                gen.abort("Request is disconnected from the client side.")
 
     async def abort_request(self, request: Request) -> Response:
         """POST /abort_request: `{"rid": ..., "abort_all": false}`."""

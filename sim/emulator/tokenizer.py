@@ -1,8 +1,9 @@
 """A cheap deterministic stand-in for a model's tokenizer, and the filler text the emulator "generates".
 
 Tokenization: the text is cut into pieces by one regular expression, in this order of preference:
-a special token such as `<|eot_id|>`, a word with the whitespace before it (" hello"), one punctuation
-character with the whitespace before it (" ,"), or a run of trailing whitespace. The model's own special
+a special token such as `<|eot_id|>` (whitespace before one is a piece of its own), a word with the
+whitespace before it (" hello"), one punctuation character with the whitespace before it (" ,"), or a
+run of trailing whitespace. The model's own special
 tokens (`ModelCard.special_tokens`) get their real ids; any other piece's id is its xxhash64 modulo the
 card's `filler_base`, so equal texts give equal ids and a shared text prefix gives a shared id prefix
 (up to the piece that straddles the divergence point) - which is all the prefix cache needs. Text
@@ -31,7 +32,8 @@ import xxhash
 
 from sim.emulator.model_card import FILLER_IDS, ModelCard
 
-_PIECE = re.compile(r"<\|[A-Za-z0-9_]+\|>|\s*\w+|\s*[^\w\s]|\s+")
+_SPECIAL = r"<\|[A-Za-z0-9_]+\|>"
+_PIECE = re.compile(rf"{_SPECIAL}|\s+(?={_SPECIAL})|\s*\w+|\s*[^\w\s]|\s+")
 _FILLER_PIECE = re.compile(r" tok(0|[1-9][0-9]{0,8})")
 _CACHE_LIMIT = 1 << 18
 REGEX_WINDOW_CHARS = 1024  # a stop_regex is searched in this much of the end of the text

@@ -257,3 +257,48 @@ async def test_abort_request_endpoint(api: tuple[Emulator, httpx.AsyncClient]) -
     out = (await pending).json()
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
     assert not emu.engine.has_work()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"text": "hi", "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num must be an integer in"),
+        ({"text": "hi", "return_logprob": True, "logprob_start_len": 5}, "logprob_start_len (5) must be smaller"),
+        ({"text": "hi", "return_logprob": True, "token_ids_logprob": [1] * 129}, "token_ids_logprob must be a list"),
+        ({"text": ["a"] * 1025}, "at most 1024 prompts"),
+        ({"text": ["a"] * 33, "sampling_params": {"n": 128}}, "at most 1024 prompts and 4096 samples"),
+        ({"text": ["a", "b"], "rid": "one"}, "The rid should be a list for batch processing."),
+        ({"text": ["a", "b"], "rid": ["one"]}, "rid has 1 entries for 2 prompts"),
+        ({"text": ["a", "b"], "sampling_params": [{"n": 1}, {"n": 2}]}, "must ask for the same n"),
+        ({"text": "hi", "sampling_params": {"stop_regex": "(x"}}, "is not a valid regular expression"),
+    ],
+)
+async def test_generate_rejects_unbounded_or_malformed_requests(
+    api: tuple[Emulator, httpx.AsyncClient], body: dict[str, Any], message: str
+) -> None:
+    _, client = api
+    r = await client.post("/generate", json=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+async def test_batch_with_rids_and_per_prompt_params(api: tuple[Emulator, httpx.AsyncClient]) -> None:
+    _, client = api
+    r = await client.post("/generate", json={
+        "text": ["first prompt", "second prompt"], "rid": ["a", "b"],
+        "sampling_params": [{"max_new_tokens": 2}, {"max_new_tokens": 3}]})
+    out = r.json()
+    assert [o["meta_info"]["id"] for o in out] == ["a", "b"]
+    assert [o["meta_info"]["completion_tokens"] for o in out] == [2, 3]
+
+
+async def test_cache_salt_keeps_prefixes_apart(api: tuple[Emulator, httpx.AsyncClient]) -> None:
+    _, client = api
+
+    async def cached(salt: str | None) -> int:
+        body = {"text": WORDS, "sampling_params": {"max_new_tokens": 1}, **({"cache_salt": salt} if salt else {})}
+        return (await client.post("/generate", json=body)).json()["meta_info"]["cached_tokens"]
+
+    assert await cached(None) == 0
+    assert await cached("tenant") == 0  # the unsalted run's cache is not shared
+    assert await cached("tenant") == 300 and await cached(None) == 300
+
