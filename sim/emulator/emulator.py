@@ -417,5 +417,6 @@ class Emulator:
             "num_retracted_reqs": load.num_retracted,
             "utilization": load.token_usage,
             "num_grammar_queue_reqs": 0,
+            "spec_accept_length": 0.0,  # no speculative decoding: SGLang reports 0
         }
 
