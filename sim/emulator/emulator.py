@@ -52,6 +52,8 @@ class EmulatorConfig:
     context_length: int | None = None  # default: the model's
     chunked_prefill_size: int | None = None  # default: SGLang's for the GPU's memory
     decode_log_interval: int = 40
+    api_key: str | None = None
+    max_payload_size: int = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

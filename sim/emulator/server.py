@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import logging
 import time
 import uuid
@@ -22,9 +23,11 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lodestar.hardware import model as model_spec
 from sim.emulator import openai_api
@@ -33,6 +36,7 @@ from sim.emulator.native_input import parse_generate_body
 from sim.emulator.responses import (
     SSE_DONE,
     BadRequest,
+    PayloadTooLarge,
     error_response,
     event_stream,
     events,
@@ -50,6 +54,7 @@ GC_GEN0_THRESHOLD = 20_000  # allocations between young-generation collections (
 HEALTH_CHECK_TIMEOUT_S = 20.0
 logger = logging.getLogger(__name__)
 LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key, as SGLang does
 
 
 def create_app(emulator: Emulator) -> Starlette:
@@ -79,9 +84,13 @@ def create_app(emulator: Emulator) -> Starlette:
         Route("/metrics", native.metrics, methods=["GET"]),
         *openai_api.routes(emulator),
     ]
+    config = emulator.config
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_exception, BadRequest: _bad_request})
+                    middleware=[Middleware(_Guard, api_key=config.api_key, max_payload_size=config.max_payload_size)],
+                    exception_handlers={HTTPException: _http_exception, BadRequest: _bad_request,
+                                        PayloadTooLarge: _too_large})
     app.state.emulator = emulator
+    app.state.max_payload_size = config.max_payload_size
     return app
 
 
@@ -92,6 +101,39 @@ async def _http_exception(_: Request, exc: Exception) -> Response:
 
 async def _bad_request(_: Request, exc: Exception) -> Response:
     return error_response(str(exc), "Bad Request", 400)
+
+
+async def _too_large(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PayloadTooLarge)
+    return error_response(str(exc), "Payload Too Large", 413)
+
+
+class _Guard:
+    """In front of every route, as SGLang's middlewares: with an API key, a request without
+    `Authorization: Bearer <key>` gets 401 (except /health* and /metrics); a body whose Content-Length
+    exceeds max_payload_size gets 413 before it is read (read_json_object bounds bodies without one)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_payload_size: int) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_payload_size = max_payload_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        if (self.expected is not None and scope["method"] != "OPTIONS" and not path.startswith(OPEN_PATHS)
+                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)):
+            await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+            return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_payload_size:
+            response = await _too_large(Request(scope), PayloadTooLarge(self.max_payload_size))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class _NativeRoutes:
@@ -429,7 +471,10 @@ async def _warm_up(server: uvicorn.Server, emulator: Emulator) -> None:
         await asyncio.sleep(0.01)
     host = "127.0.0.1" if emulator.config.host in ("0.0.0.0", "") else emulator.config.host
     body = {"text": WARMUP_TEXT, "sampling_params": {"max_new_tokens": 8, "temperature": 0}, "log_metrics": False}
-    async with httpx.AsyncClient(base_url=f"http://{host}:{emulator.config.port}", timeout=60) as client:
+    key = emulator.config.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=f"http://{host}:{emulator.config.port}", timeout=60,
+                                 headers=headers) as client:
         for stream in (True, False):
             response = await client.post("/generate", json={**body, "stream": stream})
             response.raise_for_status()

@@ -302,3 +302,32 @@ async def test_cache_salt_keeps_prefixes_apart(api: tuple[Emulator, httpx.AsyncC
     assert await cached("tenant") == 0  # the unsalted run's cache is not shared
     assert await cached("tenant") == 300 and await cached(None) == 300
 
+
+async def test_api_key_guards_every_route_but_health_and_metrics() -> None:
+    emu = Emulator(EmulatorConfig(gpu="H100", time_scale=FAST, api_key="secret"))
+    app = create_app(emu)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://emu") as client:
+        assert (await client.get("/v1/models")).status_code == 401
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})).json() == {
+            "error": "Unauthorized"}
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer secret"})).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_body_without_content_length_is_bounded_too() -> None:
+    emu = Emulator(EmulatorConfig(gpu="H100", time_scale=FAST, max_payload_size=100))
+    app = create_app(emu)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        yield b"x" * 200
+        yield b'"}'
+
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://emu") as client:
+        r = await client.post("/generate", content=chunked())
+        assert r.status_code == 413 and "Payload Too Large" in r.json()["message"]
+        assert (await client.post("/generate", json={"text": "short"})).status_code == 200
+
