@@ -30,7 +30,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lodestar.hardware import model as model_spec
-from sim.emulator import openai_api
+from sim.emulator import openai_api, openai_responses, openai_score
 from sim.emulator.emulator import QUEUE_FULL_MESSAGE, Emulator, EmulatorConfig, Generation, PreparedRequest, Sample
 from sim.emulator.native_input import parse_generate_body
 from sim.emulator.responses import (
@@ -83,6 +83,8 @@ def create_app(emulator: Emulator) -> Starlette:
         Route("/abort_request", native.abort_request, methods=["POST"]),
         Route("/metrics", native.metrics, methods=["GET"]),
         *openai_api.routes(emulator),
+        *openai_responses.routes(emulator),
+        *openai_score.routes(emulator),
     ]
     config = emulator.config
     app = Starlette(routes=routes, lifespan=lifespan,
