@@ -21,7 +21,8 @@ from dispatcher_harness import (
     running_learner,
     wait_until,
 )
-from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
+from emulator_process import LODESTAR, ROOT
+from worker_harness import TopicReader, isolated_settings, produce, require_services, settings_env
 
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.features import as_dict, candidate_matrix
