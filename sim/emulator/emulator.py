@@ -287,9 +287,11 @@ class Emulator:
         try:
             for i, (rid, job) in enumerate(zip(rids, jobs, strict=True)):
                 samples.append(Sample(i, job, self.submit(rid, job, log_metrics, received_wall)))
-        except (QueueFull, ValueError):
+        except (QueueFull, ValueError) as exc:
+            message = (QUEUE_FULL_MESSAGE if isinstance(exc, QueueFull)
+                       else "Another sample of the request was rejected.")
             for s in samples:
-                self.runner.abort(s.state.rid, QUEUE_FULL_MESSAGE)
+                self.runner.abort(s.state.rid, message)
             raise
         return samples
 

@@ -3,7 +3,8 @@
 `input` (a string, or a list of messages whose content is a string or text parts) after `instructions`
 (a system message) becomes a chat, rendered with the model's template and generated like a chat
 completion (`max_output_tokens`, `temperature`, `top_p`, `stop`, `cache_salt`). With `store` (the
-default) the response and its conversation are kept (the last MAX_STORED_RESPONSES, in memory), so a
+default) the response and its conversation are kept (in memory, the last MAX_STORED_RESPONSES and at most
+MAX_STORED_CHARS of JSON together), so a
 later request can continue it by `previous_response_id` - whose conversation then prefixes the new
 input, and so hits the prefix cache. The response object follows OpenAI's (`output` holds one assistant
 `message` with one `output_text` part); `usage` carries both the Responses fields (`input_tokens`,
@@ -34,6 +35,7 @@ from sim.emulator.tokenizer import render_chat
 from sim.engine import QueueFull
 
 MAX_STORED_RESPONSES = 1024
+MAX_STORED_CHARS = 32 * 1024 * 1024  # text of the stored conversations, all together
 _ROLES = frozenset({"system", "developer", "user", "assistant"})
 
 
@@ -80,7 +82,8 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 class _Responses:
     def __init__(self, emulator: Emulator) -> None:
         self.emu = emulator
-        self.stored: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = OrderedDict()
+        self.stored: OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]], int]] = OrderedDict()
+        self.stored_chars = 0
 
     async def retrieve(self, request: Request) -> Response:
         """GET /v1/responses/{id}."""
@@ -184,9 +187,12 @@ class _Responses:
         text = self.emu.text(sample.state, sample.prepared.trim)
         response = self._response(sample, body, "completed", [self._message(msg_id, text, "completed")], True)
         if body.get("store", True):
-            self.stored[response["id"]] = (response, [*messages, {"role": "assistant", "content": text}])
-            while len(self.stored) > MAX_STORED_RESPONSES:
-                self.stored.popitem(last=False)
+            conversation = [*messages, {"role": "assistant", "content": text}]
+            size = len(dumps(conversation))
+            self.stored[response["id"]] = (response, conversation, size)
+            self.stored_chars += size
+            while len(self.stored) > MAX_STORED_RESPONSES or self.stored_chars > MAX_STORED_CHARS:
+                self.stored_chars -= self.stored.popitem(last=False)[1][2]
         return response
 
     async def _stream(self, gen: Generation, body: dict[str, Any], messages: list[dict[str, Any]],

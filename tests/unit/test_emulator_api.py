@@ -331,3 +331,37 @@ async def test_body_without_content_length_is_bounded_too() -> None:
         assert r.status_code == 413 and "Payload Too Large" in r.json()["message"]
         assert (await client.post("/generate", json={"text": "short"})).status_code == 200
 
+
+
+async def test_stored_responses_are_bounded_by_count_and_size(api: tuple[Emulator, httpx.AsyncClient],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from sim.emulator import openai_responses
+
+    monkeypatch.setattr(openai_responses, "MAX_STORED_RESPONSES", 2)
+    _, client = api
+    ids = []
+    for i in range(3):
+        r = await client.post("/v1/responses", json={"input": f"question {i}", "max_output_tokens": 2})
+        ids.append(r.json()["id"])
+    assert (await client.get(f"/v1/responses/{ids[0]}")).status_code == 404  # the oldest went
+    assert (await client.get(f"/v1/responses/{ids[2]}")).json()["output"][0]["content"][0]["text"] == " tok0 tok1"
+    gone = await client.post("/v1/responses", json={"input": "more", "previous_response_id": ids[0]})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "previous_response_id"
+    monkeypatch.setattr(openai_responses, "MAX_STORED_CHARS", 10)
+    big = await client.post("/v1/responses", json={"input": "x " * 100, "max_output_tokens": 1})
+    assert (await client.get(f"/v1/responses/{big.json()['id']}")).status_code == 404  # over the size bound
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"query": "q", "items": ["a"], "label_token_ids": []}, "label_token_ids must be a list of 1 to 128"),
+        ({"query": "q", "items": [[1, 2]], "label_token_ids": [5]}, "both be text or both be token ids"),
+        ({"items": ["a"], "label_token_ids": [5]}, "query and items are required"),
+    ],
+)
+async def test_score_rejects_malformed_requests(api: tuple[Emulator, httpx.AsyncClient], body: dict[str, Any],
+                                                message: str) -> None:
+    _, client = api
+    r = await client.post("/v1/score", json=body)
+    assert r.status_code == 400 and message in r.json()["message"] and r.json()["type"] == "BadRequestError"
