@@ -14,13 +14,11 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from emulator_process import LODESTAR, ROOT, emulator
 from worker_harness import (
-    LODESTAR,
-    ROOT,
     TopicReader,
     cleanup,
     create_topics,
-    emulator,
     isolated_settings,
     produce,
     running_worker,

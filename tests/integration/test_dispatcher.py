@@ -17,7 +17,8 @@ from dispatcher_harness import (
     shared_prefix_requests,
     wait_until,
 )
-from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
+from emulator_process import LODESTAR, ROOT
+from worker_harness import TopicReader, isolated_settings, produce, require_services, settings_env
 
 from lodestar.features import FEATURE_NAMES
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions

@@ -22,17 +22,9 @@ from dispatcher_harness import (
     running_learner,
     wait_until,
 )
+from emulator_process import LODESTAR, ROOT, free_port
 from prometheus_client.parser import text_string_to_metric_families
-from worker_harness import (
-    LODESTAR,
-    ROOT,
-    TopicReader,
-    free_port,
-    isolated_settings,
-    produce,
-    require_services,
-    settings_env,
-)
+from worker_harness import TopicReader, isolated_settings, produce, require_services, settings_env
 
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.features import as_dict, candidate_matrix

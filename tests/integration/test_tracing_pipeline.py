@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from dispatcher_harness import FakeWorkers, dispatch_settings, running_dispatcher, running_learner, wait_until
+from emulator_process import emulator
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
-from worker_harness import cleanup, create_topics, emulator, running_worker
+from worker_harness import cleanup, create_topics, running_worker
 
 from lodestar import tracing
 from lodestar.client import LodestarClient

@@ -12,14 +12,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from emulator_process import LODESTAR, ROOT, emulator
 from worker_harness import (
-    LODESTAR,
-    ROOT,
     TopicReader,
     cleanup,
     committed_offset,
     create_topics,
-    emulator,
     engine_requests_total,
     isolated_settings,
     produce,

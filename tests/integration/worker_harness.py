@@ -1,5 +1,6 @@
-"""Helpers for the worker and client integration tests: an emulator subprocess, isolated settings
-(unique topic and key prefixes per test, removed afterwards), topic readers and an in-process worker.
+"""Helpers for the worker and client integration tests: isolated settings (unique topic and key prefixes
+per test, removed afterwards), topic readers and an in-process worker. The emulator subprocess they run
+against comes from tests/emulator_process.py.
 
 The broker and Redis come from the conftest's `kafka_bootstrap` and `redis_url` fixtures."""
 
@@ -9,14 +10,10 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -32,16 +29,6 @@ from lodestar.names import RedisKeys, Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
 from lodestar.settings import Settings
 from lodestar.worker_registry import WorkerRegistry
-
-ROOT = Path(__file__).resolve().parents[2]
-LODESTAR = str(Path(sys.executable).with_name("lodestar"))
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_services(settings: Settings) -> None:
@@ -63,40 +50,6 @@ def require_services(settings: Settings) -> None:
         asyncio.run(ping())
     except (OSError, RedisError):
         pytest.fail(f"Redis is not reachable at {settings.redis.url}; run `scripts/services start`")
-
-
-@contextlib.contextmanager
-def emulator(gpu: str = "H100", log_path: Path | None = None) -> Iterator[str]:
-    """Run `lodestar emulator` on a free loopback port; yields its base URL."""
-    if shutil.which(LODESTAR) is None:
-        pytest.fail(f"the lodestar command is missing at {LODESTAR}: run `make setup`")
-    port = free_port()
-    log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [LODESTAR, "emulator", "--gpu", gpu, "--port", str(port), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"emulator exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/loads", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("emulator did not answer within 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def isolated_settings(
