@@ -10,6 +10,9 @@ who serves it:
   once the result and the telemetry are acknowledged by the broker.
 - `result:<rid>` holds the finished outcome (InferenceResult + TelemetryEvent, JSON) and is written
   *before* publishing, so whoever finishes an interrupted request can publish it without generating.
+- `abort:<rid>` (written by a front door whose client went away) makes the claim report the request as
+  aborted, so it is answered without being generated; the owner also looks for it on each heartbeat
+  (`aborted`) and stops a generation under way.
 
 A worker handling a record:
   1. claims the id (one Lua script: SET NX PX, or read who holds it):
@@ -43,12 +46,11 @@ DONE = "done"
 
 _CLAIM = """
 local cur = redis.call('GET', KEYS[1])
-if not cur then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {'claimed', redis.call('GET', KEYS[2]) or ''}
-end
-if cur == ARGV[1] then
-  return {'claimed', redis.call('GET', KEYS[2]) or ''}
+if not cur or cur == ARGV[1] then
+  if not cur then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  end
+  return {'claimed', redis.call('GET', KEYS[2]) or '', redis.call('EXISTS', KEYS[3])}
 end
 if cur == 'done' then
   return {'done', ''}
@@ -92,6 +94,7 @@ class Claim:
     state: Literal["claimed", "done", "held"]
     holder: str = ""
     stored: CompletedRequest | None = None
+    aborted: bool = False  # claimed, but its client has already asked to abort it (`abort:<rid>`)
 
 
 def _text(value: bytes | str) -> str:
@@ -113,8 +116,8 @@ class RequestLedger:
 
     async def claim(self, request_id: str) -> Claim:
         """Take the request id unless it is done or leased by another live owner."""
-        keys = [self._keys.dedupe(request_id), self._keys.result(request_id)]
-        state, extra = await self._claim(keys=keys, args=[self.owner, self._lease_ms])
+        keys = [self._keys.dedupe(request_id), self._keys.result(request_id), self._keys.abort(request_id)]
+        state, extra, *flags = await self._claim(keys=keys, args=[self.owner, self._lease_ms])
         state, extra = _text(state), _text(extra)
         if state == "held":
             return Claim("held", holder=extra)
@@ -126,7 +129,14 @@ class RequestLedger:
                 stored = CompletedRequest.model_validate_json(extra)
             except ValidationError:
                 stored = None  # unreadable: generate again rather than publish garbage
-        return Claim("claimed", stored=stored)
+        return Claim("claimed", stored=stored, aborted=bool(flags and int(flags[0])))
+
+    async def aborted(self, request_ids: list[str]) -> list[str]:
+        """Which of these request ids their clients have asked to abort (one round trip)."""
+        if not request_ids:
+            return []
+        marks = await self._r.mget([self._keys.abort(rid) for rid in request_ids])
+        return [rid for rid, mark in zip(request_ids, marks, strict=True) if mark is not None]
 
     async def renew(self, request_ids: list[str]) -> int:
         """Extend this owner's leases on these ids; returns how many are still ours."""

@@ -55,6 +55,7 @@ from lodestar.logs import bind_request_id
 from lodestar.metrics import WorkerMetrics
 from lodestar.names import RedisKeys, Topics, check_worker_id
 from lodestar.schemas import (
+    InferenceRequest,
     InferenceResult,
     InvalidMessage,
     RoutedRequest,
@@ -75,7 +76,9 @@ from workers.sglang_client import (
     Generation,
     RetryPolicy,
     SGLangClient,
+    StreamMeter,
 )
+from workers.streaming import ChunkPublisher, serve_streamed
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +92,33 @@ REDIS_CONNECTIONS = 32
 T = TypeVar("T")
 
 
+class ClientAborted(EngineError):
+    """The request's client went away (an abort key in Redis): the generation was stopped."""
+
+    def __init__(self) -> None:
+        super().__init__("aborted: the client went away", 499)
+
+
 def engine_error_kind(exc: EngineError) -> str:
     """The bounded label of a failed engine call: `rejected` (input refused), `unavailable` (overloaded or
-    unreachable after retries) or `failed` (timed out, aborted, ended without output)."""
+    unreachable after retries), `aborted` (by its client) or `failed` (timed out, aborted by the engine, ended
+    without output)."""
     if isinstance(exc, EngineRejected):
         return "rejected"
     if isinstance(exc, EngineUnavailable):
         return "unavailable"
+    if isinstance(exc, ClientAborted):
+        return "aborted"
     return "failed"
+
+
+def error_status(exc: EngineError) -> int:
+    """The HTTP status a front door answers for a failed request (InferenceResult.error_status)."""
+    if exc.status is not None:
+        return exc.status
+    if isinstance(exc, EngineRejected):
+        return 400
+    return 503 if isinstance(exc, EngineUnavailable) else 502
 
 
 class WorkerService:
@@ -145,6 +167,7 @@ class WorkerService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[str, asyncio.Future[None]] = {}  # request id -> its handling in this process
         self._claimed: set[str] = set()  # request ids whose lease this instance renews
+        self._aborts: dict[str, asyncio.Event] = {}  # request id -> set when its client asked to abort it
         self._draining = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._commit_wanted = asyncio.Event()
@@ -340,7 +363,7 @@ class WorkerService:
                 log.info("worker %s: request %s was finished by a predecessor; publishing it", self.worker_id, rid)
                 completed = claim.stored
             else:
-                completed = await self._generate(routed)
+                completed = await self._generate(routed, aborted=claim.aborted)
                 await self._infra_retry(lambda: self.ledger.store(completed), "store the outcome")
             await self._infra_retry(lambda: self._publish(completed), "publish result and telemetry")
             await self._infra_retry(lambda: self.ledger.mark_done(rid), "mark the request done")
@@ -365,8 +388,9 @@ class WorkerService:
                 waited = True
             await asyncio.sleep(CLAIM_POLL_S)
 
-    async def _generate(self, routed: RoutedRequest) -> CompletedRequest:
-        """Run the request on the engine and build its result and telemetry (errors included)."""
+    async def _generate(self, routed: RoutedRequest, aborted: bool = False) -> CompletedRequest:
+        """Run the request on the engine and build its result and telemetry (errors included); a request its
+        client already aborted is not run."""
         request, decision = routed.request, routed.decision
         rid = request.request_id
         started = time.perf_counter()
@@ -382,11 +406,15 @@ class WorkerService:
             tracing.record_first_token(gen_span, time.perf_counter() - started)
 
         self.metrics.inflight.inc()
+        status_code: int | None = None
         with trace.use_span(gen_span, end_on_exit=True):
             try:
-                gen = await self.engine.generate(request, on_first_token=on_first_token)
+                if aborted:
+                    raise ClientAborted()
+                gen = await self._abortable(rid, self._engine_call(request, on_first_token))
             except EngineError as exc:
                 status, error = ("rejected" if isinstance(exc, EngineRejected) else "error"), str(exc)
+                status_code = error_status(exc)
                 kind = engine_error_kind(exc)
                 tracing.record_error(gen_span, kind, error)
                 self.metrics.record_engine_error(kind)
@@ -411,8 +439,9 @@ class WorkerService:
             ttft_ms=gen.ttft_ms if gen else None,
             tpot_ms=gen.tpot_ms if gen else None,
             e2e_ms=e2e_ms,
-            finish_reason=gen.finish_reason if gen else None,
+            finish_reason=gen.finish_reason if gen else ("abort" if status_code == 499 else None),
             error=error,
+            error_status=status_code,
         )
         telemetry = TelemetryEvent(
             request_id=rid,
@@ -432,6 +461,39 @@ class WorkerService:
         )
         reply_topic = request.reply_to or self.topics.results
         return CompletedRequest(reply_topic=reply_topic, result=result, telemetry=telemetry)
+
+    async def _engine_call(self, request: InferenceRequest, on_first_token: Callable[[], None]) -> Generation:
+        """The generation on the engine: streamed to the reply topic when the request asks for a stream or names
+        an engine API (workers/streaming.py), else the plain `/generate` call."""
+        if not (request.stream or request.api is not None or request.messages):
+            return await self.engine.generate(request, on_first_token=on_first_token)
+        assert self._producer is not None
+        chunks = ChunkPublisher(self._producer, request.reply_to or self.topics.results, request.request_id,
+                                self.worker_id, tracing.inject_headers())
+        try:
+            return await serve_streamed(self.engine, request, chunks, StreamMeter(on_first_token=on_first_token))
+        finally:
+            await self._infra_retry(chunks.flush, "publish stream chunks")
+
+    async def _abortable(self, rid: str, call: Awaitable[Generation]) -> Generation:
+        """Await the engine call unless the request's client aborts it first (then the call is cancelled, which
+        closes the engine's stream, the engine is told to abort the request id, and ClientAborted is raised)."""
+        wanted = self._aborts.setdefault(rid, asyncio.Event())
+        work = asyncio.ensure_future(call)
+        waiter = asyncio.ensure_future(wanted.wait())
+        try:
+            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            self._aborts.pop(rid, None)
+        if not work.cancelled():
+            return work.result()
+        log.info("worker %s: request %s aborted by its client", self.worker_id, rid)
+        await self.engine.abort(rid)
+        raise ClientAborted()
 
     async def _publish(self, completed: CompletedRequest) -> None:
         """Send result and telemetry, both carrying the current (`serve`) span's context, and wait for the
@@ -495,6 +557,10 @@ class WorkerService:
                 if engine_alive or self.state.draining:
                     await self.registry.publish(self.state.snapshot())
                 await self.ledger.renew(list(self._claimed))
+                for rid in await self.ledger.aborted(list(self._aborts)):
+                    wanted = self._aborts.get(rid)
+                    if wanted is not None:
+                        wanted.set()
             except (RedisError, OSError) as exc:
                 log.warning("worker %s: heartbeat failed: %r", self.worker_id, exc)
             await asyncio.sleep(tick)
