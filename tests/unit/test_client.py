@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from lodestar.client import LodestarClient, reply_topic_for
+from lodestar.client import LodestarClient, Reply, reply_topic_for
 from lodestar.names import Topics
 from lodestar.schemas import InferenceResult
 from lodestar.settings import Settings
@@ -16,22 +14,20 @@ def result(rid: str, text: str) -> bytes:
 
 async def test_first_result_wins_and_duplicates_are_counted():
     client = LodestarClient(Settings())
-    fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
-    client._pending["r1"] = fut
+    reply = client._replies["r1"] = Reply("r1")
     client._accept(result("r1", "first"))
     client._accept(result("r1", "second"))
-    assert fut.result().text == "first"
+    assert (await reply.result_only()).text == "first"
     assert client.duplicate_results == 1
 
 
 async def test_foreign_and_unreadable_results_are_ignored():
     client = LodestarClient(Settings())
-    fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
-    client._pending["mine"] = fut
+    reply = client._replies["mine"] = Reply("mine")
     client._accept(result("someone-else", "x"))
     client._accept(b"{not json")
     client._accept(None)
-    assert not fut.done() and client.duplicate_results == 0
+    assert not reply.done and client.duplicate_results == 0 and client.orphan_replies == 1
 
 
 def test_reply_topics():
