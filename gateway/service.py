@@ -219,7 +219,7 @@ class GatewayService:
         finally:
             for reply, request in zip(replies, plan.requests, strict=False):
                 self.client.forget(request.request_id)
-                if not reply.done:
+                if not reply.answered:
                     await self.abort(request.request_id, request.deadline_ms)
             self.inflight -= count
             self.metrics.inflight.dec(count)

@@ -101,7 +101,13 @@ class Reply:
 
     @property
     def done(self) -> bool:
+        """The reply is over: its result came, or it failed (interrupted, too long, cancelled)."""
         return self._done.done()
+
+    @property
+    def answered(self) -> bool:
+        """The request's result came (whatever its status): the pipeline is done with it."""
+        return self.result_or_none is not None
 
     @property
     def restarts(self) -> int:
