@@ -119,13 +119,14 @@ async def start_pipeline(
     timeout_s: float = 180.0,
     echo: Callable[[str], None] = lambda _: None,
     emulator_args: Sequence[str] = (),
+    port_base: int = EMULATOR_PORT_BASE,
 ) -> dict[str, str]:
-    """Start and wait for emulators (with `emulator_args`), workers, the learner and the dispatchers; returns
-    worker id -> engine URL."""
+    """Start and wait for emulators (with `emulator_args`, on free ports from `port_base` up), workers, the
+    learner and the dispatchers; returns worker id -> engine URL."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     urls: dict[str, str] = {}
-    for engine, port in zip(engines, free_ports(len(engines)), strict=True):
+    for engine, port in zip(engines, free_ports(len(engines), port_base), strict=True):
         stack.start(emulator_spec(engine, port, time_scale, emulator_args))
         urls[engine.worker_id] = f"http://127.0.0.1:{port}"
 
@@ -184,10 +185,11 @@ async def restart_dispatchers(stack: Stack, probes: StackProbes, dispatcher_ids:
 
 
 async def start_gateways(stack: Stack, probes: StackProbes, gateway_ids: Sequence[str], env: Mapping[str, str],
-                         timeout_s: float = 180.0) -> dict[str, str]:
-    """Start gateways on free loopback ports and wait until each is ready (`/readyz`); gateway id -> base URL."""
+                         timeout_s: float = 180.0, port_base: int = GATEWAY_PORT_BASE) -> dict[str, str]:
+    """Start gateways on free loopback ports (from `port_base` up) and wait until each is ready (`/readyz`);
+    gateway id -> base URL."""
     urls: dict[str, str] = {}
-    for gateway_id, port in zip(gateway_ids, free_ports(len(gateway_ids), GATEWAY_PORT_BASE), strict=True):
+    for gateway_id, port in zip(gateway_ids, free_ports(len(gateway_ids), port_base), strict=True):
         stack.start(gateway_spec(gateway_id, port, env))
         urls[gateway_id] = f"http://127.0.0.1:{port}"
 

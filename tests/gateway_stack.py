@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import random
 import socket
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -82,12 +82,18 @@ def gateway_pipeline(
     stack = Stack(log_dir, env={**child_env(settings), "LODESTAR_TELEMETRY__LOG_JSON": "false"})
     engine = WorkerSpec(worker_id="e0", gpu="H100", model="llama-3.1-8b")
 
+    # ports from a random base: test runs in other checkouts of this host start pipelines too, and two scans
+    # from the same base may pick the same port before either binds it
+    base = random.randrange(40_000, 60_000, 100)
+
     async def start() -> tuple[dict[str, str], dict[str, str]]:
         await ensure_topics(settings, fixed_topic_partitions(settings))
         async with StackProbes(settings) as probes:
             engines = await start_pipeline(stack, probes, [engine], ["d0"], policy, time_scale=time_scale,
-                                           learner=False, timeout_s=120, emulator_args=emulator_args)
-            urls = await start_gateways(stack, probes, [f"g{i}" for i in range(gateways)], env, timeout_s=120)
+                                           learner=False, timeout_s=120, emulator_args=emulator_args,
+                                           port_base=base)
+            urls = await start_gateways(stack, probes, [f"g{i}" for i in range(gateways)], env, timeout_s=120,
+                                        port_base=base + 50)
             return engines, urls
 
     try:
@@ -97,8 +103,3 @@ def gateway_pipeline(
         stack.stop_all()
         with contextlib.suppress(Exception):
             asyncio.run(remove_namespace(settings))
-
-
-def env_of(settings: Settings) -> dict[str, str]:
-    """The environment that points a process at these settings' broker, Redis and prefixes."""
-    return {**os.environ, **child_env(settings)}
