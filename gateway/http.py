@@ -78,18 +78,18 @@ def parse(model: type[BaseModel], raw: bytes, what: str) -> Any:
         raise invalid(exc, what) from None
 
 
-async def merged(replies: list[Reply]) -> AsyncIterator[tuple[int, str]]:
-    """The pieces of several replies as they come, each with its reply's index."""
+async def merged(replies: list[Reply]) -> AsyncIterator[tuple[int, list[str]]]:
+    """The pieces of several replies as they come, in batches (what has arrived), each with its reply's index."""
     if len(replies) == 1:
-        async for piece in replies[0]:
-            yield 0, piece
+        async for batch in replies[0].batches():
+            yield 0, batch
         return
-    queue: asyncio.Queue[tuple[int, str] | BaseException | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, list[str]] | BaseException | None] = asyncio.Queue()
 
     async def pump(k: int, reply: Reply) -> None:
         try:
-            async for piece in reply:
-                queue.put_nowait((k, piece))
+            async for batch in reply.batches():
+                queue.put_nowait((k, batch))
         except BaseException as exc:
             queue.put_nowait(exc)
         finally:
@@ -185,13 +185,13 @@ class PipelineResponse:
 
     async def _stream(self, send: Send, replies: list[Reply]) -> None:
         renderer = render.StreamRenderer(self.plan)
-        async for k, piece in merged(replies):
-            event = renderer.event(k, piece)
-            if event is None:
+        async for k, batch in merged(replies):
+            events = [e for e in (renderer.event(k, piece) for piece in batch) if e is not None]
+            if not events:
                 continue
             if not self._started:
                 await self._start(send, 200, "text/event-stream")
-            await send({"type": "http.response.body", "body": event, "more_body": True})
+            await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
         check_results(replies)
         if not self._started:
             await self._start(send, 200, "text/event-stream")

@@ -22,8 +22,9 @@ the end of every partition as they were when the client started:
 A streamed request (`stream: true`) gets StreamChunks on the same topic before its result; `Reply` puts
 them back in order (lodestar/streams.py: repeats dropped, fragments joined, a mid-stream takeover
 interrupts the stream with StreamInterrupted) and hands on each piece: the new text of a plain request,
-or the engine's event JSON for a request with `api`. `Reply.collect()` waits for the whole answer instead,
-and there a takeover is silent: the last serving's output is what it returns.
+or one engine event's JSON for a request with `api` (a chunk holding several is split); `Reply.batches()`
+hands on everything that has arrived at once. `Reply.collect()` waits for the whole answer instead, and there
+a takeover is silent: the last serving's output is what it returns.
 
 Each request is published inside a `send` span (PRODUCER), the root of the request's trace, whose
 context travels in the message's Kafka headers to the dispatcher and on to the worker. The span comes
@@ -139,11 +140,13 @@ class Reply:
             return
         if self.first_piece_at is None:
             self.first_piece_at = time.perf_counter()
+        pieces = piece.split("\n") if chunk.data else [piece]  # events a worker sent together
         if self._streaming:
             self._assembler.delivered = True
-            self._queue.put_nowait(piece)
+            for one in pieces:
+                self._queue.put_nowait(one)
         else:
-            self._pieces.append(piece)
+            self._pieces.extend(pieces)
 
     def _result(self, result: InferenceResult) -> None:
         if self._done.done():
@@ -165,18 +168,32 @@ class Reply:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[str]:
+        async for batch in self.batches():
+            for piece in batch:
+                yield piece
+
+    async def batches(self) -> AsyncIterator[list[str]]:
+        """The pieces as they come, each time all that has arrived (a writer can send them at once)."""
         self._streaming = True
-        for piece in self._pieces:  # anything that arrived before iteration began
+        if self._pieces:  # anything that arrived before iteration began
             self._assembler.delivered = True
-            yield piece
+            yield self._pieces
         self._pieces = []
         while True:
+            batch: list[str] = []
             item = await self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            while True:
+                if item is None or isinstance(item, BaseException):
+                    if batch:
+                        yield batch
+                    if item is None:
+                        return
+                    raise item
+                batch.append(item)
+                if self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            yield batch
 
 
 class LodestarClient:

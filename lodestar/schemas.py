@@ -249,8 +249,10 @@ class StreamChunk(Message):
     (key: the request id) keeps them in order, followed by the result. A request served again after its worker
     died, or taken over, starts a new `serve_id` from 0: a consumer keeps one serving's chunks and drops
     repeats (`seq` already seen). Requests without `api` carry `text` (the text generated since the previous
-    chunk); requests with `api` carry `data`, the engine's event JSON (when `stream`), or the whole response
-    body (when not), split across chunks with `more` when longer than the fragment limit."""
+    chunk); requests with `api` carry `data`: the engine's stream events as JSON texts, one per line (one
+    event, or several that came while the worker waited for the broker to take the previous chunk), when
+    `stream`; else the whole response body. `data` longer than the fragment limit is split across chunks
+    (`more`: the next chunk continues it)."""
 
     kind: Literal["chunk"] = "chunk"
     request_id: str = Field(min_length=1, max_length=256)

@@ -353,7 +353,8 @@ def document() -> dict[str, Any]:
                 and treat chunks of a new `serve_id` as a restart (the request was served again after its
                 worker died): before any output was used, take the new serving instead; after, the stream
                 cannot be continued. Without `api` a chunk carries the new `text`; with `api` its `data` is
-                the engine's own event JSON (SGLang's OpenAI or native stream), fragments joined while `more`.
+                the engine's own events (SGLang's OpenAI or native stream), one JSON text per line, fragments
+                joined while `more`.
                 docs/gateway.md describes the chunks of each API.
 
                 Topic names are under the setting kafka.topic_prefix (default `{TOPICS.prefix}`); partitions

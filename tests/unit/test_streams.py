@@ -79,6 +79,18 @@ async def test_reply_streams_pieces_then_ends_with_the_result():
     assert reply.result.text == "ab"
 
 
+async def test_events_sent_together_are_handed_on_one_by_one():
+    reply = Reply("r1")
+    reading = asyncio.create_task(iterate(reply))
+    await asyncio.sleep(0)
+    reply._chunk(chunk(0, data='{"e":1}'))
+    reply._chunk(chunk(1, data='{"e":2}\n{"e":', more=True))
+    reply._chunk(chunk(2, data='3}'))
+    reply._chunk(chunk(3, text="plain\ntext"))  # text is never split
+    reply._result(result())
+    assert await reading == ['{"e":1}', '{"e":2}', '{"e":3}', "plain\ntext"]
+
+
 async def test_a_streaming_reply_fails_on_a_takeover_after_output():
     reply = Reply("r1")
     reading = asyncio.create_task(iterate(reply))

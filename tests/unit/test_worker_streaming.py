@@ -104,16 +104,60 @@ def test_native_stream_keeps_each_samples_last_cumulative_output():
 
 
 class FakeProducer:
-    """Records sends; each returns an acknowledged future."""
+    """Records sends; each returns a future, acknowledged at once, or by `ack()` when `hold`."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold: bool = False) -> None:
         self.sent: list[StreamChunk] = []
+        self.partitions: list[int | None] = []
+        self.hold = hold
+        self._unacked: list[asyncio.Future[None]] = []
 
-    async def send(self, topic: str, value: bytes, key: bytes, headers: Any) -> asyncio.Future[None]:
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0, 1, 2}
+
+    async def send(self, topic: str, value: bytes, key: bytes, partition: int | None = None,
+                   headers: Any = None) -> asyncio.Future[None]:
         self.sent.append(StreamChunk.model_validate_json(value))
+        self.partitions.append(partition)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
+        if self.hold:
+            self._unacked.append(fut)
+        else:
+            fut.set_result(None)
         return fut
+
+    def ack(self) -> None:
+        for fut in self._unacked:
+            fut.set_result(None)
+        self._unacked.clear()
+
+
+async def test_output_that_comes_while_a_chunk_is_unacknowledged_goes_out_together():
+    producer = FakeProducer(hold=True)
+    chunks = ChunkPublisher(producer, "t", "r1", "w1", [])  # type: ignore[arg-type]
+    await chunks.data('{"e":1}')  # out at once: the first token is never held
+    await chunks.data('{"e":2}')
+    await chunks.data('{"e":3}')
+    assert [c.data for c in producer.sent] == ['{"e":1}']
+    producer.ack()
+    for _ in range(5):  # the waiting send wakes on the acknowledgement
+        await asyncio.sleep(0)
+    assert [c.data for c in producer.sent] == ['{"e":1}', '{"e":2}\n{"e":3}']
+    producer.ack()
+    await chunks.data('{"e":4}')  # the stream's previous chunk is acknowledged: out at once
+    assert producer.sent[-1].data == '{"e":4}' and producer.sent[-1].seq == 2
+    producer.hold = False
+    producer.ack()
+    await chunks.flush()
+    assert len(set(producer.partitions)) == 1  # every chunk on one partition: the key's, as the result's
+
+    text = ChunkPublisher(FakeProducer(hold=True), "t", "r2", "w1", [])  # type: ignore[arg-type]
+    for n, piece in enumerate((" a", " b", " c"), 1):
+        await text.text(piece, n)
+    text._producer.hold = False  # type: ignore[attr-defined]
+    text._producer.ack()  # type: ignore[attr-defined]
+    await text.flush()
+    assert [(c.text, c.completion_tokens) for c in text._producer.sent] == [(" a", 1), (" b c", 3)]  # type: ignore[attr-defined]
 
 
 async def test_long_data_is_split_into_fragments():
