@@ -197,28 +197,35 @@ def check_abort(meta: dict[str, Any]) -> None:
     raise EngineError(message, status)
 
 
-async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """Decode `data: {...}` events until `data: [DONE]`, each as its JSON text and the object it holds;
-    comments and other fields are skipped."""
-    async for raw in lines:
-        line = raw.strip()
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise EngineError(f"undecodable stream event: {data[:200]!r}") from exc
-        if not isinstance(event, dict):
-            raise EngineError(f"stream event is not an object: {data[:200]!r}")
-        yield data, event
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Decode `data: {...}` events until `data: [DONE]`, each as its JSON text and the object it holds, from the
+    body's bytes as they arrive (split into lines here: a layer of line iterators per event cost as much as the
+    rest of the worker's work on it); comments and other fields are skipped. The body is read to its end
+    (nothing follows [DONE]), so that the connection goes back to the pool instead of being closed half-read."""
+    done = False
+    rest = b""
+    async for chunk in chunks:
+        rest += chunk
+        *lines, rest = rest.split(b"\n")
+        for raw in lines:
+            if done or not raw.startswith(b"data:"):
+                continue
+            data = raw[5:].strip().decode("utf-8", "replace")
+            if data == "[DONE]":
+                done = True
+                continue
+            try:
+                event = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise EngineError(f"undecodable stream event: {data[:200]!r}") from exc
+            if not isinstance(event, dict):
+                raise EngineError(f"stream event is not an object: {data[:200]!r}")
+            yield data, event
 
 
-async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
     """The objects of `sse_events`."""
-    async for _, event in sse_events(lines):
+    async for _, event in sse_events(chunks):
         yield event
 
 
@@ -434,7 +441,7 @@ class SGLangClient:
                     text = (await response.aread()).decode("utf-8", "replace")[:4000]
                     raise _status_error(response.status_code, error_message(text) if verbatim else text[:500],
                                         verbatim=verbatim)
-                async for data, event in sse_events(response.aiter_lines()):
+                async for data, event in sse_events(response.aiter_bytes()):
                     if event.get("error") is not None:
                         raise in_stream_error(event["error"])
                     yield data, event
