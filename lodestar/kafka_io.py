@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 Headers = list[tuple[str, bytes]]
 
 
+# aiokafka keeps one produce request in flight per broker and waits for a partition's batch to drain once it
+# is full: messages sent meanwhile collect in the next request, so batching happens without a linger (a 1 ms
+# linger cost ~2 ms per hop on loopback: p50 3.5 vs 1.5 ms, docs/gateway.md), and a batch larger than the
+# default 16 KiB keeps a stream's chunks from queueing behind a full one while a slow request is out.
+MAX_BATCH_BYTES = 512 * 1024
+
+
 def make_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
     """An idempotent producer (acks=all): a retried send is never duplicated in the log."""
     return AIOKafkaProducer(
@@ -22,7 +29,8 @@ def make_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
         client_id=client_id,
         acks="all",
         enable_idempotence=True,
-        linger_ms=1,
+        linger_ms=0,
+        max_batch_size=MAX_BATCH_BYTES,
         compression_type=None,
     )
 
