@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from app.commands.connection import connection_overrides
+from app.commands.event_loop import run_service
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
@@ -34,7 +35,7 @@ def gateway(
     setup_logging("gateway", settings.telemetry)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     try:
-        asyncio.run(_serve(settings))
+        run_service(_serve(settings))
     except ValueError as err:  # e.g. no API key configured
         typer.echo(f"lodestar gateway: {err}", err=True)
         raise typer.Exit(2) from None
