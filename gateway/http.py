@@ -6,7 +6,9 @@ gateway/service.py), planned (gateway/request_models.py), and answered by `Pipel
 exchange with the pipeline while it watches the connection: a client that disconnects aborts its requests.
 A streamed answer's status and headers wait for its first event, so a request the engine refuses before any
 output (too long for the context, say) still gets its proper HTTP error rather than a 200 with an error
-inside; after the first event an error is one last SSE event `{"error": {...}}` before `[DONE]`.
+inside; after the first event an error is one last SSE event `{"error": {...}}` before `[DONE]`. An answer's
+headers carry its id (`x-request-id`, whose part after the prefix is the pipeline's request id, in logs,
+traces and telemetry) and the worker serving it (`x-lodestar-worker`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from lodestar.schemas import now_ms
 from lodestar.streams import StreamInterrupted
 
 SESSION_HEADER = "x-session-id"
+REQUEST_ID_HEADER = b"x-request-id"  # the answer's id (`chatcmpl-<id>`...): its trace, logs and telemetry
+WORKER_HEADER = b"x-lodestar-worker"  # the worker(s) serving it, as far as known when the answer starts
 JSON = "application/json"
 
 
@@ -144,10 +148,14 @@ class PipelineResponse:
             self.service.metrics.record_request(self.route, self.status)
         pump.result()
 
-    async def _start(self, send: Send, status: int, media_type: str, headers: dict[str, str] | None = None) -> None:
+    async def _start(self, send: Send, status: int, media_type: str, headers: dict[str, str] | None = None,
+                     replies: list[Reply] | None = None) -> None:
         self.status = status
         self._started = True
-        raw = [(b"content-type", media_type.encode())]
+        raw = [(b"content-type", media_type.encode()), (REQUEST_ID_HEADER, self.plan.response_id.encode())]
+        workers = ",".join(dict.fromkeys(r.worker_id for r in replies or () if r.worker_id))
+        if workers:
+            raw.append((WORKER_HEADER, workers.encode()))
         raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         if media_type == "text/event-stream":
             raw += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
@@ -190,11 +198,11 @@ class PipelineResponse:
             if not events:
                 continue
             if not self._started:
-                await self._start(send, 200, "text/event-stream")
+                await self._start(send, 200, "text/event-stream", replies=replies)
             await send({"type": "http.response.body", "body": b"".join(events), "more_body": True})
         check_results(replies)
         if not self._started:
-            await self._start(send, 200, "text/event-stream")
+            await self._start(send, 200, "text/event-stream", replies=replies)
         await send({"type": "http.response.body", "body": b"".join(renderer.closing())})
 
     async def _whole(self, send: Send, replies: list[Reply]) -> None:
@@ -207,7 +215,7 @@ class PipelineResponse:
                 raise ApiError(502, "the pipeline answered without a response body", code="bad_answer")
             pieces.append(got[-1])
         body = render.body(self.plan, pieces)
-        await self._start(send, 200, JSON)
+        await self._start(send, 200, JSON, replies=replies)
         await send({"type": "http.response.body", "body": body})
 
 

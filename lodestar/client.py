@@ -92,6 +92,7 @@ class Reply:
         self._done: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
         self.result_or_none: InferenceResult | None = None
         self.first_piece_at: float | None = None  # perf_counter of the first piece
+        self.worker_id = ""  # the worker serving it, as its latest chunk or its result says
 
     @property
     def result(self) -> InferenceResult:
@@ -124,6 +125,7 @@ class Reply:
     def _chunk(self, chunk: StreamChunk) -> None:
         if self._done.done():
             return
+        self.worker_id = chunk.worker_id
         serve = self._assembler.serve_id
         try:
             piece = self._assembler.accept(chunk)
@@ -151,6 +153,7 @@ class Reply:
     def _result(self, result: InferenceResult) -> None:
         if self._done.done():
             return
+        self.worker_id = result.worker_id or self.worker_id
         self.result_or_none = result
         self._done.set_result(result)
         self._queue.put_nowait(None)

@@ -172,6 +172,7 @@ async def test_chat_becomes_one_request_with_its_messages_and_options(http):
     assert sent.metadata == {"gateway": service.gateway_id, "api_key": key_digest(KEY)[:12]}
     body = r.json()
     assert body["id"] == f"chatcmpl-{sent.request_id}" and body["model"] == MODEL
+    assert r.headers["x-request-id"] == body["id"] and r.headers["x-lodestar-worker"] == "w1"
     assert body["choices"][0]["message"]["content"] == " Paris."
     assert service.inflight == 0 and not any(k.startswith("lodestar:abort") for k in _redis_keys(service))
 
