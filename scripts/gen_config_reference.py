@@ -14,11 +14,13 @@ import io
 import os
 import sys
 import tokenize
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
 import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from lodestar import settings as settings_module
@@ -45,10 +47,23 @@ def line_comments(cls: type) -> dict[str, str]:
     return comments
 
 
+def annotation_name(annotation: Any) -> str:
+    """A type as a reader would say it: `secret`, `Path or none`, `PLAIN or SCRAM-SHA-512`, `map of str to secret`."""
+    if annotation is SecretStr:
+        return "secret"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " or ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else annotation_name(a) for a in args)
+    if origin is dict:
+        return f"map of {annotation_name(args[0])} to {annotation_name(args[1])}"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def type_name(field: FieldInfo) -> str:
     """The field's type with its bounds, e.g. `int (>= 1)`."""
-    annotation = field.annotation
-    name = getattr(annotation, "__name__", str(annotation))
+    name = annotation_name(field.annotation)
     bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata for kind, attr, symbol in _BOUNDS
               if isinstance(m, kind)]
     return f"{name} ({', '.join(bounds)})" if bounds else name
@@ -64,6 +79,10 @@ def default_text(value: Any) -> str:
         return f'`"{value}"`' if value == "" else f"`{value}`"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, SecretStr):
+        return "none" if not value.get_secret_value() else "(set)"
+    if value == {}:
+        return "none"
     return f"`{value}`"
 
 

@@ -3,8 +3,9 @@
 `LearningLoop` is the simulator's TelemetrySink. Each completed request's routed features and observed
 TTFT go to the same `Learner` the live learner service runs; at the live cadence (every N events or T
 seconds, here of virtual time) the learner's snapshot is signed, encoded, decoded and verified exactly
-as it travels through Redis, and hot-swapped into the `learned` policy the simulator routes with. So
-the simulator measures what the live system would do, cold start included.
+as it travels through Redis (with a key of this process's own: nothing leaves it), and hot-swapped
+into the `learned` policy the simulator routes with. So the simulator measures what the live system
+would do, cold start included.
 
 Registered simulator policies: `learned` (the model family from settings, `mlp` by default),
 `learned_river` and `learned_mlp`. Options (from `lodestar bench sim`) go to the learner config
@@ -15,6 +16,7 @@ Registered simulator policies: `learned` (the model family from settings, `mlp` 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from dispatcher.policies.base import Policy
@@ -33,10 +35,10 @@ _POLICY_OPTIONS = {"fallback", "epsilon_start", "epsilon_min", "epsilon_half_lif
 class LearningLoop:
     """Feeds completions to a Learner and installs each new snapshot in the learned policy."""
 
-    def __init__(self, learner: Learner, policy: LearnedPolicy, hmac_key: str):
+    def __init__(self, learner: Learner, policy: LearnedPolicy, key: codec.SigningKey | None = None):
         self.learner = learner
         self.policy = policy
-        self.hmac_key = hmac_key
+        self.key = key or codec.SigningKey("sim", os.urandom(32))
         self.snapshots: list[dict[str, Any]] = []
 
     def observe(self, record: CompletedRequest) -> None:
@@ -50,7 +52,7 @@ class LearningLoop:
         snap = self.learner.maybe_snapshot(now_s)
         if snap is None:
             return None
-        self.policy.load_snapshot(codec.decode(codec.encode(snap, self.hmac_key), self.hmac_key))
+        self.policy.load_snapshot(codec.decode(codec.encode(snap, self.key), {self.key.key_id: self.key.secret}))
         holdout = snap.meta.get("holdout", {})
         self.snapshots.append({
             "version": snap.version, "at_s": now_s, "validated": snap.validated,
@@ -71,7 +73,7 @@ def build_learning_setup(family: str, ctx: PolicyContext) -> PolicySetup:
     learner = make_learner(family, LearnerConfig.from_settings(settings.learner, **{"seed": ctx.seed, **config_opts}),
                            **options)
     policy = LearnedPolicy(seed=ctx.seed, **{"fallback": settings.dispatcher.fallback_policy, **policy_opts})
-    return PolicySetup(policy, LearningLoop(learner, policy, settings.learner.hmac_key))
+    return PolicySetup(policy, LearningLoop(learner, policy))
 
 
 @register_sim_policy("learned")

@@ -1,15 +1,16 @@
 """Fixtures for tests that need the real Kafka broker and Redis server.
 
-Start them with `scripts/services start` (`make test` does it for you). The addresses come from the
-same variables the application reads:
+Start them with `scripts/services start` (`make test` does it for you). The addresses, and how to log
+in, come from the same settings the application reads (environment, then the YAML file):
 
-    LODESTAR_KAFKA__BOOTSTRAP_SERVERS   default 127.0.0.1:19092
-    LODESTAR_REDIS__URL                 default redis://127.0.0.1:16379/0
+    LODESTAR_KAFKA__BOOTSTRAP_SERVERS   default 127.0.0.1:19092 (and LODESTAR_KAFKA__SECURITY_PROTOCOL, ...)
+    LODESTAR_REDIS__URL                 default redis://127.0.0.1:16379/0 (and LODESTAR_REDIS__PASSWORD, ...)
 
 A service that does not answer FAILS the tests that need it (pytest.fail, never a skip): a green run
 must mean the integration tests really ran.
 
 Fixtures:
+    service_settings  (session) the settings those come from (every client is made from them)
     kafka_bootstrap   (session) bootstrap servers of a broker that answers the admin API
     redis_url         (session) URL of a Redis that answers PING
     kafka_topic       a topic name unique to this test (not created; deleted at the end of the session)
@@ -21,7 +22,6 @@ Fixtures:
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,10 +30,14 @@ from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
-from aiokafka.admin import AIOKafkaAdminClient
 
-KAFKA_BOOTSTRAP = os.environ.get("LODESTAR_KAFKA__BOOTSTRAP_SERVERS") or "127.0.0.1:19092"
-REDIS_URL = os.environ.get("LODESTAR_REDIS__URL") or "redis://127.0.0.1:16379/0"
+from lodestar.kafka_io import make_admin
+from lodestar.redis_io import make_redis
+from lodestar.settings import Settings
+
+SETTINGS = Settings()
+KAFKA_BOOTSTRAP = SETTINGS.kafka.bootstrap_servers
+REDIS_URL = SETTINGS.redis.url
 HOW_TO_START = "start the services with `scripts/services start` (or `make services`; `make test` does it)"
 PROBE_TIMEOUT_S = 10.0
 
@@ -59,8 +63,8 @@ def describe(exc: BaseException) -> str:
     return text if text.startswith(type(exc).__name__) else f"{type(exc).__name__}: {text}"
 
 
-async def _describe_kafka(bootstrap: str) -> dict[str, Any]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(PROBE_TIMEOUT_S * 1000))
+async def _describe_kafka(settings: Settings) -> dict[str, Any]:
+    admin = make_admin(settings, client_id="test-probe", request_timeout_ms=int(PROBE_TIMEOUT_S * 1000))
     try:
         await asyncio.wait_for(admin.start(), PROBE_TIMEOUT_S)
         info = await asyncio.wait_for(admin.describe_cluster(), PROBE_TIMEOUT_S)
@@ -71,8 +75,8 @@ async def _describe_kafka(bootstrap: str) -> dict[str, Any]:
     return info
 
 
-async def _ping_redis(url: str) -> None:
-    client = aioredis.from_url(url, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S)
+async def _ping_redis(settings: Settings) -> None:
+    client = make_redis(settings, socket_connect_timeout=PROBE_TIMEOUT_S, socket_timeout=PROBE_TIMEOUT_S)
     try:
         if not await client.ping():
             raise RuntimeError("PING did not answer PONG")
@@ -81,10 +85,15 @@ async def _ping_redis(url: str) -> None:
 
 
 @pytest.fixture(scope="session")
+def service_settings() -> Settings:
+    return SETTINGS
+
+
+@pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
     problem = None
     try:
-        run_in_fresh_loop(lambda: _describe_kafka(KAFKA_BOOTSTRAP))
+        run_in_fresh_loop(lambda: _describe_kafka(SETTINGS))
     except Exception as exc:
         problem = describe(exc)
     if problem:  # failed outside the except block: no chained traceback around the message
@@ -96,7 +105,7 @@ def kafka_bootstrap() -> str:
 def redis_url() -> str:
     problem = None
     try:
-        run_in_fresh_loop(lambda: _ping_redis(REDIS_URL))
+        run_in_fresh_loop(lambda: _ping_redis(SETTINGS))
     except Exception as exc:
         problem = describe(exc)
     if problem:
@@ -112,7 +121,7 @@ def _topics_to_delete(kafka_bootstrap: str) -> Iterator[list[str]]:
         return
 
     async def delete() -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        admin = make_admin(SETTINGS, client_id="test-cleanup")
         await admin.start()
         try:
             existing = set(await admin.list_topics())
@@ -142,7 +151,7 @@ def redis_prefix(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def redis_client(redis_url: str, redis_prefix: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.from_url(redis_url, decode_responses=True)
+    client = make_redis(SETTINGS, decode_responses=True)
     try:
         yield client
     finally:

@@ -13,7 +13,7 @@ from lodestar import snapshot as codec
 from lodestar.features import FEATURE_INDEX, N_FEATURES
 from lodestar.ttft_model import TTFTModel
 
-KEY = "k"
+KEY = codec.SigningKey("k", b"k" * 32)
 
 
 def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +33,7 @@ def test_snapshot_evaluated_by_dispatcher_matches_model(family: str) -> None:
     x, y = synthetic(1500, 0)
     model = make_model(family, **({"hidden": (16, 16)} if family == "mlp" else {}))
     model.learn_many(x, y)
-    snap = codec.decode(codec.encode(model.to_snapshot(3), KEY), KEY)
+    snap = codec.decode(codec.encode(model.to_snapshot(3), KEY), {KEY.key_id: KEY.secret})
     xt, _ = synthetic(200, 1)
     np.testing.assert_allclose(TTFTModel(snap).predict(xt), model.predict(xt), rtol=1e-9)
     assert TTFTModel(snap).version == 3
