@@ -120,6 +120,7 @@ class WorkerService:
             w.sglang_url,
             request_timeout_s=w.request_timeout_s,
             retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s),
+            api_key=w.engine_api_key.get_secret_value() or None,
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id)

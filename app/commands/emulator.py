@@ -27,6 +27,10 @@ def emulator(
     block_tokens: int = typer.Option(16, min=1, help="Prefix-cache block (page) size in tokens."),
     served_model_name: str | None = typer.Option(None, help="Model name to report (default: the HF path)."),
     log_level: str = typer.Option("info", help="Log level of the server (uvicorn) and of the emulator's own lines."),
+    api_key: str | None = typer.Option(
+        None, envvar="LODESTAR_EMULATOR_API_KEY",
+        help="Require this key as `Authorization: Bearer <key>` on the API, as SGLang's --api-key (/health and "
+             "/metrics stay open); the environment variable keeps it off the command line."),
 ) -> None:
     """Run an SGLang-compatible server whose timing comes from the calibrated engine model.
 
@@ -42,4 +46,4 @@ def emulator(
         max_queued_requests=max_queued_requests, max_running_requests=max_running_requests, seed=seed,
         block_tokens=block_tokens, served_model_name=served_model_name,
     )
-    serve(config, log_level=log_level)
+    serve(config, log_level=log_level, api_key=api_key or None)

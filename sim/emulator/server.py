@@ -22,12 +22,14 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from lodestar.hardware import model as model_spec
 from sim.emulator import openai_api
+from sim.emulator.auth import ApiKeyMiddleware
 from sim.emulator.emulator import QUEUE_FULL_MESSAGE, Emulator, EmulatorConfig
 from sim.emulator.responses import (
     SSE_DONE,
@@ -52,8 +54,9 @@ logger = logging.getLogger(__name__)
 LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 
 
-def create_app(emulator: Emulator) -> Starlette:
-    """A Starlette app serving `emulator`; its lifespan starts and stops the engine runner."""
+def create_app(emulator: Emulator, api_key: str | None = None) -> Starlette:
+    """A Starlette app serving `emulator`; its lifespan starts and stops the engine runner. With `api_key`,
+    the API wants it as SGLang's `--api-key` does (sim.emulator.auth)."""
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
@@ -80,7 +83,8 @@ def create_app(emulator: Emulator) -> Starlette:
         *openai_api.routes(emulator),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_exception, BadRequest: _bad_request})
+                    exception_handlers={HTTPException: _http_exception, BadRequest: _bad_request},
+                    middleware=[Middleware(ApiKeyMiddleware, api_key=api_key)] if api_key else None)
     app.state.emulator = emulator
     return app
 
@@ -355,31 +359,33 @@ def _loads_prometheus(loads: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def serve(config: EmulatorConfig, log_level: str = "info") -> None:
+def serve(config: EmulatorConfig, log_level: str = "info", api_key: str | None = None) -> None:
     """Run the emulator with uvicorn until interrupted; /health answers 503 until it has warmed up."""
-    asyncio.run(_serve(config, log_level))
+    asyncio.run(_serve(config, log_level, api_key))
 
 
-async def _serve(config: EmulatorConfig, log_level: str) -> None:
+async def _serve(config: EmulatorConfig, log_level: str, api_key: str | None) -> None:
     emulator = Emulator(config)
     emulator.ready = False
-    server = uvicorn.Server(uvicorn.Config(create_app(emulator), host=config.host, port=config.port,
+    server = uvicorn.Server(uvicorn.Config(create_app(emulator, api_key), host=config.host, port=config.port,
                                            log_level=log_level, timeout_keep_alive=5, access_log=False))
-    warm_up = asyncio.create_task(_warm_up(server, emulator))
+    warm_up = asyncio.create_task(_warm_up(server, emulator, api_key))
     try:
         await server.serve()
     finally:
         warm_up.cancel()
 
 
-async def _warm_up(server: uvicorn.Server, emulator: Emulator) -> None:
+async def _warm_up(server: uvicorn.Server, emulator: Emulator, api_key: str | None) -> None:
     """Like SGLang's start-up warmup: send generate requests through the whole HTTP stack, so that the
     first client request does not pay for lazy imports and first-use costs."""
     while not server.started:
         await asyncio.sleep(0.01)
     host = "127.0.0.1" if emulator.config.host in ("0.0.0.0", "") else emulator.config.host
     body = {"text": WARMUP_TEXT, "sampling_params": {"max_new_tokens": 8, "temperature": 0}, "log_metrics": False}
-    async with httpx.AsyncClient(base_url=f"http://{host}:{emulator.config.port}", timeout=60) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with httpx.AsyncClient(base_url=f"http://{host}:{emulator.config.port}", timeout=60,
+                                 headers=headers) as client:
         for stream in (True, False):
             response = await client.post("/generate", json={**body, "stream": stream})
             response.raise_for_status()
