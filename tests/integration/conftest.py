@@ -17,23 +17,30 @@ Fixtures:
     redis_prefix      a key prefix unique to this test, e.g. "test:test-foo-3f2a9c1d:"
     redis_client      redis.asyncio client (decode_responses=True); every key under redis_prefix is
                       deleted after the test
+    secure_env        (session) the LODESTAR_KAFKA__*/LODESTAR_REDIS__* settings of the SASL_SSL listener and
+                      the TLS + ACL Redis port that `scripts/services start --secure` adds (`make test` and
+                      CI do), read from its kafka.env and redis.env in $LODESTAR_SECURE_ENV_DIR, default
+                      .run/secure; checked to answer
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
+from secure_harness import read_env_file, settings_from_env
 
 from lodestar.kafka_io import make_admin
 from lodestar.redis_io import make_redis
-from lodestar.settings import Settings
+from lodestar.settings import PROJECT_ROOT, Settings
 
 SETTINGS = Settings()
 KAFKA_BOOTSTRAP = SETTINGS.kafka.bootstrap_servers
@@ -111,6 +118,28 @@ def redis_url() -> str:
     if problem:
         pytest.fail(f"Redis does not answer at {REDIS_URL} ({problem}); {HOW_TO_START}", pytrace=False)
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def secure_env() -> dict[str, str]:
+    folder = Path(os.environ.get("LODESTAR_SECURE_ENV_DIR") or PROJECT_ROOT / ".run" / "secure")
+    files = [folder / "kafka.env", folder / "redis.env"]
+    if not all(f.is_file() for f in files):
+        pytest.fail(f"no {' or '.join(str(f) for f in files if not f.is_file())}: start the services with "
+                    "`scripts/services start --secure` (`make test` and CI do), or point LODESTAR_SECURE_ENV_DIR "
+                    "at the .run/secure of the tree that did", pytrace=False)
+    env = {k: v for f in files for k, v in read_env_file(f).items()}
+    problem = None
+    try:
+        settings = settings_from_env(env)
+        run_in_fresh_loop(lambda: _describe_kafka(settings))
+        run_in_fresh_loop(lambda: _ping_redis(settings))
+    except Exception as exc:
+        problem = describe(exc)
+    if problem:
+        pytest.fail(f"the secure endpoints of {folder} do not answer ({problem}); {HOW_TO_START} --secure",
+                    pytrace=False)
+    return env
 
 
 @pytest.fixture(scope="session")
