@@ -26,21 +26,19 @@ Fixtures:
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
-from secure_harness import read_env_file, settings_from_env
 
+from app.local_services import read_env_file, secure_env_dir, settings_from_env
 from lodestar.kafka_io import make_admin
 from lodestar.redis_io import make_redis
-from lodestar.settings import PROJECT_ROOT, Settings
+from lodestar.settings import Settings
 
 SETTINGS = Settings()
 KAFKA_BOOTSTRAP = SETTINGS.kafka.bootstrap_servers
@@ -122,7 +120,7 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def secure_env() -> dict[str, str]:
-    folder = Path(os.environ.get("LODESTAR_SECURE_ENV_DIR") or PROJECT_ROOT / ".run" / "secure")
+    folder = secure_env_dir()
     files = [folder / "kafka.env", folder / "redis.env"]
     if not all(f.is_file() for f in files):
         pytest.fail(f"no {' or '.join(str(f) for f in files if not f.is_file())}: start the services with "

@@ -25,9 +25,9 @@ from aiokafka.errors import KafkaError
 from pydantic import SecretStr
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from secure_harness import settings_from_env
 from stack_harness import Pipeline, Run, engines, running_pipeline, shared_prefix_requests, two_waves
 
+from app.local_services import settings_from_env
 from lodestar.kafka_io import make_admin
 from lodestar.redis_io import make_redis
 from lodestar.settings import Settings
