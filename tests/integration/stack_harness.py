@@ -75,11 +75,13 @@ class Pipeline:
 async def running_pipeline(
     settings: Settings, log_dir: Path, cluster: Sequence[WorkerSpec], dispatcher_ids: Sequence[str], policy: str,
     *, learner: bool = True, time_scale: float = 1.0, extra_env: dict[str, str] | None = None,
+    group_env: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[Pipeline]:
     """Start emulators, workers, (the learner) and dispatchers, every process with `extra_env` added to the
-    settings' environment; stop them and remove topics and keys after."""
+    settings' environment and a group's processes with `group_env[group]` (app.local_stack's group names);
+    stop them and remove topics and keys after."""
     await ensure_topics(settings, fixed_topic_partitions(settings))
-    stack = Stack(log_dir, env={**child_env(settings), **(extra_env or {})})
+    stack = Stack(log_dir, env={**child_env(settings), **(extra_env or {})}, group_env=group_env)
     try:
         async with StackProbes(settings) as probes:
             urls = await start_pipeline(stack, probes, cluster, dispatcher_ids, policy, time_scale=time_scale,
@@ -120,11 +122,13 @@ class Run:
         return [r.request_id for wave in self.waves for r in wave]
 
 
-async def two_waves(pipeline: Pipeline, waves: list[list[InferenceRequest]], rate_per_s: float) -> Run:
-    """Send the first wave through the client, wait for the learner's first snapshot, send the second; read
-    every result and telemetry event off their topics (and a second for late duplicates)."""
+async def two_waves(pipeline: Pipeline, waves: list[list[InferenceRequest]], rate_per_s: float,
+                    client_settings: Settings | None = None) -> Run:
+    """Send the first wave through the client (made with `client_settings`, default the pipeline's), wait for
+    the learner's first snapshot, send the second; read every result and telemetry event off their topics
+    (and a second for late duplicates)."""
     topics = pipeline.topics
-    async with (LodestarClient(pipeline.settings) as client,
+    async with (LodestarClient(client_settings or pipeline.settings) as client,
                 TopicReader(pipeline.settings, topics.results, topics.telemetry) as reader):
         answers = await client.submit_many(waves[0], rate_per_s=rate_per_s, timeout_s=60)
         deadline = time.monotonic() + 30

@@ -1,9 +1,11 @@
 """End to end over the secure endpoints of `scripts/services start --secure`: Kafka through its SASL_SSL
-listener (TLS verified against the CA made at start, SCRAM-SHA-512), Redis through its TLS port as the ACL
-user `lodestar`, engines (emulators) that require an API key, snapshots signed with a key of the run's
-own. The emulators, a worker per engine, the learner and a dispatcher run as `lodestar` processes (the
-same bring-up as `lodestar up`), the requests go through the client library. Beside that: what the
-endpoints refuse (a wrong password, an unknown CA, a key outside the ACL, a missing API key).
+listener (TLS verified against the CA made at start, SCRAM-SHA-512) with each service as its own principal,
+held by the broker's authorizer to exactly the ACLs of lodestar/kafka_acls.py; Redis through its TLS port as
+the ACL user `lodestar`; engines (emulators) that require an API key; snapshots signed with a key of the
+run's own. The emulators, a worker per engine, the learner and a dispatcher run as `lodestar` processes
+(the same bring-up as `lodestar up`), the requests go through the client library as the client principal.
+Beside that: what the endpoints refuse (a wrong password, an unknown CA, a topic outside a principal's
+ACLs, a key outside the Redis ACL, a missing API key).
 """
 
 from __future__ import annotations
@@ -21,18 +23,23 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
-from aiokafka.errors import KafkaError
+from aiokafka import TopicPartition
+from aiokafka.errors import KafkaError, TopicAuthorizationFailedError
+from kafka_acl_harness import grant
 from pydantic import SecretStr
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from stack_harness import Pipeline, Run, engines, running_pipeline, shared_prefix_requests, two_waves
 
 from app.local_services import settings_from_env
-from lodestar.kafka_io import make_admin
+from app.local_stack import DISPATCHERS, LEARNER, WORKERS
+from lodestar.kafka_acls import service_acls
+from lodestar.kafka_io import make_admin, make_consumer, make_producer
 from lodestar.redis_io import make_redis
 from lodestar.settings import Settings
 from lodestar.snapshot import SigningKey
 from lodestar.snapshot_store import SnapshotStore
+from sim.cluster import WorkerSpec
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -58,22 +65,40 @@ def secure_settings(env: dict[str, str], checkpoint: Path) -> Settings:
     )
 
 
+def as_principal(settings: Settings, service: str) -> Settings:
+    """The same settings, logged in to Kafka as the service's own principal (the dev password is shared)."""
+    return _with(settings, "kafka", sasl_username=f"lodestar-{service}")
+
+
+async def grant_every_service(settings: Settings, cluster: list[WorkerSpec]) -> None:
+    """lodestar/kafka_acls.py's ACLs for each service's principal, under these settings' names."""
+    await grant(settings, "User:lodestar-dispatcher", service_acls(settings, "dispatcher"))
+    await grant(settings, "User:lodestar-learner", service_acls(settings, "learner"))
+    await grant(settings, "User:lodestar-client", service_acls(settings, "client"))
+    for engine in cluster:
+        await grant(settings, "User:lodestar-worker", service_acls(settings, "worker", worker_id=engine.worker_id))
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def pipeline(secure_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pipeline]:
     tmp = tmp_path_factory.mktemp("secure-pipeline")
-    settings = secure_settings(secure_env, tmp / "learner.json")
+    settings = secure_settings(secure_env, tmp / "learner.json")  # the super user: topics, probes, readers
     assert settings.kafka.security_protocol == "SASL_SSL" and settings.redis.uses_tls and settings.redis.username
+    cluster = engines("H100", "L4")
+    await grant_every_service(settings, cluster)
     engine_env = {"LODESTAR_EMULATOR_API_KEY": ENGINE_KEY,
                   "LODESTAR_WORKER__ENGINE_API_KEY": ENGINE_KEY}
-    async with running_pipeline(settings, tmp / "logs", engines("H100", "L4"), [DISPATCHER], "learned",
-                                time_scale=0.2, extra_env=engine_env) as pipeline:
+    principals = {group: {"LODESTAR_KAFKA__SASL_USERNAME": f"lodestar-{service}"}
+                  for group, service in ((WORKERS, "worker"), (LEARNER, "learner"), (DISPATCHERS, "dispatcher"))}
+    async with running_pipeline(settings, tmp / "logs", cluster, [DISPATCHER], "learned", time_scale=0.2,
+                                extra_env=engine_env, group_env=principals) as pipeline:
         yield pipeline
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def run(pipeline: Pipeline) -> Run:
     waves = [shared_prefix_requests(WAVE_1, 6, tag="sec1"), shared_prefix_requests(WAVE_2, 6, tag="sec2")]
-    return await two_waves(pipeline, waves, rate_per_s=20)
+    return await two_waves(pipeline, waves, rate_per_s=20, client_settings=as_principal(pipeline.settings, "client"))
 
 
 async def test_every_request_is_answered_once_over_sasl_ssl_and_tls_redis(run: Run) -> None:
@@ -194,3 +219,35 @@ async def test_redis_refuses_a_wrong_password_an_unknown_ca_and_plaintext(secure
         with pytest.raises(error):
             await client.ping()
         await client.aclose()
+
+
+@pytest.mark.parametrize(("service", "may_not_read", "may_not_write"), [
+    # each may Describe (or Write) the topic it may not read: the broker answers it, and refuses the read
+    ("client", "requests", "worker"), ("learner", "requests", "results"), ("dispatcher", "telemetry", "telemetry"),
+    ("worker", "requests", "requests"),
+])
+async def test_each_principal_is_held_to_its_acls(pipeline: Pipeline, service: str, may_not_read: str,
+                                                  may_not_write: str) -> None:
+    topics = pipeline.topics
+    names = {"telemetry": topics.telemetry, "requests": topics.requests, "results": topics.results,
+             "worker": topics.worker("h100-0")}
+    settings = as_principal(pipeline.settings, service)
+    consumer = make_consumer(settings, group_id=None, client_id=f"test-acl-{service}")
+    await consumer.start()
+    try:
+        forbidden = TopicPartition(names[may_not_read], 0)
+        consumer.assign([forbidden])
+        await consumer.seek_to_beginning(forbidden)
+        with pytest.raises(TopicAuthorizationFailedError):
+            async with asyncio.timeout(30):
+                while True:
+                    await consumer.getmany(timeout_ms=500)
+    finally:
+        await consumer.stop()
+    producer = make_producer(settings, client_id=f"test-acl-{service}")
+    await producer.start()
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            await asyncio.wait_for(producer.send_and_wait(names[may_not_write], b"{}"), 30)
+    finally:
+        await producer.stop()
