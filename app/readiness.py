@@ -38,7 +38,9 @@ class StackProbes:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._http = httpx.AsyncClient(timeout=2.0)
+        api_key = settings.worker.engine_api_key.get_secret_value()
+        # the engines' API key, if they have one (SGLang leaves /health open, not /server_info)
+        self._http = httpx.AsyncClient(timeout=2.0, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
         self._redis = make_redis(settings)
         keys = RedisKeys(settings.redis.key_prefix)
         self._registry = WorkerRegistry(self._redis, keys, settings.worker.state_ttl_s)

@@ -139,6 +139,7 @@ async def test_the_engines_refuse_a_request_without_their_api_key(pipeline: Pipe
             assert (await http.get(f"{url}/v1/loads", headers={"Authorization": f"Bearer {ENGINE_KEY}"})
                     ).status_code == 200
             assert (await http.get(f"{url}/health")).status_code == 200
+    assert "emulator" in await pipeline.probes.engine_info(next(iter(pipeline.urls.values())))  # sends the key
 
 
 async def test_the_acl_user_is_confined_to_lodestar_keys_and_safe_commands(pipeline: Pipeline) -> None:
