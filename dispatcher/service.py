@@ -34,7 +34,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from opentelemetry.trace import Span
@@ -52,9 +51,11 @@ from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, sen
 from lodestar.lifecycle import ServiceScope, service_lifecycle
 from lodestar.metrics import DispatcherMetrics
 from lodestar.names import RedisKeys, Topics
+from lodestar.redis_io import make_redis
 from lodestar.schemas import DeadLetter, InferenceRequest, InferenceResult, InvalidMessage, RoutedRequest, decode
 from lodestar.settings import Settings
 from lodestar.snapshot import Snapshot, SnapshotError
+from lodestar.snapshot_keys import verification_keys
 from lodestar.snapshot_store import SnapshotStore
 from lodestar.worker_registry import WorkerRegistry
 
@@ -124,12 +125,14 @@ class Dispatcher:
         self.router = BatchRouter(self.policy, self.dispatcher_id)
         self.topics = Topics(settings.kafka.topic_prefix)
         self.keys = RedisKeys(settings.redis.key_prefix)
-        self.redis = aioredis.from_url(settings.redis.url)
+        self.redis = make_redis(settings)
         self.view = WorkerView(
             WorkerRegistry(self.redis, self.keys, settings.worker.state_ttl_s), cfg.registry_staleness_s
         )
         self.prefix_index = RedisPrefixIndex(self.redis, self.keys, settings.prefix.index_capacity_blocks)
-        self.snapshots = SnapshotStore(self.redis, self.keys, settings.learner.hmac_key)
+        # only a dispatcher that evaluates snapshots reads them, and so holds (and needs) the keys that verify them
+        self.snapshots = (SnapshotStore(self.redis, self.keys, verification_keys=verification_keys(settings))
+                          if self.uses_snapshots else None)
         self.producer = make_producer(settings, client_id=f"dispatcher-{self.dispatcher_id}")
         self.health = Health("group", "model")
         self.consumer = make_consumer(
@@ -174,7 +177,7 @@ class Dispatcher:
         async with service_lifecycle(self.settings, fixed_topic_partitions(self.settings), producer=self.producer,
                                      consumers=[self.consumer], closers=[self.redis.aclose]) as scope:
             try:
-                if self.uses_snapshots:
+                if self.snapshots is not None:
                     ready = asyncio.Event()
                     scope.spawn(self.snapshots.watch(self._on_snapshot, ready=ready))
                     with contextlib.suppress(TimeoutError):

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from opentelemetry import trace
@@ -42,9 +41,11 @@ from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, sen
 from lodestar.lifecycle import service_lifecycle
 from lodestar.metrics import LearnerMetrics
 from lodestar.names import RedisKeys, Topics
+from lodestar.redis_io import make_redis
 from lodestar.schemas import DeadLetter, InvalidMessage, TelemetryEvent, decode
 from lodestar.settings import Settings
 from lodestar.snapshot import Snapshot
+from lodestar.snapshot_keys import signing_key
 from lodestar.snapshot_store import SnapshotStore, StaleSnapshotVersion
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,9 @@ class LearnerService:
         self.checkpoint_path = Path(cfg.checkpoint_path)
         self.learner = load_learner(self.checkpoint_path, self.model_name, LearnerConfig.from_settings(cfg))
         self.topics = Topics(settings.kafka.topic_prefix)
-        self.redis = aioredis.from_url(settings.redis.url)
-        self.snapshots = SnapshotStore(self.redis, RedisKeys(settings.redis.key_prefix), cfg.hmac_key)
+        self.redis = make_redis(settings)
+        self.snapshots = SnapshotStore(self.redis, RedisKeys(settings.redis.key_prefix),
+                                       signing_key=signing_key(settings))
         self.producer = make_producer(settings, client_id="learner")
         self.health = Health("group")
         self.consumer = make_consumer(settings, group_id=cfg.consumer_group, client_id="learner")

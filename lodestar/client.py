@@ -53,7 +53,7 @@ ANSWERED_MEMORY = 100_000  # request ids remembered after their result, to recog
 
 def reply_topic_for(client_name: str, topics: Topics | None = None) -> str:
     """A per-client reply topic name under the Lodestar prefix."""
-    return f"{(topics or Topics()).prefix}reply.{client_name}"
+    return f"{(topics or Topics()).reply_prefix}{client_name}"
 
 
 class LodestarClient:

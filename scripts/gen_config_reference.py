@@ -17,7 +17,7 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from lodestar import settings as settings_module
@@ -57,6 +57,10 @@ def default_text(value: Any) -> str:
         return f'`"{value}"`' if value == "" else f"`{value}`"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, SecretStr):
+        return "none" if not value.get_secret_value() else "(set)"
+    if value == {}:
+        return "none"
     return f"`{value}`"
 
 

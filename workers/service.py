@@ -54,6 +54,7 @@ from lodestar.lifecycle import service_lifecycle
 from lodestar.logs import bind_request_id
 from lodestar.metrics import WorkerMetrics
 from lodestar.names import RedisKeys, Topics, check_worker_id
+from lodestar.redis_io import make_redis
 from lodestar.schemas import (
     InferenceResult,
     InvalidMessage,
@@ -121,6 +122,7 @@ class WorkerService:
             w.sglang_url,
             request_timeout_s=w.request_timeout_s,
             retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s),
+            api_key=w.engine_api_key.get_secret_value() or None,
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id)
@@ -128,11 +130,7 @@ class WorkerService:
         self.tracer = tracing.get_tracer(SERVICE)
         # Every in-flight request talks to Redis: share a bounded pool and queue for a connection
         # rather than fail when max_concurrency exceeds it.
-        self._redis = redis_client or aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis.url, max_connections=REDIS_CONNECTIONS, timeout=None
-            )
-        )
+        self._redis = redis_client or make_redis(settings, pool_size=REDIS_CONNECTIONS)
         keys = RedisKeys(settings.redis.key_prefix)
         self.registry = WorkerRegistry(self._redis, keys, w.state_ttl_s)
         self.ledger = RequestLedger(

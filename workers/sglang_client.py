@@ -56,6 +56,13 @@ class EngineUnavailable(EngineError):
     retryable = True
 
 
+class EngineUnauthorized(EngineError):
+    """The engine refused this worker's API key (HTTP 401/403): a configuration error, never retried."""
+
+
+UNAUTHORIZED_STATUS = frozenset({401, 403})
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounded retries with exponential backoff: `attempts` retries after the first try."""
@@ -296,6 +303,7 @@ class SGLangClient:
         request_timeout_s: float,
         retry: RetryPolicy,
         load_timeout_s: float = 2.0,
+        api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], Any] = asyncio.sleep,
@@ -304,6 +312,8 @@ class SGLangClient:
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(request_timeout_s, connect=min(5.0, request_timeout_s)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # SGLang's --api-key: every API route wants it as a Bearer token (/health and /metrics do not)
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             transport=transport,
         )
         self._retry = retry
@@ -368,6 +378,11 @@ class SGLangClient:
         for path in list(self._load_order):
             try:
                 load = await self._load_from(path)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in UNAUTHORIZED_STATUS:  # not a missing endpoint: do not fall back
+                    raise _status_error(exc.response.status_code, exc.response.text[:200]) from exc
+                failures.append(f"{path}: {exc!r}")
+                continue
             except (httpx.HTTPError, ValueError) as exc:
                 failures.append(f"{path}: {exc!r}")
                 continue
@@ -390,6 +405,8 @@ class SGLangClient:
 
 def _status_error(status: int, body: str) -> EngineError:
     message = f"engine answered HTTP {status}: {body}"
+    if status in UNAUTHORIZED_STATUS:
+        return EngineUnauthorized(f"{message} (worker.engine_api_key must be the engine's --api-key)", status)
     if status in RETRYABLE_STATUS:
         return EngineUnavailable(message, status)
     if status in REJECTED_STATUS:

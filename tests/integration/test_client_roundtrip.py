@@ -13,7 +13,6 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from emulator_process import LODESTAR, ROOT, emulator
 from worker_harness import (
     TopicReader,
@@ -26,6 +25,7 @@ from worker_harness import (
 )
 
 from lodestar.client import LodestarClient, reply_topic_for
+from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams, decode
 from lodestar.settings import Settings
@@ -52,9 +52,8 @@ async def settings(kafka_bootstrap: str, redis_url: str, engine_url: str) -> Asy
 async def forward_requests_to_w1(settings: Settings) -> AsyncIterator[None]:
     """Stand-in for the dispatcher: every InferenceRequest is routed to worker w1."""
     topics = Topics(settings.kafka.topic_prefix)
-    consumer = AIOKafkaConsumer(topics.requests, bootstrap_servers=settings.kafka.bootstrap_servers,
-                                group_id=None, auto_offset_reset="earliest")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = make_consumer(settings, topics.requests, group_id=None, client_id="test-forwarder")
+    producer = make_producer(settings, client_id="test-forwarder")
     await consumer.start()
     await producer.start()
 

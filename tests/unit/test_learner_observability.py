@@ -67,7 +67,7 @@ def mem() -> tracing.InMemoryTracing:
 
 @pytest.fixture
 async def service(tmp_path: Path, mem: tracing.InMemoryTracing) -> LearnerService:
-    settings = Settings(learner={"model": "river", "checkpoint_path": tmp_path / "checkpoint.json"})
+    settings = Settings(learner={"model": "river", "checkpoint_path": tmp_path / "checkpoint.json"}, dev_mode=True)
     learner = LearnerService(settings)
     learner.tracer = mem.tracer("learner")
     learner.producer = FakeProducer()  # type: ignore[assignment]
