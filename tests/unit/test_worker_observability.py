@@ -64,7 +64,7 @@ class FakeLedger:
     async def store(self, completed: CompletedRequest) -> None:
         return None
 
-    async def mark_done(self, request_id: str) -> None:
+    async def mark_done(self, request_id: str, origin: str, digest: str) -> None:
         return None
 
     async def release(self, request_id: str) -> None:
