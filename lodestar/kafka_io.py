@@ -91,15 +91,20 @@ def fit_dead_letter(letter: DeadLetter, max_bytes: int) -> bytes:
     fit is cut and ends with a marker naming its original size, and `payload_truncated` is set."""
     budget = max_bytes - DEAD_LETTER_FRAMING_BYTES - len((letter.key or "").encode())
     data = letter.to_bytes()
-    keep = len(letter.payload)
-    while len(data) > budget:
-        if keep == 0:  # cannot happen with the bounded fields and a budget of >= 256 KiB
-            raise ValueError(f"a dead letter without payload is {len(data)} bytes, over {budget}")
-        keep = max(keep - (len(data) - budget), 0)
-        marker = f"…[truncated by lodestar: {letter.payload_bytes} bytes]"
+    if len(data) <= budget:
+        return data
+    marker = f"…[truncated by lodestar: {letter.payload_bytes} bytes]"
+    bare = len(letter.model_copy(update={"payload": marker, "payload_truncated": True}).to_bytes())
+    if bare > budget:  # cannot happen with the bounded fields and a budget of >= 256 KiB
+        raise ValueError(f"a dead letter without its payload is {bare} bytes, over {budget}")
+    keep, cost = len(letter.payload), len(data) - bare  # characters kept, and what they cost in JSON
+    while True:
+        keep = min(keep - 1, int(keep * (budget - bare) / cost))  # escapes make some characters dearer
         data = letter.model_copy(update={"payload": letter.payload[:keep] + marker,
                                          "payload_truncated": True}).to_bytes()
-    return data
+        if len(data) <= budget:
+            return data
+        cost = len(data) - bare
 
 
 class DeadLetterUnavailable(TransientFailure):

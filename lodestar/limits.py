@@ -25,15 +25,18 @@ from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, InvalidMessage, M, decode
 from lodestar.settings import Settings
 
-# What a routed copy adds to the request it carries, at most (bytes):
+# What a routed copy adds to the request it carries, at most (bytes; tests/unit/test_limits.py builds the worst
+# case and checks it with aiokafka's own size estimate):
 #   the RoutedRequest envelope and the RoutingDecision: <= 8 KiB (64 features of <= 64-character names and
-#     finite numbers, a worker id <= 200, a policy name <= 64, a dispatcher id <= 256 characters);
+#     finite numbers, a worker id <= 200, a policy name <= 64, a dispatcher id <= 256 characters, an origin;
+#     the worst case measures 6.7 KB);
 #   the request re-serialized (defaults filled in, numbers in canonical form) versus as received: <= 1 KiB
-#     (JSON whitespace and escapes only shrink; the fixed set of optional fields and numbers adds at most this);
-#   the trace headers carried on: <= 25 KiB (OpenTelemetry's W3C propagators keep a baggage header of at most
-#     8,192 bytes and a tracestate of at most 32 members of <= 512 bytes each, plus a 55-byte traceparent);
+#     (JSON whitespace and escapes only shrink; the fixed set of optional fields and numbers adds ~0.3 KB);
+#   the trace headers: <= 8.3 KiB (the span's traceparent, 55 bytes, and the tracestate it inherits, which
+#     OpenTelemetry's W3C propagator caps at 8,192 characters; incoming baggage is not carried on);
 #   the record key (a request id, <= 128 bytes) and Kafka's record and batch framing: < 1 KiB.
-# 35 KiB in all; the reserve rounds it up to 64 KiB.
+# About 18 KiB in all; the reserve rounds it up to 64 KiB, so a request of up to max_message_bytes - 64 KiB
+# (983,040 bytes by default) is always routable.
 ROUTED_RESERVE_BYTES = 64 * 1024
 RECORD_FRAMING_BYTES = 512  # Kafka's record batch header (61 bytes) and record framing, generously
 
