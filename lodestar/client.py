@@ -216,13 +216,12 @@ class LodestarClient:
             log.warning("ignoring an unreadable result: %s", exc.reason)
             return
         rid = result.request_id
-        if rid in self._answered:
-            self.duplicate_results += 1
-            return
         fut = self._pending.get(rid)
-        if fut is None or fut.done():
-            return  # another client's request, or one that timed out here
-        fut.set_result(result)
+        if fut is None or fut.done():  # answered already, another client's request, or one that timed out here
+            if rid in self._answered:
+                self.duplicate_results += 1
+            return
+        fut.set_result(result)  # a request sent again with an answered id waits for its (replayed) answer
         self._answered[rid] = None
         if len(self._answered) > ANSWERED_MEMORY:
             self._answered.popitem(last=False)

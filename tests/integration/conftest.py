@@ -16,6 +16,7 @@ Fixtures:
     redis_prefix      a key prefix unique to this test, e.g. "test:test-foo-3f2a9c1d:"
     redis_client      redis.asyncio client (decode_responses=True); every key under redis_prefix is
                       deleted after the test
+    engine_url        (module) base URL of an H100 emulator (`lodestar emulator`) shared by a test module
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio as aioredis
 from aiokafka.admin import AIOKafkaAdminClient
+from worker_harness import emulator
 
 KAFKA_BOOTSTRAP = os.environ.get("LODESTAR_KAFKA__BOOTSTRAP_SERVERS") or "127.0.0.1:19092"
 REDIS_URL = os.environ.get("LODESTAR_REDIS__URL") or "redis://127.0.0.1:16379/0"
@@ -126,6 +128,12 @@ def _topics_to_delete(kafka_bootstrap: str) -> Iterator[list[str]]:
         run_in_fresh_loop(delete)
     except Exception as exc:
         print(f"warning: could not delete test topics {names}: {exc}")
+
+
+@pytest.fixture(scope="module")
+def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
+        yield url
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from dispatcher_harness import FakeWorkers, dispatch_settings, running_dispatche
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
-from worker_harness import cleanup, create_topics, emulator, running_worker
+from worker_harness import cleanup, create_topics, running_worker
 
 from lodestar import tracing
 from lodestar.client import LodestarClient
@@ -25,12 +25,6 @@ from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
-        yield url
 
 
 @pytest.fixture

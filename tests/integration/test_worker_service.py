@@ -7,7 +7,7 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -19,7 +19,6 @@ from worker_harness import (
     cleanup,
     committed_offset,
     create_topics,
-    emulator,
     engine_requests_total,
     isolated_settings,
     produce,
@@ -38,12 +37,6 @@ from workers.dedupe import CompletedRequest
 from workers.sglang_client import RetryPolicy, SGLangClient
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
-        yield url
 
 
 @pytest.fixture
