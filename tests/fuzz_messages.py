@@ -49,7 +49,7 @@ texts = st.one_of(st.text(max_size=40), st.text(alphabet="abc.-_:", min_size=1, 
 json_values = st.recursive(
     st.none() | st.booleans() | ints | floats | texts,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
-    max_leaves=12,
+    max_leaves=6,
 )
 
 
@@ -70,13 +70,13 @@ def reply_topics(topics: Topics) -> st.SearchStrategy[str]:
 def request_docs(topics: Topics) -> st.SearchStrategy[dict[str, Any]]:
     """InferenceRequest-shaped documents: every field optional, drawn inside and outside its bounds."""
     ids = st.one_of(st.text(alphabet="abcdef0123456789-:._", min_size=1, max_size=40), texts)
-    prompt = st.one_of(st.text(min_size=1, max_size=200), texts)
-    token_ids = st.lists(st.one_of(st.integers(0, 1000), ints), max_size=80)
+    prompt = st.one_of(st.text(min_size=1, max_size=60), texts)
+    token_ids = st.lists(st.one_of(st.integers(0, 1000), ints), max_size=24)
     sampling = st.fixed_dictionaries({}, optional={
         "max_new_tokens": st.one_of(st.integers(1, 64), ints), "temperature": floats,
-        "top_p": floats, "stop": st.lists(texts, max_size=20), "ignore_eos": st.booleans() | json_values,
+        "top_p": floats, "stop": st.lists(texts, max_size=4), "ignore_eos": st.booleans() | json_values,
     })
-    metadata = st.dictionaries(texts, st.one_of(texts, json_values), max_size=40)
+    metadata = st.dictionaries(texts, st.one_of(texts, json_values), max_size=4)
     return st.fixed_dictionaries({}, optional={
         "schema_version": st.sampled_from([1, 1, 1, 2, "1", None]),
         "request_id": ids, "prompt": prompt, "input_ids": token_ids, "sampling": sampling,
@@ -91,8 +91,8 @@ def valid_request_docs(topics: Topics) -> st.SearchStrategy[dict[str, Any]]:
     """Requests inside every bound (most are routed; those with a past deadline are answered)."""
     ids = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789._:-", min_size=1, max_size=128)
     body = st.one_of(
-        st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=300)}),
-        st.fixed_dictionaries({"input_ids": st.lists(st.integers(0, 262_143), min_size=1, max_size=300)}),
+        st.fixed_dictionaries({"prompt": st.text(min_size=1, max_size=80)}),
+        st.fixed_dictionaries({"input_ids": st.lists(st.integers(0, 262_143), min_size=1, max_size=64)}),
     )
     return st.tuples(body, st.fixed_dictionaries({"request_id": ids}, optional={
         "sampling": st.fixed_dictionaries({}, optional={
@@ -100,7 +100,7 @@ def valid_request_docs(topics: Topics) -> st.SearchStrategy[dict[str, Any]]:
             "stop": st.lists(st.text(min_size=1, max_size=20), max_size=4)}),
         "session_id": ids, "reply_to": st.sampled_from([topics.results, f"{topics.prefix}reply.fuzz"]),
         "priority": st.integers(-100, 100), "deadline_ms": deadlines(),
-        "metadata": st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=30), max_size=5),
+        "metadata": st.dictionaries(st.text(min_size=1, max_size=10), st.text(max_size=30), max_size=3),
     })).map(lambda parts: {**parts[0], **parts[1]})
 
 
@@ -185,6 +185,17 @@ def generate(strategy: st.SearchStrategy[Fuzzed], n: int, random_seed: int = 0) 
 
     collect()
     return out
+
+
+def generate_requests(prefix: str, n: int, random_seed: int) -> list[Fuzzed]:
+    """`n` hostile records for the requests topic of `prefix` (a top-level function: a worker process can run
+    it, where the strategies, which do not pickle, are built)."""
+    return generate(requests(Topics(prefix)), n, random_seed)
+
+
+def generate_telemetry(n: int, random_seed: int) -> list[Fuzzed]:
+    """`n` hostile records for the telemetry topic (see `generate_requests`)."""
+    return generate(telemetry(), n, random_seed)
 
 
 def poison(topics: Topics) -> dict[str, bytes]:
