@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -156,6 +157,31 @@ class PrefixSettings(Section):
     index_capacity_blocks: int = Field(200_000, ge=1)  # blocks per worker in the router-side prefix index (LRU)
 
 
+class LimitsSettings(Section):
+    """Bounds on what comes in from outside that depend on the deployment (the fixed ones are in the wire
+    contract, lodestar/schemas.py). Every bound and its arithmetic: docs/architecture.md, Contracts."""
+
+    max_message_bytes: int = Field(1_048_576, ge=262_144, le=100 * 1_048_576, description=(
+        "largest record Lodestar produces (the producers' max_request_size), at most the broker's and topics' "
+        "message.max.bytes; a request may be this minus 64 KiB, so that its routed copy fits"))
+    max_token_id: int = Field(262_143, ge=0, le=2**31 - 1, description=(
+        "largest token id accepted in `input_ids`: the model's vocabulary size - 1 (the default admits every "
+        "current vocabulary up to 262,144 ids)"))
+    reply_to_pattern: str = Field(r"{prefix}results|{prefix}reply\.[A-Za-z0-9._-]+", description=(
+        "reply topics a request may name: a regular expression matched against the whole topic name, "
+        "`{prefix}` standing for kafka.topic_prefix. Kafka's internal `__*` topics and Lodestar's own "
+        "requests, worker, telemetry and DLQ topics are refused whatever it says"))
+
+    @field_validator("reply_to_pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value.replace("{prefix}", ""))
+        except re.error as exc:
+            raise ValueError(f"reply_to_pattern is not a regular expression: {exc}") from None
+        return value
+
+
 class DispatcherSettings(Section):
     """The dispatcher service."""
 
@@ -197,6 +223,9 @@ class WorkerSettings(Section):
     retry_attempts: int = Field(5, ge=0)  # retries of an engine call on 503 or connection errors
     retry_backoff_s: float = Field(0.1, gt=0)  # first retry backoff (doubles each attempt)
     dedupe_ttl_s: int = Field(3600, ge=1)  # how long request-id dedupe keys and stored results live
+    max_stored_text_bytes: int = Field(16_384, ge=0, description=(
+        "a result's text is stored in Redis (for a replay) only up to this many UTF-8 bytes; a longer one is "
+        "stored without it (docs/architecture.md, stored results)"))
     request_timeout_s: float = Field(600.0, gt=0)  # timeout of one engine call
     engine_api_key: SecretStr = SecretStr("")  # the engine's API key (SGLang --api-key), sent as a Bearer token
     metrics_port: int = Field(0, ge=0)  # Prometheus /metrics port (0 = off)
@@ -262,6 +291,7 @@ class Settings(BaseSettings):
     kafka: KafkaSettings = KafkaSettings()
     redis: RedisSettings = RedisSettings()
     prefix: PrefixSettings = PrefixSettings()
+    limits: LimitsSettings = LimitsSettings()
     dispatcher: DispatcherSettings = DispatcherSettings()
     worker: WorkerSettings = WorkerSettings()
     learner: LearnerSettings = LearnerSettings()

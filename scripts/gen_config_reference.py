@@ -75,7 +75,7 @@ def field_rows(model: type[BaseModel], env_prefix: str, yaml_prefix: str) -> lis
     for name, field in model.model_fields.items():
         description = field.description or comments.get(name, "")
         rows.append(f"| `{yaml_prefix}{name}` | `{env_prefix}{name.upper()}` | {_cell(type_name(field))} | "
-                    f"{default_text(field.get_default(call_default_factory=True))} | {_cell(description)} |")
+                    f"{_cell(default_text(field.get_default(call_default_factory=True)))} | {_cell(description)} |")
     return rows
 
 

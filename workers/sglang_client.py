@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -166,7 +167,16 @@ class StreamMeter:
 
 
 def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and value >= 0 else 0
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) and value >= 0 else 0
+
+
+def _fraction(value: Any) -> float:
+    """A usage fraction as the engine reports it; anything not a finite number counts as 0."""
+    try:
+        number = float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def finish_reason_type(reason: Any) -> str | None:
@@ -211,12 +221,15 @@ async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
 
 
 def generate_payload(request: InferenceRequest) -> dict[str, Any]:
-    """The `/generate` body for a request: input_ids if it has them, else text; streaming on."""
+    """The `/generate` body for a request: input_ids if it has them, else text; streaming on; the request's
+    `priority` when it has one (SGLang schedules by it when run with `--enable-priority-scheduling`)."""
     body: dict[str, Any] = {"sampling_params": request.sampling.model_dump(), "stream": True}
     if request.input_ids:
         body["input_ids"] = list(request.input_ids)
     else:
         body["text"] = request.prompt
+    if request.priority is not None:
+        body["priority"] = request.priority
     return body
 
 
@@ -240,7 +253,7 @@ def parse_v1_loads(body: Any) -> EngineLoad:
     return EngineLoad(
         running=sum(_int(d.get("num_running_reqs")) for d in ranks),
         waiting=sum(_int(d.get("num_waiting_reqs")) for d in ranks),
-        kv_usage=max((float(d.get("token_usage") or 0.0) for d in ranks), default=0.0),
+        kv_usage=max((_fraction(d.get("token_usage")) for d in ranks), default=0.0),
         max_kv_tokens=sum(_int(d.get("max_total_num_tokens")) for d in ranks),
         source="/v1/loads",
     )
@@ -287,7 +300,7 @@ def parse_metrics(text: str) -> EngineLoad:
     return EngineLoad(
         running=int(sum(r.get("num_running_reqs", 0.0) for r in ranks)),
         waiting=int(sum(r.get("num_queue_reqs", 0.0) for r in ranks)),
-        kv_usage=max((r.get("token_usage", 0.0) for r in ranks), default=0.0),
+        kv_usage=max((_fraction(r.get("token_usage")) for r in ranks), default=0.0),
         max_kv_tokens=int(sum(r.get("max_total_num_tokens", 0.0) for r in ranks)),
         source="/metrics",
     )

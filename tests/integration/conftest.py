@@ -21,6 +21,7 @@ Fixtures:
                       the TLS + ACL Redis port that `scripts/services start --secure` adds (`make test` and
                       CI do), read from its kafka.env and redis.env in $LODESTAR_SECURE_ENV_DIR, default
                       .run/secure; checked to answer
+    engine_url        (module) base URL of an H100 emulator (`lodestar emulator`) shared by a test module
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 
 import pytest
 import redis.asyncio as aioredis
+from emulator_process import emulator
 
 from app.local_services import read_env_file, secure_env_dir, settings_from_env
 from lodestar.kafka_io import make_admin
@@ -162,6 +164,12 @@ def _topics_to_delete(kafka_bootstrap: str) -> Iterator[list[str]]:
         run_in_fresh_loop(delete)
     except Exception as exc:
         print(f"warning: could not delete test topics {names}: {exc}")
+
+
+@pytest.fixture(scope="module")
+def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
+        yield url
 
 
 @pytest.fixture

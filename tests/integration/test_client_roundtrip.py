@@ -10,10 +10,10 @@ import asyncio
 import contextlib
 import json
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-from emulator_process import LODESTAR, ROOT, emulator
+from emulator_process import LODESTAR, ROOT
 from worker_harness import (
     TopicReader,
     cleanup,
@@ -31,12 +31,6 @@ from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, S
 from lodestar.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
-        yield url
 
 
 @pytest.fixture

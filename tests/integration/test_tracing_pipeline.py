@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from dispatcher_harness import FakeWorkers, dispatch_settings, running_dispatcher, running_learner, wait_until
-from emulator_process import emulator
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
@@ -26,12 +25,6 @@ from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
-        yield url
 
 
 @pytest.fixture
