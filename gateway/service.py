@@ -36,7 +36,6 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aioredis
 import uvicorn
-from aiokafka.admin import AIOKafkaAdminClient
 from redis.exceptions import RedisError
 
 from gateway.auth import ApiKeys, RateLimiter
@@ -45,10 +44,13 @@ from gateway.request_models import Plan
 from lodestar.client import LodestarClient, Reply
 from lodestar.health import Health
 from lodestar.kafka_admin import fixed_topic_partitions
+from lodestar.kafka_io import make_admin
 from lodestar.lifecycle import ServiceScope, service_lifecycle
+from lodestar.limits import Limits
 from lodestar.metrics import GatewayMetrics
 from lodestar.names import RedisKeys, Topics, check_worker_id
-from lodestar.settings import Settings
+from lodestar.redis_io import make_redis
+from lodestar.settings import ConfigurationError, Settings
 from lodestar.worker_registry import WorkerRegistry
 
 log = logging.getLogger(__name__)
@@ -58,17 +60,14 @@ WORKER_VIEW_S = 0.5  # how often the worker registry is read for saturation
 SHUTDOWN_GRACE_S = 30.0  # how long a stopping gateway waits for the answers under way
 ABORT_MARK_MIN_S = 60  # an abort key outlives the request's deadline by this much
 REDIS_CONNECTIONS = 64
+# what an InferenceRequest adds to the body it is made from (ids, reply topic, deadline, the engine API's options
+# with their defaults filled in, JSON framing), generously
+REQUEST_OVERHEAD_BYTES = 16 * 1024
 
 
 def default_gateway_id() -> str:
     """`<host>-<pid>`, reduced to the characters a topic name takes."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:200]
-
-
-def redis_client(settings: Settings) -> aioredis.Redis:
-    """The gateway's one Redis client (rate limits, abort keys, the worker registry)."""
-    return aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-        settings.redis.url, max_connections=REDIS_CONNECTIONS, timeout=None))
 
 
 class _Server(uvicorn.Server):
@@ -77,6 +76,19 @@ class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self):  # type: ignore[no-untyped-def, override]
         yield
+
+
+def check_limits(settings: Settings, reply_topic: str) -> None:
+    """Refuse settings under which the pipeline would refuse every request of this gateway: a reply topic
+    outside limits.reply_to_pattern, or bodies that may make requests larger than limits allow."""
+    limits = Limits(settings)
+    refusal = limits.reply_topics.refusal(reply_topic)
+    if refusal is not None:
+        raise ConfigurationError(f"gateway: {refusal}; allow it in limits.reply_to_pattern")
+    largest = limits.max_request_bytes - REQUEST_OVERHEAD_BYTES
+    if settings.gateway.max_body_bytes > largest:
+        raise ConfigurationError(f"gateway.max_body_bytes={settings.gateway.max_body_bytes} is over {largest}: a "
+                                 "request made from such a body may not fit limits.max_message_bytes")
 
 
 class GatewayService:
@@ -89,9 +101,10 @@ class GatewayService:
         self.gateway_id = check_worker_id(g.gateway_id or default_gateway_id())
         self.topics = Topics(settings.kafka.topic_prefix)
         self.reply_topic = self.topics.reply(self.gateway_id)
+        check_limits(settings, self.reply_topic)
         self.keys = ApiKeys(g.api_key_hashes, g.allow_anonymous)
         self.redis_keys = RedisKeys(settings.redis.key_prefix)
-        self._redis = redis if redis is not None else redis_client(settings)
+        self._redis = redis if redis is not None else make_redis(settings, pool_size=REDIS_CONNECTIONS)
         self.limiter = RateLimiter(self._redis, self.redis_keys, g.rate_limit_per_s, g.rate_limit_burst)
         self.registry = WorkerRegistry(self._redis, self.redis_keys, settings.worker.state_ttl_s)
         self.client = LodestarClient(settings, reply_topic=self.reply_topic, client_id=f"gateway-{self.gateway_id}")
@@ -150,7 +163,7 @@ class GatewayService:
         await self._redis.aclose(close_connection_pool=True)
 
     async def _delete_reply_topic(self) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka.bootstrap_servers)
+        admin = make_admin(self.settings, client_id=f"lodestar-gateway-{self.gateway_id}")
         try:
             await admin.start()
             await admin.delete_topics([self.reply_topic])

@@ -33,7 +33,13 @@ with none installed it is a no-op and the dispatcher starts the trace.
 
 Results are delivered at least once (a worker that dies between publishing and recording that it
 did may publish again), so the client dedupes by request id: a request's future is resolved by the
-first result and later copies are counted in `duplicate_results`, never returned.
+first result and later copies are counted in `duplicate_results`, never returned. A request id is an
+idempotency key: sending a request again with the same id (a retry after a timeout, say) within the
+workers' dedupe window gets the stored result again, marked `replayed`, rather than a second generation.
+
+A request without a `deadline_ms` gets one from the wait it is given (`timeout_s`): the client stops
+waiting then, so Lodestar answers it with an `error` result instead of generating it if it has not
+reached an engine by that time.
 
 A service embedding the client (the gateway) runs it inside its own lifecycle: `connect()` builds the
 producer and the reply consumer, the service starts them (lodestar/lifecycle.py), then `attach()` positions
@@ -59,7 +65,15 @@ from lodestar import tracing
 from lodestar.kafka_admin import ensure_topics
 from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import Topics
-from lodestar.schemas import InferenceRequest, InferenceResult, InvalidMessage, SamplingParams, StreamChunk
+from lodestar.schemas import (
+    EPOCH_MS_MAX,
+    InferenceRequest,
+    InferenceResult,
+    InvalidMessage,
+    SamplingParams,
+    StreamChunk,
+    now_ms,
+)
 from lodestar.settings import Settings, load_settings
 from lodestar.streams import ChunkAssembler, StreamInterrupted, decode_reply
 
@@ -67,6 +81,14 @@ log = logging.getLogger(__name__)
 
 ANSWERED_MEMORY = 100_000  # request ids remembered after their result, to recognise late duplicates
 MAX_REPLY_CHARS = 64 * 1024 * 1024  # output held for one reply (a stream not read, or a collected answer)
+
+
+def with_deadline(request: InferenceRequest, timeout_s: float) -> InferenceRequest:
+    """`request` with a `deadline_ms` when it has none: nobody waits for its answer after `timeout_s`, so it is
+    not to be generated after then."""
+    if request.deadline_ms is not None:
+        return request
+    return request.model_copy(update={"deadline_ms": min(now_ms() + timeout_s * 1000.0, EPOCH_MS_MAX)})
 
 
 def reply_topic_for(client_name: str, topics: Topics | None = None) -> str:
@@ -332,7 +354,7 @@ class LodestarClient:
     async def request(self, request: InferenceRequest, timeout_s: float = 120.0) -> InferenceResult:
         """Submit a prepared request and wait for its result; TimeoutError after timeout_s."""
         async with asyncio.timeout(timeout_s):
-            reply = await self.send(request)
+            reply = await self.send(with_deadline(request, timeout_s))
             try:
                 return await reply.result_only()
             finally:
@@ -342,7 +364,7 @@ class LodestarClient:
     async def stream(self, request: InferenceRequest, timeout_s: float = 120.0) -> AsyncIterator[Reply]:
         """Submit `request` as a stream and yield its Reply to iterate; TimeoutError after timeout_s."""
         async with asyncio.timeout(timeout_s):
-            reply = await self.send(request.model_copy(update={"stream": True}))
+            reply = await self.send(with_deadline(request, timeout_s).model_copy(update={"stream": True}))
             try:
                 yield reply
             finally:
@@ -402,15 +424,14 @@ class LodestarClient:
             reply._chunk(message)
             self.duplicate_chunks += reply._assembler.duplicates - duplicates
             return
-        if rid in self._answered:
-            self.duplicate_results += 1
-            return
         reply = self._replies.get(rid)
-        if reply is None or reply.done:
-            if reply is None:
+        if reply is None or reply.done:  # answered already, another client's request, or one that timed out here
+            if rid in self._answered:
+                self.duplicate_results += 1
+            elif reply is None:
                 self.orphan_replies += 1
-            return  # another client's request, or one that timed out here
-        reply._result(message)
+            return
+        reply._result(message)  # a request sent again with an answered id waits for its (replayed) answer
         self._answered[rid] = None
         if len(self._answered) > ANSWERED_MEMORY:
             self._answered.popitem(last=False)

@@ -133,6 +133,15 @@ class DispatcherMetrics:
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.dlq = Counter("lodestar_dispatcher_dlq", "Messages sent to the dead-letter topic, by reason kind.",
                            ["reason"], registry=r)
+        self.answered = Counter("lodestar_dispatcher_answered", "Requests the dispatcher answered itself instead "
+                                "of routing them, by reason kind (deadline_exceeded, no_worker).", ["reason"],
+                                registry=r)
+        self.batch_retries = Counter("lodestar_dispatcher_batch_retries", "Batches held uncommitted and retried "
+                                     "after a transient failure (broker or Redis unavailable, no worker).",
+                                     registry=r)
+        self.redis_writes_skipped = Counter("lodestar_dispatcher_redis_writes_skipped", "Non-essential Redis "
+                                            "writes skipped because Redis was out of memory, by write.",
+                                            ["write"], registry=r)
         self.snapshot_version = Gauge("lodestar_dispatcher_snapshot_version", "Version of the model snapshot in "
                                       "use (0: none yet).", registry=r)
         self.snapshot_age = Gauge("lodestar_dispatcher_snapshot_age_seconds", "Seconds since the learner created "
@@ -155,6 +164,14 @@ class DispatcherMetrics:
     def record_dead_letter(self, reason: str) -> None:
         """One message to the DLQ; `reason` is a short kind such as `invalid_message`."""
         self.dlq.labels(reason=kind_label(reason)).inc()
+
+    def record_answered(self, reason: str) -> None:
+        """One request answered by the dispatcher itself; `reason` is a short kind."""
+        self.answered.labels(reason=kind_label(reason)).inc()
+
+    def record_redis_write_skipped(self, write: str) -> None:
+        """One non-essential Redis write skipped (out of memory); `write` is a short kind."""
+        self.redis_writes_skipped.labels(write=kind_label(write)).inc()
 
     def snapshot_loaded(self, version: int, created_at_s: float | None = None) -> None:
         """A model snapshot is in use; `created_at_s` is its creation time (epoch seconds, default now)."""
@@ -186,6 +203,14 @@ class WorkerMetrics:
                                  ["worker", "status"], registry=r)
         for status in ("ok", "error", "rejected"):
             self._requests.labels(worker=worker_id, status=status)  # expose zeros: rate() sees the first one
+        self._answered = Counter("lodestar_worker_answered", "Requests answered without generating, by kind "
+                                 "(replayed, not_replayable, id_conflict, deadline_exceeded).", ["worker", "reason"],
+                                 registry=r)
+        self._dlq = Counter("lodestar_worker_dlq", "Records sent to the dead-letter topic, by stage.",
+                            ["worker", "stage"], registry=r)
+        self._redis_writes_skipped = Counter("lodestar_worker_redis_writes_skipped", "Non-essential Redis writes "
+                                             "skipped (out of memory, or refused), by write.", ["worker", "write"],
+                                             registry=r)
 
     def record_result(self, result: InferenceResult) -> None:
         """Count a final result and observe the latencies it carries (milliseconds in, seconds out)."""
@@ -197,6 +222,18 @@ class WorkerMetrics:
     def record_engine_error(self, kind: str) -> None:
         """One failed engine call; `kind` is a short kind such as `unavailable`, `timeout`, `rejected`."""
         self._engine_errors.labels(worker=self.worker_id, kind=kind_label(kind)).inc()
+
+    def record_answered(self, reason: str) -> None:
+        """One request answered without generating; `reason` is a short kind such as `replayed`."""
+        self._answered.labels(worker=self.worker_id, reason=kind_label(reason)).inc()
+
+    def record_dead_letter(self, stage: str) -> None:
+        """One record to the DLQ; `stage` is the dead letter's stage (`decode`, `serve`, `publish`, `dedupe`)."""
+        self._dlq.labels(worker=self.worker_id, stage=kind_label(stage)).inc()
+
+    def record_redis_write_skipped(self, write: str) -> None:
+        """One non-essential Redis write skipped; `write` is a short kind (`store`, `mark_done`)."""
+        self._redis_writes_skipped.labels(worker=self.worker_id, write=kind_label(write)).inc()
 
 
 class LearnerMetrics:

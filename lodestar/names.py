@@ -37,14 +37,29 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}dlq"
 
+    @property
+    def worker_topic_prefix(self) -> str:
+        """What every worker's topic name starts with."""
+        return f"{self.prefix}worker."
+
+    @property
+    def worker_group_prefix(self) -> str:
+        """What every worker's consumer group name starts with."""
+        return f"{self.prefix.rstrip('.')}-worker-"
+
+    @property
+    def reply_prefix(self) -> str:
+        """What every per-client reply topic name starts with."""
+        return f"{self.prefix}reply."
+
     def worker(self, worker_id: str) -> str:
         """The topic a worker consumes its routed requests from."""
-        return f"{self.prefix}worker.{check_worker_id(worker_id)}"
+        return f"{self.worker_topic_prefix}{check_worker_id(worker_id)}"
 
     def worker_group(self, worker_id: str) -> str:
         """The consumer group of a worker on its topic (`lodestar-worker-<id>` under the default prefix);
         a dispatcher joins it to take over a dead worker's backlog."""
-        return f"{self.prefix.rstrip('.')}-worker-{check_worker_id(worker_id)}"
+        return f"{self.worker_group_prefix}{check_worker_id(worker_id)}"
 
     def reply(self, name: str) -> str:
         """A client's own reply topic (`<prefix>reply.<name>`; a gateway's name is its id)."""

@@ -22,7 +22,7 @@ from functools import cache
 from typing import Any
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
 _BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
@@ -49,7 +49,11 @@ def type_text(annotation: Any) -> str:
         return type_text(typing.get_args(annotation)[0])
     if annotation is None or annotation is type(None):
         return "None"
+    if annotation is SecretStr:
+        return "secret"
     origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in typing.get_args(annotation))
     if origin in (typing.Union, types.UnionType):
         return " | ".join(type_text(a) for a in typing.get_args(annotation))
     if origin is not None:

@@ -25,6 +25,7 @@ from pydantic.json_schema import models_json_schema
 from dispatcher.routing import describe
 from lodestar.cluster_view import ClusterView
 from lodestar.features import as_dict, candidate_matrix
+from lodestar.limits import Limits
 from lodestar.names import WORKER_ID_PATTERN, Topics
 from lodestar.schemas import (
     SCHEMA_VERSION,
@@ -47,6 +48,7 @@ from lodestar.settings import (
     KafkaSettings,
     LearnerSettings,
     PrefixSettings,
+    Settings,
 )
 
 OUTPUT = PROJECT_ROOT / "docs" / "asyncapi.yaml"
@@ -55,6 +57,7 @@ SCHEMAS = "#/components/schemas/"
 
 KAFKA = KafkaSettings()
 TOPICS = Topics(KAFKA.topic_prefix)
+LIMITS = Limits(Settings.model_construct())  # the defaults, not the environment
 WORKER_PARAM = "workerId"
 EXAMPLE_WORKER = "h100-0"
 CLIENT_PARAM = "clientName"
@@ -113,11 +116,13 @@ def topics() -> list[Topic]:
               "it at start and consumes it in its own group, which a dispatcher joins to re-route the backlog "
               "of a worker that stays dead (attempt + 1)."),
         Topic("results", TOPICS.results, InferenceResult, "The request id.", KAFKA.results_partitions,
-              "The one final result of each request: from the worker that served it, or a `rejected` result "
-              "from a dispatcher that found no live worker in time. A request with `reply_to` gets its result "
-              "on that topic instead (a topic of the client's, never one of Lodestar's own). Delivery is at "
-              "least once: a client keeps the first result per request id. A streamed request (`stream`) gets "
-              "its StreamChunks here first, in order on the result's partition.", also=(StreamChunk,)),
+              "The one final result of each request: from the worker that served it, or from a dispatcher that "
+              "answered it itself (`rejected`: no live worker in time; `error`: its deadline passed). A request "
+              "with `reply_to` gets its result on that topic instead (an allowed reply topic, never one of "
+              "Lodestar's own). Delivery is at least once: a client keeps the first result per request id. A "
+              "request sent again with its id within the dedupe window gets the stored result again, with "
+              "`replayed` true. A streamed request (`stream`) gets its StreamChunks here first, in order on the "
+              "result's partition.", also=(StreamChunk,)),
         Topic("reply", f"{TOPICS.prefix}reply.{{{CLIENT_PARAM}}}",
               InferenceResult, "The request id.", GatewaySettings().reply_partitions,
               "A client's own reply topic (a request's `reply_to`; lodestar/client.py names it "
@@ -340,12 +345,21 @@ def document() -> dict[str, Any]:
                 Lodestar's own. The operations below are what Lodestar's services do.
 
                 Messages are UTF-8 JSON, strict (unknown fields are refused, types are not coerced), and carry
-                `schema_version` ({SCHEMA_VERSION}); a contract changes only with a version bump. The payload
-                schemas are those of the models in lodestar/schemas.py. Rules they do not state: an
-                InferenceRequest has exactly one of a non-empty `prompt`, non-empty `input_ids` or non-empty
-                `messages` (a chat), its `api.kind` is `chat` exactly when it has `messages`, and its
-                `reply_to` is a valid topic name that is none of Lodestar's own topics. A message that breaks
-                a rule is not served: it goes to `{TOPICS.dlq}` with the reason.
+                `schema_version` ({SCHEMA_VERSION}); a contract changes only with a version bump. Numbers are
+                finite (`NaN` and `Infinity` are refused). The payload schemas are those of the models in
+                lodestar/schemas.py, bounds included. Rules they do not state, which the deployment sets
+                (settings `limits.*`, docs/architecture.md "Bounds on input"): an InferenceRequest has exactly
+                one of a non-empty `prompt`, non-empty `input_ids` or non-empty `messages` (a chat), and its
+                `api.kind` is `chat` exactly when it has `messages`; it is at most `limits.max_message_bytes`
+                minus 64 KiB long as sent ({LIMITS.max_request_bytes:,} bytes by default), so that its routed
+                copy fits the broker; its token ids are at most `limits.max_token_id` (the model's vocabulary
+                size - 1; {LIMITS.max_token_id:,} by default); its `reply_to` matches
+                `limits.reply_to_pattern` (by default `<prefix>results` or `<prefix>reply.<name>`) and is
+                never a Kafka internal topic nor one of Lodestar's own. `deadline_ms` is an absolute time in
+                epoch milliseconds: a request not served by then is answered with an `error` result instead.
+                `priority` is passed to SGLang's `/generate` `priority`. A `request_id` is an idempotency key
+                for an hour. A message that breaks a rule is not served: it goes to `{TOPICS.dlq}` with the
+                reason.
 
                 Streaming: a request with `stream: true` gets StreamChunks on its reply topic before its
                 result, on the same partition (key: the request id). Each serving of the request numbers its

@@ -17,7 +17,7 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from lodestar import settings as settings_module
@@ -57,6 +57,10 @@ def default_text(value: Any) -> str:
         return f'`"{value}"`' if value == "" else f"`{value}`"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, SecretStr):
+        return "none" if not value.get_secret_value() else "(set)"
+    if value == {}:
+        return "none"
     return f"`{value}`"
 
 
@@ -71,7 +75,7 @@ def field_rows(model: type[BaseModel], env_prefix: str, yaml_prefix: str) -> lis
     for name, field in model.model_fields.items():
         description = field.description or comments.get(name, "")
         rows.append(f"| `{yaml_prefix}{name}` | `{env_prefix}{name.upper()}` | {_cell(type_name(field))} | "
-                    f"{default_text(field.get_default(call_default_factory=True))} | {_cell(description)} |")
+                    f"{_cell(default_text(field.get_default(call_default_factory=True)))} | {_cell(description)} |")
     return rows
 
 

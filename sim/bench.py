@@ -10,7 +10,7 @@ import numpy as np
 
 from sim.cluster import ClusterSpec
 from sim.metrics import summarize
-from sim.policy_factory import PolicySpec, build_sim_policy
+from sim.policy_factory import PolicySetup, PolicySpec, build_sim_policy
 from sim.simulator import SimResult, Simulator
 from sim.workloads import Workload
 
@@ -35,16 +35,35 @@ def result_row(result: SimResult, *, policy: str, seed: int, cluster: str, workl
     return row
 
 
-def run_one(cluster: ClusterSpec, workload: Workload, spec: PolicySpec, seed: int, *,
-            refresh_interval_s: float = 0.1, progress: Callable[[float], None] | None = None) -> RunOutcome:
-    """Simulate `workload` (stream seeded by `seed`) on `cluster` under the policy of `spec`."""
+@dataclass(slots=True)
+class SimRun:
+    """One (policy, seed) simulation as it ended: its results row, the simulator's result (every completed
+    request with its routing decision) and the policy it ran with its telemetry sink (a learner's log)."""
+
+    row: dict[str, Any]
+    result: SimResult
+    setup: PolicySetup
+
+
+def simulate(cluster: ClusterSpec, workload: Workload, spec: PolicySpec, seed: int, *,
+             refresh_interval_s: float = 0.1, progress: Callable[[float], None] | None = None) -> SimRun:
+    """Simulate `workload` (stream seeded by `seed`) on `cluster` under the policy of `spec`: the one way a
+    run is made, by `lodestar bench sim` and by the results campaign alike."""
     setup = build_sim_policy(spec, seed=seed)
     sim = Simulator(cluster, setup.policy, seed=seed, refresh_interval_s=refresh_interval_s, sink=setup.sink)
     result = sim.run(workload.requests(seed), workload.slowdowns, progress=progress)
     row = result_row(result, policy=spec.label, seed=seed, cluster=cluster.name, workload=workload.name)
-    arrival = np.fromiter((r.arrival_s for r in result.records), np.float64, len(result.records))
-    ttft = np.fromiter((r.ttft_s for r in result.records), np.float64, len(result.records))
-    return RunOutcome(row, arrival, ttft)
+    return SimRun(row, result, setup)
+
+
+def run_one(cluster: ClusterSpec, workload: Workload, spec: PolicySpec, seed: int, *,
+            refresh_interval_s: float = 0.1, progress: Callable[[float], None] | None = None) -> RunOutcome:
+    """`simulate`, keeping only the results row and the per-request series the bench's plots need."""
+    run = simulate(cluster, workload, spec, seed, refresh_interval_s=refresh_interval_s, progress=progress)
+    records = run.result.records
+    arrival = np.fromiter((r.arrival_s for r in records), np.float64, len(records))
+    ttft = np.fromiter((r.ttft_s for r in records), np.float64, len(records))
+    return RunOutcome(run.row, arrival, ttft)
 
 
 def run_benchmark(cluster: ClusterSpec, workload: Workload, specs: Sequence[PolicySpec], seeds: Sequence[int], *,

@@ -3,8 +3,9 @@
 `LearningLoop` is the simulator's TelemetrySink. Each completed request's routed features and observed
 TTFT go to the same `Learner` the live learner service runs; at the live cadence (every N events or T
 seconds, here of virtual time) the learner's snapshot is signed, encoded, decoded and verified exactly
-as it travels through Redis, and hot-swapped into the `learned` policy the simulator routes with. So
-the simulator measures what the live system would do, cold start included.
+as it travels through Redis (with a key of this process's own: nothing leaves it), and hot-swapped
+into the `learned` policy the simulator routes with. So the simulator measures what the live system
+would do, cold start included.
 
 `learning_loop(family, seed=..., params=...)` builds one from cold: the `learned` policy with `params`
 (its own parameters, such as `fallback` or `epsilon_start`, validated as the dispatcher validates
@@ -15,6 +16,7 @@ cadence from settings, e.g. `snapshot_every_events`) and `model` (the family's h
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,10 +35,10 @@ MODEL_SECTION = "model"
 class LearningLoop:
     """Feeds completions to a Learner and installs each new snapshot in the learned policy."""
 
-    def __init__(self, learner: Learner, policy: LearnedPolicy, hmac_key: str):
+    def __init__(self, learner: Learner, policy: LearnedPolicy, key: codec.SigningKey | None = None):
         self.learner = learner
         self.policy = policy
-        self.hmac_key = hmac_key
+        self.key = key or codec.SigningKey("sim", os.urandom(32))
         self.snapshots: list[dict[str, Any]] = []
 
     def observe(self, record: CompletedRequest) -> None:
@@ -50,7 +52,7 @@ class LearningLoop:
         snap = self.learner.maybe_snapshot(now_s)
         if snap is None:
             return
-        self.policy.load_snapshot(codec.decode(codec.encode(snap, self.hmac_key), self.hmac_key))
+        self.policy.load_snapshot(codec.decode(codec.encode(snap, self.key), {self.key.key_id: self.key.secret}))
         holdout = snap.meta.get("holdout", {})
         self.snapshots.append({
             "version": snap.version, "at_s": now_s, "validated": snap.validated,
@@ -80,4 +82,4 @@ def learning_loop(family: str, *, seed: int, params: Mapping[str, Any]) -> Learn
     learner = make_learner(family, config, seed=seed, model_params=model_section)
     policy = make_policy(LearnedPolicy.name, policy_params, seed=seed)
     assert isinstance(policy, LearnedPolicy)
-    return LearningLoop(learner, policy, settings.learner.hmac_key)
+    return LearningLoop(learner, policy)

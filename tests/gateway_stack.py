@@ -83,8 +83,9 @@ def gateway_pipeline(
     engine = WorkerSpec(worker_id="e0", gpu="H100", model="llama-3.1-8b")
 
     # ports from a random base: test runs in other checkouts of this host start pipelines too, and two scans
-    # from the same base may pick the same port before either binds it
-    base = random.randrange(40_000, 60_000, 100)
+    # from the same base may pick the same port before either binds it. Below Linux's ephemeral range (32768 up):
+    # a port found free there may be taken by an outgoing connection (a Kafka client's) before the gateway binds it
+    base = random.randrange(20_000, 32_000, 100)
 
     async def start() -> tuple[dict[str, str], dict[str, str]]:
         await ensure_topics(settings, fixed_topic_partitions(settings))

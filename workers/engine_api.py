@@ -79,11 +79,15 @@ def engine_call(request: InferenceRequest) -> EngineCall:
                 body["token_ids_logprob"] = list(api.token_ids_logprob)
         if api.cache_salt is not None:
             body["cache_salt"] = api.cache_salt
+        if request.priority is not None:
+            body["priority"] = request.priority
         return EngineCall(GENERATE_PATH, body)
     body = {_OPENAI_NAMES.get(k, k): v for k, v in params.items()}
     body.update(stream=True, stream_options={"include_usage": True}, rid=request.request_id)
     if api.cache_salt is not None:
         body["cache_salt"] = api.cache_salt
+    if request.priority is not None:  # SGLang's OpenAI APIs take it too (`--enable-priority-scheduling`)
+        body["priority"] = request.priority
     if api.kind == "chat":
         body["messages"] = [m.model_dump(exclude_none=True) for m in request.messages or ()]
         if api.logprobs:

@@ -33,6 +33,15 @@ from workers.engine_api import StreamCollector, engine_call
 from workers.sglang_client import Generation, SGLangClient, StreamMeter
 
 
+class ChunksUndelivered(Exception):
+    """The broker did not take a chunk of a stream (`cause`): its readers see a gap, the request is answered
+    as an error."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__(f"stream chunks not delivered: {cause!r}")
+        self.cause = cause
+
+
 class ChunkPublisher:
     """Publishes one serving's StreamChunks in order, acknowledged together by `flush`.
 

@@ -34,7 +34,9 @@ def emulator(
     decode_log_interval: int = typer.Option(
         40, min=1, help="Decode iterations between 'Decode batch' log lines and gen_throughput updates."),
     api_key: str | None = typer.Option(
-        None, help="Require 'Authorization: Bearer KEY' on every route but /health* and /metrics (SGLang --api-key)."),
+        None, envvar="LODESTAR_EMULATOR_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every route but /health* and /metrics (SGLang --api-key); "
+             "the environment variable keeps it off the command line."),
     max_payload_size: int = typer.Option(
         64 * 1024 * 1024, min=1, help="Largest request body in bytes; larger ones get 413."),
     served_model_name: str | None = typer.Option(None, help="Model name to report (default: the HF path)."),
@@ -53,7 +55,7 @@ def emulator(
         gpu=gpu, model=model, host=host, port=port, time_scale=time_scale,
         max_queued_requests=max_queued_requests, max_running_requests=max_running_requests, seed=seed,
         block_tokens=block_tokens, served_model_name=served_model_name, context_length=context_length,
-        chunked_prefill_size=chunked_prefill_size, decode_log_interval=decode_log_interval, api_key=api_key,
+        chunked_prefill_size=chunked_prefill_size, decode_log_interval=decode_log_interval, api_key=api_key or None,
         max_payload_size=max_payload_size,
     )
     serve(config, log_level=log_level)

@@ -110,6 +110,12 @@ async def _too_large(_: Request, exc: Exception) -> Response:
     return error_response(str(exc), "Payload Too Large", 413)
 
 
+def _bearer_matches(authorization: bytes, key: bytes) -> bool:
+    """`Bearer <key>`, the scheme in any case (RFC 6750, as SGLang's middleware reads it), compared in constant time."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
 class _Guard:
     """In front of every route, as SGLang's middlewares: with an API key, a request without
     `Authorization: Bearer <key>` gets 401 (except /health* and /metrics); a body whose Content-Length
@@ -117,7 +123,7 @@ class _Guard:
 
     def __init__(self, app: ASGIApp, api_key: str | None, max_payload_size: int) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
         self.max_payload_size = max_payload_size
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -127,7 +133,7 @@ class _Guard:
         headers = dict(scope["headers"])
         path = scope["path"]
         if (self.expected is not None and scope["method"] != "OPTIONS" and not path.startswith(OPEN_PATHS)
-                and not hmac.compare_digest(headers.get(b"authorization", b""), self.expected)):
+                and not _bearer_matches(headers.get(b"authorization", b""), self.expected)):
             await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
             return
         length = headers.get(b"content-length", b"")

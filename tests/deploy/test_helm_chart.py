@@ -42,6 +42,7 @@ from settings_env import settings_env_names
 
 from lodestar.health import LIVENESS_PATH, READINESS_PATH
 from lodestar.settings import PROJECT_ROOT, Settings
+from lodestar.snapshot_keys import PUBLISHED_KEYS
 
 FULL = "rel-lodestar"
 LODESTAR_IMAGE = "lodestar:0.1.0"
@@ -199,7 +200,7 @@ def test_the_hmac_key_reaches_only_the_learner_and_dispatchers_from_a_secret(val
     docs = rendered(values)
     readers = set()
     for doc, c in containers(docs):
-        entry = env_of(c).get("LODESTAR_LEARNER__HMAC_KEY")
+        entry = env_of(c).get("LODESTAR_SNAPSHOT_SIGNING__KEY")
         if entry is not None:
             assert "value" not in entry, "the HMAC key must never be a plain value"
             assert entry["valueFrom"]["secretKeyRef"]["key"] == "hmac-key"
@@ -214,7 +215,7 @@ def test_no_secret_has_a_usable_default() -> None:
 
     first, second = hmac_key(rendered_text(DEFAULT)), hmac_key(template(None).stdout)
     assert first != second  # generated per install, not a default
-    assert len(first) == 64 and first != Settings().learner.hmac_key
+    assert len(first) == 64 and first.encode() not in PUBLISHED_KEYS
     given = template(None, "secrets.hmacKey=from-my-vault", "redis.auth.enabled=true").stdout
     assert hmac_key(given) == "from-my-vault"
     redis_password = base64.b64decode(find(parse(given), "Secret", FULL)["data"]["redis-password"]).decode()
@@ -226,7 +227,7 @@ def test_an_existing_secret_is_referenced_not_created() -> None:
     assert not [d for d in docs if d["kind"] == "Secret"]
     for doc, c in containers(docs):
         env = env_of(c)
-        for name in ("LODESTAR_LEARNER__HMAC_KEY", "REDIS_PASSWORD"):
+        for name in ("LODESTAR_SNAPSHOT_SIGNING__KEY", "REDIS_PASSWORD"):
             if name in env:
                 ref = env[name]["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "lodestar-keys", (doc["metadata"]["name"], name)
@@ -313,7 +314,7 @@ def test_gpu_pools_one_statefulset_per_type_worker_id_from_the_pod_name() -> Non
         assert env["LODESTAR_WORKER__GPU_TYPE"]["value"] == gpu
         assert env["LODESTAR_WORKER__MAX_CONCURRENCY"]["value"] == concurrency
         assert env["LODESTAR_WORKER__SGLANG_URL"]["value"] == "http://127.0.0.1:30000"
-        assert "LODESTAR_LEARNER__HMAC_KEY" not in env
+        assert "LODESTAR_SNAPSHOT_SIGNING__KEY" not in env
     l40s_engine = find(docs, "StatefulSet", f"{FULL}-gpu-l40s")["spec"]["template"]["spec"]["containers"][0]
     assert l40s_engine["args"][-2:] == ["--mem-fraction-static", "0.85"]
 

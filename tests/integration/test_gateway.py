@@ -15,12 +15,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from gateway_stack import MODEL, GatewayPipeline, gateway_pipeline
 from worker_harness import TopicReader
 
 from lodestar.client import LodestarClient
 from lodestar.kafka_admin import ensure_topics
+from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, SamplingParams
 
@@ -179,9 +179,8 @@ async def test_plain_kafka_clients_stream_too(pipe: GatewayPipeline) -> None:
     topics = Topics(settings.kafka.topic_prefix)
     reply_topic = topics.reply(f"kcat-{uuid.uuid4().hex[:6]}")
     await ensure_topics(settings, {reply_topic: 1})
-    consumer = AIOKafkaConsumer(reply_topic, bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
-                                auto_offset_reset="earliest")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = make_consumer(settings, reply_topic, group_id=None, client_id="plain-stream-test")
+    producer = make_producer(settings, client_id="plain-stream-test", enable_idempotence=False, acks=1)
     await consumer.start()
     await producer.start()
     try:

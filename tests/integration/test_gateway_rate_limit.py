@@ -10,6 +10,10 @@ import redis.asyncio as aioredis
 from gateway.auth import RateLimiter
 from gateway.errors import ApiError
 from lodestar.names import RedisKeys
+from lodestar.redis_io import make_redis
+from lodestar.settings import Settings
+
+SETTINGS = Settings()
 
 pytestmark = pytest.mark.integration
 
@@ -17,7 +21,7 @@ pytestmark = pytest.mark.integration
 async def test_two_gateways_draw_from_one_bucket_per_key(redis_url: str, redis_prefix: str,
                                                          redis_client: aioredis.Redis) -> None:
     keys = RedisKeys(redis_prefix)
-    clients = [aioredis.from_url(redis_url) for _ in range(2)]
+    clients = [make_redis(SETTINGS) for _ in range(2)]
     try:
         gateways = [RateLimiter(c, keys, rate_per_s=4.0, burst=3) for c in clients]
         for i in range(3):  # the burst, spread over both gateways
@@ -38,7 +42,7 @@ async def test_two_gateways_draw_from_one_bucket_per_key(redis_url: str, redis_p
 
 
 async def test_zero_rate_turns_the_limit_off(redis_url: str, redis_prefix: str) -> None:
-    client = aioredis.from_url(redis_url)
+    client = make_redis(SETTINGS)
     try:
         limiter = RateLimiter(client, RedisKeys(redis_prefix), rate_per_s=0.0, burst=1)
         for _ in range(5):

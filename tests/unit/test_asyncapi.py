@@ -16,11 +16,11 @@ import yaml
 from jsonschema import Draft7Validator
 from opentelemetry import baggage, trace
 
-from dispatcher.service import validate_request
 from learner.service import validate_telemetry
 from lodestar import schemas, tracing
+from lodestar.limits import Limits
 from lodestar.names import Topics
-from lodestar.settings import PROJECT_ROOT
+from lodestar.settings import PROJECT_ROOT, Settings
 from lodestar.streams import decode_reply
 
 ASYNCAPI_SCHEMA = PROJECT_ROOT / "tests" / "data" / "asyncapi-3.0.0" / "schema.json"
@@ -151,15 +151,16 @@ def test_each_message_has_a_valid_example_that_its_consumer_accepts() -> None:
             decoded = schemas.decode(model, json.dumps(example["payload"]))
             assert decoded.model_dump(mode="json") == example["payload"]
     plain, chat = (json.dumps(e["payload"]).encode() for e in messages["InferenceRequest"]["examples"])
-    assert validate_request(plain).request_id == "6f1c0c9ad3f54b1c8f0e8a4d2b7c9e10"
-    streamed = validate_request(chat)
+    limits = Limits(Settings())
+    assert limits.decode_request(plain).request_id == "6f1c0c9ad3f54b1c8f0e8a4d2b7c9e10"
+    streamed = limits.decode_request(chat)
     assert streamed.stream and streamed.messages and streamed.engine_api == "chat"
     for example in messages["StreamChunk"]["examples"]:  # a reply topic's reader tells chunks from results
         assert isinstance(decode_reply(json.dumps(example["payload"]).encode()), schemas.StreamChunk)
     result = json.dumps(messages["InferenceResult"]["examples"][0]["payload"]).encode()
     assert isinstance(decode_reply(result), schemas.InferenceResult)
     telemetry = json.dumps(messages["TelemetryEvent"]["examples"][0]["payload"]).encode()
-    sample = validate_telemetry(telemetry, max_latency_ms=600_000.0)
+    sample = validate_telemetry(telemetry, 600_000.0, limits)
     assert sample is not None and sample.ttft_ms == pytest.approx(49.2)
 
 

@@ -34,3 +34,17 @@ def test_reply_topics():
     assert LodestarClient(Settings()).reply_topic == "lodestar.results"
     assert reply_topic_for("fe1", Topics("t1.")) == "t1.reply.fe1"
     assert LodestarClient(Settings(), reply_topic="t1.reply.fe1").reply_topic == "t1.reply.fe1"
+
+
+async def test_a_request_sent_again_with_its_id_takes_the_next_answer():
+    client = LodestarClient(Settings())
+    first = client._replies["r1"] = Reply("r1")
+    client._accept(result("r1", "first"))
+    assert (await first.result_only()).text == "first"
+    client.forget("r1")
+    again = client._replies["r1"] = Reply("r1")  # the caller retries with the same id
+    client._accept(InferenceResult(request_id="r1", worker_id="w", status="ok", text="first", replayed=True).to_bytes())
+    replayed = await again.result_only()
+    assert replayed.replayed and replayed.text == "first" and client.duplicate_results == 0
+    client._accept(result("r1", "late copy"))
+    assert client.duplicate_results == 1

@@ -1,4 +1,5 @@
-"""What the dispatcher dead-letters, and the reason each dead letter carries."""
+"""What the dispatcher dead-letters at admission (lodestar.limits on top of the schema), and the reason each
+dead letter carries."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ from typer.testing import CliRunner
 
 from app.cli import app as cli
 from dispatcher.policies.base import SnapshotPolicy
-from dispatcher.service import build_policy, validate_request
+from dispatcher.service import build_policy
+from lodestar.limits import Limits
 from lodestar.params import ParamsError
 from lodestar.schemas import InferenceRequest, InvalidMessage
 from lodestar.settings import Settings
+
+validate_request = Limits(Settings()).decode_request
 
 
 @pytest.mark.parametrize(
@@ -27,7 +31,8 @@ from lodestar.settings import Settings
         (json.dumps({"prompt": "hi", "colour": "blue"}).encode(), "colour: Extra inputs are not permitted"),
         (json.dumps({"input_ids": [1, -5]}).encode(), "input_ids.1"),
         (json.dumps({"prompt": "hi", "sampling": {"max_new_tokens": 0}}).encode(), "sampling.max_new_tokens"),
-        (InferenceRequest(prompt="hi", reply_to="no spaces allowed").to_bytes(), "is not a Kafka topic name"),
+        (json.dumps({"prompt": "hi", "reply_to": "no spaces allowed"}).encode(), "reply_to: String should match"),
+        (InferenceRequest(prompt="hi", reply_to="my.replies-1").to_bytes(), "is not an allowed reply topic"),
     ],
 )
 def test_invalid_requests_are_refused_with_a_readable_reason(raw: bytes | None, reason: str) -> None:
@@ -37,7 +42,7 @@ def test_invalid_requests_are_refused_with_a_readable_reason(raw: bytes | None, 
 
 
 def test_valid_requests_pass_unchanged() -> None:
-    request = InferenceRequest(input_ids=[1, 2, 3], reply_to="my.replies-1", session_id="s")
+    request = InferenceRequest(input_ids=[1, 2, 3], reply_to="lodestar.reply.frontend-1", session_id="s")
     assert validate_request(request.to_bytes()) == request
 
 

@@ -14,10 +14,10 @@ import pytest
 
 from gateway.auth import ApiKeys, key_digest
 from gateway.http import create_app
-from gateway.service import GatewayService
+from gateway.service import GatewayService, check_limits
 from lodestar.client import Reply
 from lodestar.schemas import InferenceRequest, InferenceResult, StreamChunk
-from lodestar.settings import Settings
+from lodestar.settings import ConfigurationError, Settings
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 KEY = "sk-test-123"
@@ -443,3 +443,11 @@ async def test_metrics_count_requests_by_route_and_code(http):
     text = (await client.get("/metrics")).text
     assert 'lodestar_gateway_requests_total{code="200",gateway="' in text
     assert 'code="400"' in text and "lodestar_gateway_ttft_seconds_bucket" in text
+
+
+def test_a_gateway_refuses_settings_under_which_every_request_would_be_refused() -> None:
+    check_limits(Settings(), "lodestar.reply.g1")
+    with pytest.raises(ConfigurationError, match="limits.reply_to_pattern"):
+        check_limits(Settings(limits={"reply_to_pattern": "{prefix}results"}), "lodestar.reply.g1")
+    with pytest.raises(ConfigurationError, match="gateway.max_body_bytes"):
+        check_limits(Settings(gateway={"max_body_bytes": 1_000_000}), "lodestar.reply.g1")

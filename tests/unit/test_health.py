@@ -132,7 +132,7 @@ def test_healthz_fails_while_the_service_loop_is_blocked(loop_in_thread: asyncio
 
 
 def _settings(**dispatcher: str) -> Settings:
-    return Settings(dispatcher=dispatcher, worker={"worker_id": "w1"},
+    return Settings(dispatcher=dispatcher, worker={"worker_id": "w1"}, snapshot_signing={"key": "h" * 40},
                     learner={"checkpoint_path": "/nonexistent/lodestar-test/checkpoint.json"})
 
 

@@ -12,7 +12,7 @@ from learner.trainer import LearnerConfig, make_learner
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import FEATURE_INDEX, N_FEATURES
 from lodestar.params import ParamsError
-from lodestar.snapshot import SnapshotError
+from lodestar.snapshot import SigningKey, SnapshotError
 from sim.cluster import ClusterSpec
 from sim.learning_loop import LearningLoop
 from sim.policy_factory import PolicySpec, build_sim_policy, learned_families
@@ -40,7 +40,7 @@ def record(k: int, rng: np.random.Generator) -> CompletedRequest:
 def test_loop_publishes_signed_snapshots_into_the_policy() -> None:
     policy = LearnedPolicy(fallback=First())
     cfg = LearnerConfig(snapshot_every_events=200, snapshot_every_s=1e9, warmup_snapshot_every_events=200)
-    loop = LearningLoop(make_learner("river", cfg), policy, hmac_key="sim-key")
+    loop = LearningLoop(make_learner("river", cfg), policy, SigningKey("sim", b"s" * 32))
     rng = np.random.default_rng(0)
     for k in range(1000):
         rec = record(k, rng)
@@ -51,21 +51,21 @@ def test_loop_publishes_signed_snapshots_into_the_policy() -> None:
 
 
 def test_records_without_features_are_skipped() -> None:
-    loop = LearningLoop(make_learner("river"), LearnedPolicy(fallback=First()), hmac_key="k")
+    loop = LearningLoop(make_learner("river"), LearnedPolicy(fallback=First()))
     rec = record(0, np.random.default_rng(0))
     rec.features = None
     loop.observe(rec)
     assert loop.learner.n_seen == 0
 
 
-def test_an_empty_key_is_refused_at_the_first_snapshot() -> None:
-    cfg = LearnerConfig(snapshot_every_events=10, warmup_snapshot_every_events=10)
-    loop = LearningLoop(make_learner("river", cfg), LearnedPolicy(fallback=First()), hmac_key="")
-    rng = np.random.default_rng(0)
-    with pytest.raises(SnapshotError, match="empty HMAC key"):
-        for k in range(20):
-            loop.observe(record(k, rng))
-            loop.tick(k * 0.05)
+def test_an_empty_key_is_refused_before_any_snapshot() -> None:
+    with pytest.raises(SnapshotError, match="empty"):
+        LearningLoop(make_learner("river"), LearnedPolicy(fallback=First()), SigningKey("sim", b""))
+
+
+def test_each_loop_signs_with_a_key_of_its_own() -> None:
+    one, two = (LearningLoop(make_learner("river"), LearnedPolicy(fallback=First())) for _ in range(2))
+    assert len(one.key.secret) == 32 and one.key.secret != two.key.secret
 
 
 @pytest.mark.parametrize("name", sorted(learned_families()))

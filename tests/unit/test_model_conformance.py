@@ -17,7 +17,7 @@ from lodestar import snapshot as codec
 from lodestar.params import ParamsError, describe, validate_params
 from lodestar.ttft_model import TTFTModel
 
-KEY = "k"
+KEY = codec.SigningKey("k", b"k" * 32)
 
 
 def test_the_registry_finds_every_model_module() -> None:
@@ -70,7 +70,7 @@ def test_snapshot_evaluates_the_same_in_the_dispatcher(family: str) -> None:
     x, y = synthetic(1500, 0)
     model = make_model(family, seed=0)
     model.learn_many(x, y)
-    snap = codec.decode(codec.encode(model.to_snapshot(3), KEY), KEY)  # as it travels through Redis
+    snap = codec.decode(codec.encode(model.to_snapshot(3), KEY), {KEY.key_id: KEY.secret})  # as through Redis
     assert snap.family == family and snap.version == 3
     xt, _ = synthetic(200, 1)
     np.testing.assert_allclose(TTFTModel(snap).predict(xt), model.predict(xt), rtol=1e-9)
