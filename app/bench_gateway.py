@@ -29,6 +29,7 @@ import httpx
 import numpy as np
 
 from app.commands.event_loop import run_service
+from app.demo import namespaced
 from app.local_services import LocalServices
 from app.local_stack import child_env, start_gateways, start_pipeline
 from app.namespace import remove_namespace
@@ -258,11 +259,8 @@ def bench_gateway(*, rate: float, duration_s: float, max_tokens: int, prompt_wor
     """Run the benchmark (see the module doc); the exit status: 1 if an answer was lost or wrong."""
     base = load_settings()
     namespace = f"bgw{uuid.uuid4().hex[:6]}"
-    settings = base.model_copy(update={
-        "kafka": base.kafka.model_copy(update={"topic_prefix": f"{namespace}.", "request_partitions": 4}),
-        "redis": base.redis.model_copy(update={"key_prefix": f"{namespace}:"}),
-        "dispatcher": base.dispatcher.model_copy(update={"consumer_group": f"{namespace}-dispatchers"}),
-    })
+    settings = namespaced(base, namespace, log_dir)  # its own topics, keys, groups and snapshot signing key
+    settings = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"request_partitions": 4})})
     services = LocalServices(settings, echo=echo)
     services.ensure_running()
     try:
