@@ -248,11 +248,13 @@ def test_lodestar_containers_run_lodestar_commands_with_real_probes(values: str)
     commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     for doc, c in lodestar_containers(rendered(values)):
         assert c["args"][0] in commands, f"{doc['metadata']['name']}/{c['name']} runs {c['args'][0]}"
-        if c["args"][0] in ("dispatcher", "worker", "learner"):
+        if c["args"][0] in ("dispatcher", "worker", "learner", "gateway"):
             assert c["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
             assert c["livenessProbe"]["httpGet"]["path"] == LIVENESS_PATH
-            port = env_of(c)[f"LODESTAR_{c['args'][0].upper()}__METRICS_PORT"]["value"]
-            assert [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"] == [int(port)]
+            setting, name = ("PORT", "http") if c["args"][0] == "gateway" else ("METRICS_PORT", "metrics")
+            port = env_of(c)[f"LODESTAR_{c['args'][0].upper()}__{setting}"]["value"]
+            assert [p["containerPort"] for p in c["ports"] if p["name"] == name] == [int(port)]
+            assert c["readinessProbe"]["httpGet"]["port"] == name
 
 
 @ALL_VALUES
@@ -316,6 +318,36 @@ def test_gpu_pools_one_statefulset_per_type_worker_id_from_the_pod_name() -> Non
     assert l40s_engine["args"][-2:] == ["--mem-fraction-static", "0.85"]
 
 
+def test_the_gateway_serves_its_port_with_keys_from_a_secret_or_says_it_has_none() -> None:
+    docs = rendered("two-gpu-pools")
+    deployment = find(docs, "Deployment", f"{FULL}-gateway")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert container["args"] == ["gateway"]
+    assert env["LODESTAR_GATEWAY__GATEWAY_ID"]["value"] == "$(POD_NAME)"  # each pod its own reply topic
+    assert env["LODESTAR_GATEWAY__API_KEY_HASHES"]["valueFrom"]["secretKeyRef"] == {"name": "gateway-keys",
+                                                                                    "key": "digests"}
+    assert env["LODESTAR_GATEWAY__ALLOW_ANONYMOUS"]["value"] == "false"
+    service = find(docs, "Service", f"{FULL}-gateway")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    policy = find(docs, "NetworkPolicy", f"{FULL}-gateway")
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert find(docs, "PodDisruptionBudget", f"{FULL}-gateway")["spec"]["maxUnavailable"] == 1
+    monitor = find(docs, "ServiceMonitor", f"{FULL}-gateway")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+    staging = env_of(find(rendered("staging-emulated"), "Deployment", f"{FULL}-gateway")["spec"]["template"]["spec"]
+                     ["containers"][0])
+    assert staging["LODESTAR_GATEWAY__ALLOW_ANONYMOUS"]["value"] == "true"  # said out loud in the example
+    assert not [d for d in rendered(DEFAULT) if "gateway" in d["metadata"]["name"]]  # off unless enabled
+    refused = template(None, "gateway.enabled=true")
+    assert refused.returncode != 0 and "gateway.enabled needs API keys" in refused.stderr
+    digest = "a" * 64
+    given = env_of(find(parse(template(None, "gateway.enabled=true", f"gateway.apiKeyHashes={{{digest}}}").stdout),
+                        "Deployment", f"{FULL}-gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert json.loads(given["LODESTAR_GATEWAY__API_KEY_HASHES"]["value"]) == [digest]
+
+
 def test_emulated_pools_need_no_gpu() -> None:
     docs = rendered("staging-emulated")
     pools = [d for d in docs if d["kind"] == "StatefulSet" and "-gpu-" in d["metadata"]["name"]]
@@ -343,7 +375,7 @@ def test_in_release_kafka_and_redis_admit_only_lodestar_pods() -> None:
     labelled = {d["metadata"]["name"] for d in docs if pod_spec(d) is not None
                 and d["spec"]["template"]["metadata"]["labels"].get("lodestar.io/client") == "rel"}
     assert labelled == {f"{FULL}-dispatcher", f"{FULL}-learner", f"{FULL}-topics", f"{FULL}-gpu-h100",
-                        f"{FULL}-gpu-a30"}
+                        f"{FULL}-gpu-a30", f"{FULL}-gateway"}
 
 
 def test_topics_job_is_a_hook_with_the_configured_partitions() -> None:
@@ -398,7 +430,11 @@ def settings_of(container: dict[str, Any]) -> Settings:
     for name, entry in env_of(container).items():
         if name.startswith("LODESTAR_"):
             value = entry.get("value", "s" * 32)
-            env[name] = "{}" if name.endswith("__ACCEPTED_KEYS") else value.replace("$(POD_NAME)", "pod-0")
+            if name.endswith("__ACCEPTED_KEYS"):  # JSON from a Secret: stand-ins of their shape
+                value = "{}"
+            elif name.endswith("__API_KEY_HASHES"):
+                value = json.dumps(["a" * 64])
+            env[name] = value.replace("$(POD_NAME)", "pod-0")
     import os
     from unittest import mock
 
@@ -439,6 +475,7 @@ def test_external_secure_every_service_logs_in_as_its_own_principal_over_tls() -
         "dispatcher": ("lodestar-dispatcher", "lodestar-dispatcher", "kafka-password-dispatcher"),
         "learner": ("lodestar-learner", "lodestar-learner", "kafka-password-learner"),
         "worker": ("lodestar-worker", "lodestar-worker", "kafka-password-worker"),
+        "gateway": ("lodestar-gateway", "lodestar-gateway", "kafka-password-gateway"),
         "topics": ("lodestar-admin", "lodestar-admin", "kafka-password"),
     }
     assert {settings_of(c).snapshot_signing.key_id for _, c in lodestar_containers(docs)} == {"2026-12"}
