@@ -1,7 +1,7 @@
 """Benchmark one dispatcher process on the real broker and Redis over loopback.
 
-    .venv/bin/python scripts/bench_dispatcher.py [--workers 8,64] [--requests 15000] [--rates 500]
-        [--duration 20] [--policy learned] [--keep]
+    .venv/bin/python scripts/bench_dispatcher.py [--workers 8,64,256] [--requests 15000] [--rates 500]
+        [--duration 20] [--policy learned] [--min-model-share 0.95] [--keep]
 
 The dispatcher runs in its own process (the production `Dispatcher` class, with its per-batch hook
 timed); this process registers fake workers (a heartbeat per second with changing load, as the worker
@@ -14,9 +14,11 @@ service would), produces the requests and watches the dispatcher's committed off
 2. Routing overhead at steady rates (default 500 req/s, 8 workers): per request, from the moment its
    batch was consumed to the moment every publish of the batch was acknowledged (the commit follows);
    p50/p99 over all requests, and the batch sizes seen.
-With `--policy learned` (default) a validated river snapshot trained on synthetic telemetry is published
-first, so the dispatcher routes with the model (features outside its training range fall back to the
-heuristic; the split is printed). Every topic and Redis key made here is deleted at the end.
+With `--policy learned` (default) a validated river snapshot trained on synthetic telemetry whose ranges
+cover the bench's traffic is published first, so the dispatcher routes with the model; the model-vs-
+fallback split is printed and the run fails if the model made fewer than `--min-model-share` of the
+decisions (the fallback decides for a pick outside the training range). Every topic and Redis key made
+here is deleted at the end.
 """
 
 from __future__ import annotations
@@ -230,25 +232,37 @@ async def wait_committed(settings: Settings, topic: str, n: int, timeout: float)
 # --------------------------------------------------------------------------- the model snapshot
 
 
+def training_view(rng: np.random.Generator, gpu: str) -> ClusterView:
+    """One worker's state as the bench's traffic shows it to the dispatcher: the fake workers' heartbeat
+    ranges (FakeWorkers.state, with its 400k-token KV cache) plus the dispatcher's own recent assignments
+    on top (in-flight and pending prefill grow by up to about a second of traffic per worker)."""
+    view = ClusterView.empty_like(["w"], [gpu])
+    view.running[:] = rng.integers(0, 17)
+    view.waiting[:] = rng.integers(0, 5)
+    view.inflight[:] = rng.integers(0, 1200)
+    view.pending_prefill_tokens[:] = rng.integers(0, 600_000)
+    view.kv_usage[:] = rng.uniform(0.0, 0.95)
+    view.max_kv_tokens[:] = 400_000
+    view.recent_ttft_ms[:] = rng.uniform(10, 500)
+    view.matched_prefix_tokens[:] = rng.integers(0, PROMPT_TOKENS + 1)
+    return view
+
+
 async def publish_trained_snapshot(settings: Settings) -> int:
-    """Train a river learner on synthetic telemetry spanning the bench's feature ranges; publish it."""
+    """Train a river learner on synthetic telemetry whose feature ranges cover the bench's traffic (so the
+    model, not the fallback, decides: the split is asserted after each run); publish it."""
     from learner.trainer import LearnerConfig, make_learner
 
     rng = np.random.default_rng(1)
     learner = make_learner("river", LearnerConfig())
     for i in range(3000):
-        view = ClusterView.empty_like(["w"], [GPUS[i % len(GPUS)]])
-        view.running[:] = rng.integers(0, 17)
-        view.waiting[:] = rng.integers(0, 5)
-        view.inflight[:] = rng.integers(0, 400)
-        view.pending_prefill_tokens[:] = rng.integers(0, 400_000)
-        view.kv_usage[:] = rng.uniform(0.0, 1.0)
-        view.recent_ttft_ms[:] = rng.uniform(10, 500)
-        view.matched_prefix_tokens[:] = rng.integers(0, PROMPT_TOKENS + 1)
+        view = training_view(rng, GPUS[i % len(GPUS)])
         x = candidate_matrix(RequestInfo("r", prompt_tokens=int(rng.integers(16, 2048))), view)[0]
         ttft = 15.0 + 0.04 * x[FEATURE_INDEX["backlog_tokens_per_speed"]] + 20.0 * x[FEATURE_INDEX["queue_per_speed"]]
         learner.observe(x, float(ttft), float(i))
     snapshot = learner.snapshot(3000.0)
+    if not snapshot.validated:
+        raise RuntimeError("the bench's snapshot failed held-out validation: the learned policy would not use it")
     client = make_redis(settings)
     try:
         await SnapshotStore(client, RedisKeys(settings.redis.key_prefix), signing_key=signing_key(settings)
@@ -257,6 +271,23 @@ async def publish_trained_snapshot(settings: Settings) -> int:
         await client.aclose()
     print(f"  published snapshot v{snapshot.version} (river, validated={snapshot.validated})")
     return snapshot.version
+
+
+def model_share(policies: dict[str, int]) -> float:
+    """The fraction of decisions the learned model made (label `learned`; the fallback's are `learned/<h>`)."""
+    total = sum(policies.values())
+    return policies.get("learned", 0) / total if total else 0.0
+
+
+def check_split(policies: dict[str, int], policy: str, min_share: float) -> str:
+    """The model-vs-fallback split as text; with the learned policy, fail unless the model made the decisions."""
+    total = sum(policies.values())
+    share = model_share(policies)
+    text = f"model {share:.1%} / fallback {1 - share:.1%} of {total}"
+    if policy == "learned" and share < min_share:
+        raise SystemExit(f"the learned model made only {share:.1%} of the decisions (need {min_share:.0%}): "
+                         f"{policies}; the bench would measure the fallback")
+    return text
 
 
 # --------------------------------------------------------------------------- phases
@@ -341,13 +372,15 @@ async def overhead_phase(n_workers: int, rate: float, duration: float, policy: s
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workers", default="8,64", help="worker counts for the throughput phase")
+    parser.add_argument("--workers", default="8,64,256", help="worker counts for the throughput phase")
     parser.add_argument("--requests", type=int, default=15000, help="requests per throughput run")
     parser.add_argument("--rates", default="500", help="request rates of the overhead phase (comma-separated)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of the overhead phase")
     parser.add_argument("--overhead-workers", type=int, default=8)
     parser.add_argument("--policy", default="learned")
     parser.add_argument("--keep", action="store_true", help="keep the topics and Redis keys")
+    parser.add_argument("--min-model-share", type=float, default=0.95,
+                        help="with the learned policy, fail unless the model made at least this share of decisions")
     args = parser.parse_args()
 
     print(f"dispatcher benchmark: policy {args.policy}, batch size {Settings().dispatcher.batch_size}")
@@ -355,24 +388,27 @@ async def main() -> None:
     for n in (int(x) for x in args.workers.split(",")):
         print(f"throughput with {n} workers ...")
         rows.append(await throughput_phase(n, args.requests, args.policy, args.keep))
+        print(f"  decisions: {check_split(rows[-1]['policies'], args.policy, args.min_model_share)}")
     overheads = []
     for rate in (float(x) for x in args.rates.split(",")):
         print(f"routing overhead at {rate:.0f} req/s with {args.overhead_workers} workers ...")
         overheads.append(await overhead_phase(args.overhead_workers, rate, args.duration, args.policy, args.keep))
+        print(f"  decisions: {check_split(overheads[-1]['policies'], args.policy, args.min_model_share)}")
 
     print("\nthroughput (one dispatcher process, requests pre-produced)")
     print(f"{'workers':>8} {'routed':>8} {'seconds':>8} {'req/s':>8} {'CPU ms/req':>11} {'req/CPU-s':>10} "
-          f"{'mean batch':>11}  decisions by policy")
+          f"{'mean batch':>11}  decisions (model / fallback)")
     for r in rows:
         print(f"{r['workers']:>8} {r['routed']:>8} {r['seconds']:>8.2f} {r['rate']:>8.0f} {r['cpu_ms']:>11.3f} "
-              f"{1000 / r['cpu_ms']:>10.0f} {r['mean_batch']:>11.1f}  {r['policies']}")
+              f"{1000 / r['cpu_ms']:>10.0f} {r['mean_batch']:>11.1f}  {check_split(r['policies'], args.policy, 0)}")
     print(f"(host load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           "CPU ms/req is the dispatcher process's own CPU time, steadier than wall time on a busy host)")
     print("\nrouting overhead per request, batch consumed -> every publish of the batch acknowledged")
     for over in overheads:
         print(f"  at {over['rate']:.0f} req/s ({over['workers']} workers, {over['requests']} requests): "
               f"p50 {over['p50_ms']:.2f} ms  p99 {over['p99_ms']:.2f} ms  mean {over['mean_ms']:.2f} ms  "
-              f"batch mean {over['mean_batch']:.1f} max {over['max_batch']}")
+              f"batch mean {over['mean_batch']:.1f} max {over['max_batch']}; "
+              f"{check_split(over['policies'], args.policy, 0)}")
     print(f"(host load average at the end: {os.getloadavg()[0]:.1f})")
 
 
