@@ -1,7 +1,7 @@
 """Benchmark one dispatcher process on the real broker and Redis over loopback.
 
     .venv/bin/python scripts/bench_dispatcher.py [--workers 8,64,256] [--requests 15000] [--rates 500]
-        [--duration 20] [--policy learned] [--min-model-share 0.95] [--keep]
+        [--duration 20] [--policy learned] [--min-model-share 0.95] [--profile DIR] [--keep]
 
 The dispatcher runs in its own process (the production `Dispatcher` class, with its per-batch hook
 timed); this process registers fake workers (a heartbeat per second with changing load, as the worker
@@ -77,8 +77,9 @@ def bench_settings(policy: str) -> Settings:
 # --------------------------------------------------------------------------- the dispatcher process
 
 
-def _dispatcher_process(settings: Settings, stop: Any, results: Any) -> None:
-    """Child process: run the production Dispatcher with its batch hook timed, until `stop` is set."""
+def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: str | None = None) -> None:
+    """Child process: run the production Dispatcher with its batch hook timed, until `stop` is set; with
+    `profile`, under cProfile from the first consumed batch on, stats written to that path."""
     from dispatcher.routing import BatchPlan
     from dispatcher.service import Dispatcher
 
@@ -87,6 +88,8 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any) -> None:
         cpu: list[float]
 
         def _batch_routed(self, plan: BatchPlan, started_at: float) -> None:
+            if profiler is not None and not self.samples:
+                profiler.enable()  # from the end of the first batch: imports and start-up are not the hot path
             super()._batch_routed(plan, started_at)
             end = time.perf_counter()
             self.samples.append((len(plan.routed), started_at, end))
@@ -110,18 +113,26 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any) -> None:
         results.put({"samples": service.samples, "cpu": service.cpu, "policies": dict(service.policies),
                      "model_version": service.model_version})
 
+    profiler = None
+    if profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
     asyncio.run(main())
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(profile)
 
 
 class DispatcherProcess:
     """Start/stop the child and collect its timings."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, profile: str | None = None):
         ctx = mp.get_context("spawn")
         self.stop = ctx.Event()
         self.results = ctx.Queue()
         # the settings object itself (a JSON dump would mask its secrets), pickled to our own child process
-        self.proc = ctx.Process(target=_dispatcher_process, args=(settings, self.stop, self.results))
+        self.proc = ctx.Process(target=_dispatcher_process, args=(settings, self.stop, self.results, profile))
 
     def start(self) -> None:
         self.proc.start()
@@ -302,7 +313,8 @@ async def setup(settings: Settings, n_workers: int, policy: str) -> FakeWorkers:
     return workers
 
 
-async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: bool) -> dict[str, Any]:
+async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: bool,
+                           profile: str | None = None) -> dict[str, Any]:
     settings = bench_settings(policy)
     topic = Topics(settings.kafka.topic_prefix).requests
     workers = await setup(settings, n_workers, policy)
@@ -315,7 +327,7 @@ async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: b
             print(f"  produced {n_requests} requests in {time.perf_counter() - t0:.1f} s")
         finally:
             await producer.stop()
-        proc = DispatcherProcess(settings)
+        proc = DispatcherProcess(settings, profile)
         proc.start()
         await wait_committed(settings, topic, n_requests, timeout=600)
         out = proc.finish()
@@ -379,6 +391,8 @@ async def main() -> None:
     parser.add_argument("--overhead-workers", type=int, default=8)
     parser.add_argument("--policy", default="learned")
     parser.add_argument("--keep", action="store_true", help="keep the topics and Redis keys")
+    parser.add_argument("--profile", metavar="DIR", help="cProfile the dispatcher in the throughput runs "
+                        "(from its first batch on): DIR/dispatcher-<workers>.prof (read with pstats or snakeviz)")
     parser.add_argument("--min-model-share", type=float, default=0.95,
                         help="with the learned policy, fail unless the model made at least this share of decisions")
     args = parser.parse_args()
@@ -387,7 +401,11 @@ async def main() -> None:
     rows = []
     for n in (int(x) for x in args.workers.split(",")):
         print(f"throughput with {n} workers ...")
-        rows.append(await throughput_phase(n, args.requests, args.policy, args.keep))
+        profile = None
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            profile = str(Path(args.profile) / f"dispatcher-{n}.prof")
+        rows.append(await throughput_phase(n, args.requests, args.policy, args.keep, profile))
         print(f"  decisions: {check_split(rows[-1]['policies'], args.policy, args.min_model_share)}")
     overheads = []
     for rate in (float(x) for x in args.rates.split(",")):
