@@ -161,6 +161,10 @@ class BatchRouter:
             view.pending_prefill_tokens[i] += uncached
             if info.block_hashes:
                 for h in info.block_hashes:
-                    brought.setdefault(h, set()).add(i)
+                    holders = brought.get(h)
+                    if holders is None:
+                        brought[h] = {i}
+                    else:
+                        holders.add(i)
                 plan.inserts.setdefault(view.worker_ids[i], []).append(info.block_hashes)
         return plan

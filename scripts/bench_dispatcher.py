@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import multiprocessing as mp
 import os
 import random
@@ -34,6 +35,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +99,28 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
             for r in plan.routed:
                 self.policies[r.decision.policy] += 1
 
+        async def _on_snapshot(self, snapshot: Any) -> None:
+            before = self.model_version
+            await super()._on_snapshot(snapshot)
+            if self.model_version != before:
+                self.swaps.append(time.perf_counter())
+
+    async def lag_monitor(lags: list[tuple[float, float]], period_s: float = 0.002) -> None:
+        """How late the event loop wakes a 2 ms sleep: the stall of whatever ran in between."""
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(period_s)
+            t1 = time.perf_counter()
+            lags.append((t1, (t1 - t0 - period_s) * 1e3))
+
     async def main() -> None:
         service = TimedDispatcher(settings)
         service.samples = []
         service.cpu = []
         service.policies = Counter()
+        service.swaps = []
+        lags: list[tuple[float, float]] = []
+        monitor = asyncio.create_task(lag_monitor(lags))
         done = asyncio.Event()
         task = asyncio.create_task(service.run(done))
         while not stop.is_set():
@@ -110,8 +129,13 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
                 break
         done.set()
         await task
+        monitor.cancel()
+        # the stall a swap causes: the event loop's worst lateness within 100 ms after each swap completed
+        # (the announcement's read, verification and decoding run just before the swap itself)
+        swap_lags = [max((lag for t, lag in lags if s - 0.1 <= t <= s + 0.1), default=0.0) for s in service.swaps]
         results.put({"samples": service.samples, "cpu": service.cpu, "policies": dict(service.policies),
-                     "model_version": service.model_version})
+                     "model_version": service.model_version, "swap_lag_ms": swap_lags,
+                     "lag_p99_ms": float(np.percentile([lag for _, lag in lags], 99)) if lags else 0.0})
 
     profiler = None
     if profile:
@@ -259,9 +283,18 @@ def training_view(rng: np.random.Generator, gpu: str) -> ClusterView:
     return view
 
 
-async def publish_trained_snapshot(settings: Settings) -> int:
-    """Train a river learner on synthetic telemetry whose feature ranges cover the bench's traffic (so the
-    model, not the fallback, decides: the split is asserted after each run); publish it."""
+async def republish_snapshots(settings: Settings, every_s: float) -> None:
+    """Publish a new version of a trained snapshot every `every_s` (the dispatcher hot-swaps each while it
+    routes: the swap stall is measured in its process)."""
+    while True:
+        await asyncio.sleep(every_s)
+        await publish_trained_snapshot(settings, quiet=True)
+
+
+@functools.cache
+def trained_snapshot() -> Any:
+    """A river learner trained on synthetic telemetry whose feature ranges cover the bench's traffic (so the
+    model, not the fallback, decides: the split is asserted after each run), as a snapshot."""
     from learner.trainer import LearnerConfig, make_learner
 
     rng = np.random.default_rng(1)
@@ -274,14 +307,40 @@ async def publish_trained_snapshot(settings: Settings) -> int:
     snapshot = learner.snapshot(3000.0)
     if not snapshot.validated:
         raise RuntimeError("the bench's snapshot failed held-out validation: the learned policy would not use it")
+    return snapshot
+
+
+async def publish_trained_snapshot(settings: Settings, quiet: bool = False) -> int:
+    """Publish the trained snapshot under a version newer than any before (the time in ms)."""
+    snapshot = replace(trained_snapshot(), version=time.time_ns() // 1_000_000)
     client = make_redis(settings)
     try:
         await SnapshotStore(client, RedisKeys(settings.redis.key_prefix), signing_key=signing_key(settings)
                             ).publish(snapshot)
     finally:
         await client.aclose()
-    print(f"  published snapshot v{snapshot.version} (river, validated={snapshot.validated})")
+    if not quiet:
+        print(f"  published snapshot v{snapshot.version} (river, validated={snapshot.validated})")
     return snapshot.version
+
+
+def swap_work_ms(settings: Settings, repeats: int = 200) -> tuple[float, float]:
+    """The synchronous work of one hot-swap, as the dispatcher does it on its event loop: verify and decode
+    the stored payload (lodestar.snapshot.decode) and load it into the learned policy; (median, max) ms."""
+    from dispatcher.service import build_policy
+    from lodestar import snapshot as codec
+    from lodestar.snapshot_keys import verification_keys
+
+    snapshot = trained_snapshot()
+    payload = codec.encode(snapshot, signing_key(settings))
+    keys = verification_keys(settings)
+    policy = build_policy("learned", settings)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        policy.load_snapshot(codec.decode(payload, keys))  # type: ignore[attr-defined]
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), max(times)
 
 
 def model_share(policies: dict[str, int]) -> float:
@@ -357,7 +416,12 @@ async def overhead_phase(n_workers: int, rate: float, duration: float, policy: s
             warm = make_requests(50, seed=99)
             await produce_all(producer, topic, warm)  # the dispatcher joins its group and warms up
             await wait_committed(settings, topic, len(warm), timeout=120)
-            achieved = await produce_at_rate(producer, topic, make_requests(n, seed=7), rate)
+            swapper = asyncio.create_task(republish_snapshots(settings, every_s=1.0)) if policy == "learned" else None
+            try:
+                achieved = await produce_at_rate(producer, topic, make_requests(n, seed=7), rate)
+            finally:
+                if swapper is not None:
+                    swapper.cancel()
         finally:
             await producer.stop()
         await wait_committed(settings, topic, n + len(warm), timeout=120)
@@ -379,7 +443,8 @@ async def overhead_phase(n_workers: int, rate: float, duration: float, policy: s
     return {"workers": n_workers, "rate": achieved, "requests": len(per_request),
             "p50_ms": statistics.median(per_request), "p99_ms": per_request[int(0.99 * (len(per_request) - 1))],
             "mean_ms": statistics.fmean(per_request), "mean_batch": statistics.fmean(batch_sizes),
-            "max_batch": max(batch_sizes), "policies": out["policies"]}
+            "max_batch": max(batch_sizes), "policies": out["policies"], "swap_lag_ms": out["swap_lag_ms"],
+            "lag_p99_ms": out["lag_p99_ms"]}
 
 
 async def main() -> None:
@@ -427,6 +492,15 @@ async def main() -> None:
               f"p50 {over['p50_ms']:.2f} ms  p99 {over['p99_ms']:.2f} ms  mean {over['mean_ms']:.2f} ms  "
               f"batch mean {over['mean_batch']:.1f} max {over['max_batch']}; "
               f"{check_split(over['policies'], args.policy, 0)}")
+        if over["swap_lag_ms"]:
+            lags = over["swap_lag_ms"]
+            print(f"    snapshot hot-swaps while routing: {len(lags)}, event-loop stall around a swap max "
+                  f"{max(lags):.2f} ms (median {statistics.median(lags):.2f}); loop lateness p99 overall "
+                  f"{over['lag_p99_ms']:.2f} ms")
+    if args.policy == "learned":
+        median, worst = swap_work_ms(bench_settings(args.policy))
+        print(f"snapshot hot-swap's own synchronous work (verify + decode + load, {len(trained_snapshot().arrays)} "
+              f"arrays): median {median:.3f} ms, max {worst:.3f} ms of 200")
     print(f"(host load average at the end: {os.getloadavg()[0]:.1f})")
 
 
