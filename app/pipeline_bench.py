@@ -2,7 +2,7 @@
 
 Brings up the stack of `lodestar up` (app.local_stack) under a fresh namespace on the broker and Redis
 of the environment: one emulator and one worker per engine of the cluster file, the learner and 1-2
-`learned` dispatchers. A warm-up at the lowest rate lets the learner publish a model; then, per rate,
+`learned` dispatchers. A warm-up through every rate lets the learner publish a model; then, per rate,
 `--seconds` of Poisson arrivals go through the client library (app.traffic: each request is sent at its
 time whatever came back, i.e. open loop) and the telemetry topic is read alongside.
 
@@ -92,6 +92,18 @@ def poisson_stream(rate: float, seconds: float, prompt_tokens: int, max_new_toke
                                    sampling=SamplingParams(max_new_tokens=max_new_tokens))
         out.append(TimedRequest(t, request))
         t += float(rng.exponential(1.0 / rate))
+    return out
+
+
+def warmup_stream(opts: PipelineOptions, id_prefix: str) -> list[TimedRequest]:
+    """Every rate in turn for an equal share of `warmup_s`: the learner sees the queues each rate builds, so
+    its model's training range covers them (beyond it the learned policy falls back to its heuristic)."""
+    share = opts.warmup_s / len(opts.rates)
+    out: list[TimedRequest] = []
+    for k, rate in enumerate(opts.rates):
+        part = poisson_stream(rate, share, opts.prompt_tokens, opts.max_new_tokens, opts.seed + 100 + k,
+                              f"{id_prefix}{k}")
+        out += [TimedRequest(t.at_s + k * share, t.request) for t in part]
     return out
 
 
@@ -250,8 +262,7 @@ async def _run(console: Console, opts: PipelineOptions, engines: Sequence[Worker
             await watch.start()
             try:
                 warm = PhaseTally("warm-up")
-                stream = poisson_stream(min(opts.rates), opts.warmup_s, opts.prompt_tokens, opts.max_new_tokens,
-                                        opts.seed, f"{namespace}-warm")
+                stream = warmup_stream(opts, f"{namespace}-warm")
                 watch.follow((t.request.request_id for t in stream), warm)
                 await drive_open_loop(client, stream, warm, {}, opts.request_timeout_s)
                 snap = await probes.snapshot()

@@ -169,8 +169,8 @@ def pipeline(
     rates: str = typer.Option("20,100", help="Comma-separated Poisson arrival rates (req/s), run in order."),
     seconds: float = typer.Option(20.0, min=1.0, help="Seconds of arrivals per rate."),
     dispatchers: int = typer.Option(1, min=1, max=2, help="Learned dispatcher processes."),
-    warmup: float = typer.Option(20.0, min=0.0, help="Seconds of warm-up at the lowest rate (the learner's "
-                                                     "first model), not reported."),
+    warmup: float = typer.Option(30.0, min=0.0, help="Seconds of warm-up through every rate in turn (the "
+                                                     "learner's model), not reported."),
     prompt_tokens: int = typer.Option(128, min=2, max=8192, help="Tokens per prompt."),
     max_new_tokens: int = typer.Option(4, min=1, max=1024, help="Tokens generated per request."),
     time_scale: float = typer.Option(1.0, min=0.0, help="Emulator time scale (0: instant engines)."),

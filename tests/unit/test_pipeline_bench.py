@@ -54,3 +54,19 @@ def test_summarize_rate_splits_the_overhead_by_hop() -> None:
     assert row["cpu_ms_per_request"]["dispatchers"] == pytest.approx(2.0)
     assert row["routed_per_s"] == pytest.approx(9 / 0.9)
     assert row["answered"] == row["sent"] == 10 and row["unanswered"] == 0
+
+
+def test_warmup_goes_through_every_rate_in_turn() -> None:
+    from pathlib import Path
+
+    from app.pipeline_bench import PipelineOptions, warmup_stream
+
+    opts = PipelineOptions(cluster=Path("c.yaml"), rates=[10.0, 100.0], seconds=5.0, dispatchers=1, warmup_s=40.0,
+                           prompt_tokens=32, max_new_tokens=2, time_scale=1.0, seed=1, request_timeout_s=5.0,
+                           startup_timeout_s=5.0, out=Path("."))
+    stream = warmup_stream(opts, "w")
+    first = [t for t in stream if t.at_s < 20.0]
+    second = [t for t in stream if t.at_s >= 20.0]
+    assert 120 < len(first) < 290 and 1700 < len(second) < 2300  # 10/s then 100/s for 20 s each
+    assert all(a.at_s <= b.at_s for a, b in zip(stream, stream[1:], strict=False))
+    assert len({t.request.request_id for t in stream}) == len(stream)
