@@ -240,7 +240,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     for q, style in (("p50", "o-"), ("p90", "s--"), ("p99", "^:")):
         ax.plot(rates, [r["overhead_ms"][q] or np.nan for r in rows], style, label=f"overhead {q}")
     ax.set_xlabel("offered load (req/s, Poisson)")
-    ax.set_ylabel("client-visible overhead (ms)")
+    ax.set_ylabel("client-visible overhead (ms, log scale)")
+    ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()

@@ -1,7 +1,7 @@
 """Benchmark one dispatcher process on the real broker and Redis over loopback.
 
     .venv/bin/python scripts/bench_dispatcher.py [--workers 8,64,256] [--requests 15000] [--rates 500]
-        [--duration 20] [--policy learned] [--min-model-share 0.95] [--profile DIR] [--keep]
+        [--duration 20] [--policy learned] [--min-model-share 0.9] [--profile DIR] [--keep]
 
 The dispatcher runs in its own process (the production `Dispatcher` class, with its per-batch hook
 timed); this process registers fake workers (a heartbeat per second with changing load, as the worker
@@ -458,7 +458,7 @@ async def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the topics and Redis keys")
     parser.add_argument("--profile", metavar="DIR", help="cProfile the dispatcher in the throughput runs "
                         "(from its first batch on): DIR/dispatcher-<workers>.prof (read with pstats or snakeviz)")
-    parser.add_argument("--min-model-share", type=float, default=0.95,
+    parser.add_argument("--min-model-share", type=float, default=0.9,
                         help="with the learned policy, fail unless the model made at least this share of decisions")
     args = parser.parse_args()
 
