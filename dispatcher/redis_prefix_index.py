@@ -171,8 +171,8 @@ class RedisPrefixIndex:
         if not chains or not worker_ids:
             return np.zeros((len(chains), len(worker_ids)), dtype=np.int64)
         wids = tuple(worker_ids)
-        obs = await self._run([Match(tuple(c), wids) for c in chains])
-        return np.array(obs, dtype=np.int64).reshape(len(chains), len(wids))
+        values, _ = await self._call([Match(tuple(c), wids) for c in chains])
+        return values.reshape(len(chains), len(wids))
 
     async def insert_many(self, inserts: Iterable[tuple[str, Sequence[int]]], now: float) -> None:
         """Insert each (worker, chain) at time `now`, in order, in one round trip."""
@@ -215,10 +215,9 @@ class RedisPrefixIndex:
             await self._r.delete(*batch)
         await self._r.delete(self._keys.prefix_capacity)
 
-    async def _run(self, ops: Sequence[Op]) -> list[Observation]:
-        """One script call for `ops` (no Clear among them)."""
-        if not ops:
-            return []
+    async def _call(self, ops: Sequence[Op]) -> tuple[np.ndarray, list[int]]:
+        """One script call for `ops` (at least one; no Clear among them): the results of every op that has
+        some, back to back, and per op how many (-1 none, 0 one count, k a match over k workers)."""
         slots: dict[str, int] = {}
 
         def slot(worker_id: str) -> int:
@@ -228,14 +227,18 @@ class RedisPrefixIndex:
 
         body: list[str | bytes] = []
         widths: list[int] = []  # results per op: -1 none, 0 one count, k a match over k workers
+        match_heads: dict[tuple[str, ...], str] = {}  # a batch's matches share their worker list: spelled once
         for op in ops:
             match op:
                 case Insert(worker_id, block_hashes, now):
                     body += [f"I,{slot(worker_id)},{float(now)!r}", _members(block_hashes)]
                     widths.append(-1)
                 case Match(block_hashes, worker_ids):
-                    body += [f"M,{len(worker_ids)}," + ",".join(str(slot(w)) for w in worker_ids),
-                             _members(block_hashes)]
+                    head = match_heads.get(worker_ids)
+                    if head is None:
+                        head = f"M,{len(worker_ids)}," + ",".join(str(slot(w)) for w in worker_ids)
+                        match_heads[worker_ids] = head
+                    body += [head, _members(block_hashes)]
                     widths.append(len(worker_ids))
                 case SetCapacity(worker_id, capacity_blocks):
                     body.append(f"C,{slot(worker_id)},{int(capacity_blocks)}")
@@ -254,7 +257,14 @@ class RedisPrefixIndex:
             args=[self.capacity_blocks, ",".join(ids), *body],
         )
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
-        values = [int(v) for v in text.split(",")] if text else []
+        return np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, dtype=np.int64), widths
+
+    async def _run(self, ops: Sequence[Op]) -> list[Observation]:
+        """One script call for `ops` (no Clear among them); one observation per op."""
+        if not ops:
+            return []
+        array, widths = await self._call(ops)
+        values = array.tolist()
         out: list[Observation] = []
         pos = 0
         for width in widths:

@@ -88,11 +88,18 @@ class BatchPlan:
     failed: list[RouteFailure] = field(default_factory=list)
 
 
-def _extend_match(matched: int, hashes: Sequence[int], inserted: set[int]) -> int:
-    """Extend a stored match by the leading blocks that earlier requests of this batch bring."""
-    while matched < len(hashes) and hashes[matched] in inserted:
-        matched += 1
-    return matched
+def _extend_matches(blocks: np.ndarray, hashes: Sequence[int], brought: dict[int, set[int]]) -> None:
+    """Extend each worker's stored match (`blocks[i]`, in blocks) by the leading blocks that earlier requests
+    of this batch brought to it (`brought[hash]`: the workers that got that block), in place.
+
+    Depth by depth, a worker whose match ends right there extends by one if it got the block; so the cost
+    is the request's chain plus the workers holding its blocks, not a loop over every worker."""
+    for depth, h in enumerate(hashes):
+        holders = brought.get(h)
+        if holders:
+            for i in holders:
+                if blocks[i] == depth:
+                    blocks[i] = depth + 1
 
 
 def _finite_or_none(value: float | None) -> float | None:
@@ -128,13 +135,13 @@ class BatchRouter:
             )
         if n_workers == 0 and n_req:
             raise ValueError("no worker to route to")
-        inserted: dict[int, set[int]] = {}  # worker index -> blocks this batch brought there so far
+        brought: dict[int, set[int]] = {}  # block hash -> indices of the workers this batch brought it to so far
         plan = BatchPlan()
         for j, (request, info) in enumerate(zip(requests, infos, strict=True)):
             try:
                 blocks = matched_blocks[j].astype(np.float64)
-                for i, brought in inserted.items():
-                    blocks[i] = _extend_match(int(blocks[i]), info.block_hashes, brought)
+                if brought:
+                    _extend_matches(blocks, info.block_hashes, brought)
                 candidate_view = view.with_matched(blocks * info.tokens_per_block)
                 choice = self.policy.choose(info, candidate_view)
                 i = choice.index
@@ -160,6 +167,11 @@ class BatchRouter:
             view.inflight[i] += 1
             view.pending_prefill_tokens[i] += uncached
             if info.block_hashes:
-                inserted.setdefault(i, set()).update(info.block_hashes)
+                for h in info.block_hashes:
+                    holders = brought.get(h)
+                    if holders is None:
+                        brought[h] = {i}
+                    else:
+                        holders.add(i)
                 plan.inserts.setdefault(view.worker_ids[i], []).append(info.block_hashes)
         return plan

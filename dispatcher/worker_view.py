@@ -3,6 +3,10 @@
 Worker heartbeats lag the dispatcher's own decisions, so the view also remembers what this dispatcher
 assigned since: an assignment counts on top of a worker's reported state until that worker publishes a
 state written `settle_ms` after the assignment (by then it has consumed the request and counts it itself).
+
+The per-worker arrays are built once per registry read (a few times a second), not per batch, and the
+assignments not yet settled are kept as running totals per worker, so a batch's ClusterView costs a few
+array copies whatever the number of workers (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class WorkerView:
         self._refreshed_at: float | None = None
         self._live: list[WorkerState] = []
         self._pending: dict[str, deque[Assignment]] = {}
+        self._base = _RoutableArrays.of([])
 
     @property
     def live(self) -> list[WorkerState]:
@@ -79,32 +84,59 @@ class WorkerView:
             queue = self._pending[wid]
             while queue and queue[0].routed_at_ms + self._settle_ms <= state.updated_at:
                 queue.popleft()
+        self._base = _RoutableArrays.of(self.routable)
+        for wid, queue in self._pending.items():
+            self._base.add(wid, len(queue), sum(a.uncached_tokens for a in queue))
 
     def note_assigned(self, worker_id: str, uncached_tokens: int, routed_at_ms: float | None = None) -> None:
         """Remember that this dispatcher sent a request to `worker_id` (counted until the worker reports it)."""
         at = now_ms() if routed_at_ms is None else routed_at_ms
         self._pending.setdefault(worker_id, deque()).append(Assignment(at, uncached_tokens))
+        self._base.add(worker_id, 1, uncached_tokens)
 
     def cluster_view(self) -> ClusterView:
         """A fresh ClusterView over the routable workers (own arrays; matched prefix all zero)."""
-        workers = self.routable
-        n = len(workers)
-        inflight = np.empty(n, dtype=np.float64)
-        pending_prefill = np.empty(n, dtype=np.float64)
-        for i, w in enumerate(workers):
-            local = self._pending.get(w.worker_id, ())
-            inflight[i] = w.inflight + len(local)
-            pending_prefill[i] = w.pending_prefill_tokens + sum(a.uncached_tokens for a in local)
-        return ClusterView(
+        return self._base.view()
+
+
+@dataclass(slots=True)
+class _RoutableArrays:
+    """The routable workers' reported state as arrays, with this dispatcher's unsettled assignments added
+    to `inflight` and `pending_prefill_tokens`. Its views share the arrays that routing does not change."""
+
+    index: dict[str, int]
+    view_template: ClusterView
+
+    @classmethod
+    def of(cls, workers: list[WorkerState]) -> _RoutableArrays:
+        def column(name: str) -> np.ndarray:
+            return np.array([getattr(w, name) for w in workers], dtype=np.float64)
+
+        template = ClusterView(
             worker_ids=[w.worker_id for w in workers],
             gpu_types=[w.gpu_type for w in workers],
-            running=np.array([w.running for w in workers], dtype=np.float64),
-            waiting=np.array([w.waiting for w in workers], dtype=np.float64),
-            inflight=inflight,
-            pending_prefill_tokens=pending_prefill,
-            kv_usage=np.array([w.kv_usage for w in workers], dtype=np.float64),
-            max_kv_tokens=np.array([w.max_kv_tokens for w in workers], dtype=np.float64),
-            recent_ttft_ms=np.array([w.recent_ttft_ms for w in workers], dtype=np.float64),
-            matched_prefix_tokens=np.zeros(n, dtype=np.float64),
-            now_ms=now_ms(),
+            running=column("running"),
+            waiting=column("waiting"),
+            inflight=column("inflight"),
+            pending_prefill_tokens=column("pending_prefill_tokens"),
+            kv_usage=column("kv_usage"),
+            max_kv_tokens=column("max_kv_tokens"),
+            recent_ttft_ms=column("recent_ttft_ms"),
+            matched_prefix_tokens=np.zeros(len(workers), dtype=np.float64),
         )
+        for arr in (template.running, template.waiting, template.kv_usage, template.max_kv_tokens,
+                    template.recent_ttft_ms, template.matched_prefix_tokens, template.gpu_speed):
+            arr.setflags(write=False)  # shared by every view: routing changes only inflight and pending prefill
+        return cls({w.worker_id: i for i, w in enumerate(workers)}, template)
+
+    def add(self, worker_id: str, requests: int, uncached_tokens: int) -> None:
+        i = self.index.get(worker_id)
+        if i is not None:
+            self.view_template.inflight[i] += requests
+            self.view_template.pending_prefill_tokens[i] += uncached_tokens
+
+    def view(self) -> ClusterView:
+        t = self.view_template
+        return ClusterView(list(t.worker_ids), list(t.gpu_types), t.running, t.waiting, t.inflight.copy(),
+                           t.pending_prefill_tokens.copy(), t.kv_usage, t.max_kv_tokens, t.recent_ttft_ms,
+                           t.matched_prefix_tokens, t.gpu_speed, now_ms())

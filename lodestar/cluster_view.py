@@ -6,7 +6,7 @@ dispatcher fills them from Redis, the simulator from its engines (with the same 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -57,8 +57,15 @@ class ClusterView:
         return len(self.worker_ids)
 
     def with_matched(self, matched_prefix_tokens: np.ndarray) -> ClusterView:
-        """The same state with another request's matched prefix (cheap: arrays are shared)."""
-        return replace(self, matched_prefix_tokens=matched_prefix_tokens)
+        """The same state with another request's matched prefix (cheap: arrays are shared, and only the new
+        array's length is checked; this runs once per routing decision)."""
+        if len(matched_prefix_tokens) != len(self.worker_ids):
+            raise ValueError(f"{len(matched_prefix_tokens)} matched prefixes for {len(self.worker_ids)} workers")
+        out = object.__new__(ClusterView)
+        for name in _FIELDS:
+            object.__setattr__(out, name, getattr(self, name))
+        out.matched_prefix_tokens = matched_prefix_tokens
+        return out
 
     @classmethod
     def empty_like(cls, worker_ids: list[str], gpu_types: list[str]) -> ClusterView:
@@ -67,6 +74,9 @@ class ClusterView:
         z = np.zeros(n, dtype=np.float64)
         return cls(list(worker_ids), list(gpu_types), z.copy(), z.copy(), z.copy(), z.copy(), z.copy(),
                    z.copy(), z.copy(), z.copy())
+
+
+_FIELDS = tuple(f.name for f in fields(ClusterView))
 
 
 @dataclass(slots=True)

@@ -126,7 +126,10 @@ def chosen_features(request: RequestInfo, view: ClusterView, decision: Decision)
 
 def as_dict(row: np.ndarray) -> dict[str, float]:
     """One candidate's feature row as a named mapping (what a RoutingDecision carries)."""
-    return {name: float(v) for name, v in zip(FEATURE_NAMES, row, strict=True)}
+    values = row.tolist()  # Python floats in one call, not a numpy scalar per feature
+    if len(values) != N_FEATURES:
+        raise ValueError(f"a feature row has {N_FEATURES} values, not {len(values)}")
+    return dict(zip(FEATURE_NAMES, values, strict=True))
 
 
 def from_dict(features: dict[str, float]) -> np.ndarray:

@@ -1,5 +1,6 @@
 """`lodestar bench sim`: compare routing policies in the discrete-event simulator; `lodestar bench policies`
-lists them; `lodestar bench gateway`: the latency the gateway adds."""
+lists them; `lodestar bench gateway`: the latency the gateway adds; `lodestar bench pipeline`: the live
+stack's own overhead under load (app.pipeline_bench)."""
 
 from __future__ import annotations
 
@@ -160,6 +161,39 @@ def policies_list() -> None:
     for name in available_policies():
         table.add_row(name, describe_policy(name))
     Console().print(table)
+
+
+@app.command("pipeline")
+def pipeline(
+    cluster: Path = typer.Option(Path("configs/clusters/demo.yaml"), exists=True, dir_okay=False,
+                                 help="Cluster YAML: one emulator and one worker per engine."),
+    rates: str = typer.Option("20,100", help="Comma-separated Poisson arrival rates (req/s), run in order."),
+    seconds: float = typer.Option(20.0, min=1.0, help="Seconds of arrivals per rate."),
+    dispatchers: int = typer.Option(1, min=1, max=2, help="Learned dispatcher processes."),
+    warmup: float = typer.Option(30.0, min=0.0, help="Seconds of warm-up through every rate in turn (the "
+                                                     "learner's model), not reported."),
+    prompt_tokens: int = typer.Option(128, min=2, max=8192, help="Tokens per prompt."),
+    max_new_tokens: int = typer.Option(4, min=1, max=1024, help="Tokens generated per request."),
+    time_scale: float = typer.Option(1.0, min=0.0, help="Emulator time scale (0: instant engines)."),
+    seed: int = typer.Option(1),
+    request_timeout: float = typer.Option(60.0, min=1.0, help="Seconds a request may wait for its result."),
+    startup_timeout: float = typer.Option(180.0, min=1.0),
+    out: Path = typer.Option(Path(".run/bench-pipeline"), help="Output directory (results.json, PNG, logs)."),
+) -> None:
+    """The real stack under open-loop load: client-visible overhead by hop, routed req/s, CPU per request
+    per service, model-vs-fallback split; exit 1 unless every request got exactly one result."""
+    from app.pipeline_bench import PipelineOptions, run_pipeline_bench
+
+    try:
+        rate_list = [float(r) for r in _split(rates)]
+    except ValueError:
+        raise typer.BadParameter("comma-separated numbers", param_hint="--rates") from None
+    if not rate_list or any(not 0 < r <= 5000 for r in rate_list):
+        raise typer.BadParameter("rates in (0, 5000] req/s", param_hint="--rates")
+    raise typer.Exit(run_pipeline_bench(PipelineOptions(
+        cluster=cluster, rates=rate_list, seconds=seconds, dispatchers=dispatchers, warmup_s=warmup,
+        prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, time_scale=time_scale, seed=seed,
+        request_timeout_s=request_timeout, startup_timeout_s=startup_timeout, out=out)))
 
 
 @app.callback()
