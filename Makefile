@@ -10,7 +10,8 @@
 #                  suite, integration tests included (-m "");
 #                  extra pytest arguments: make test PYTEST_ARGS='-k kafka -x'
 #   make lint      ruff check
-#   make demo      the whole pipeline, heuristic vs learned routing (`lodestar up`, ~3 min; docs/demo.md)
+#   make demo      the whole pipeline, heuristic vs learned routing (`lodestar up`, ~3 min; docs/demo.md);
+#                  through the OpenAI-compatible gateway: make demo DEMO_ARGS=--gateway
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -19,6 +20,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BOOTSTRAP_PYTHON ?= $(shell command -v python3.11 || command -v python3)
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: help setup services status stop test lint demo
 
@@ -57,4 +59,4 @@ lint:
 # lodestar up starts Kafka/Redis itself when they do not answer, and stops only what it started
 demo:
 	@[ -x $(VENV)/bin/lodestar ] || { echo "make demo: $(VENV)/bin/lodestar is missing: run 'make setup' first (or 'make setup demo')" >&2; exit 1; }
-	$(VENV)/bin/lodestar up
+	$(VENV)/bin/lodestar up $(DEMO_ARGS)

@@ -11,6 +11,7 @@ import typer
 from app.commands import bench, topics
 from app.commands.dispatcher import dispatcher
 from app.commands.emulator import emulator
+from app.commands.gateway import gateway
 from app.commands.learner import learner
 from app.commands.submit import submit
 from app.commands.up import up
@@ -25,6 +26,7 @@ app.command("submit")(submit)
 app.command("emulator")(emulator)
 app.command("dispatcher")(dispatcher)
 app.command("learner")(learner)
+app.command("gateway")(gateway)
 app.command("up")(up)
 
 

@@ -8,7 +8,8 @@ dispatchers. Everything runs under a fresh topic and key prefix (`up<hex>.` / `u
 the end, so a run starts cold and leaves nothing behind.
 
 Then two phases of the workload, each `--phase-seconds` of arrivals at `--rate`, sent through the
-client library: phase 1 with the dispatchers on a heuristic policy while the learner learns from its
+client library (or, with `--gateway`, through a gateway as streamed OpenAI completions:
+app/gateway_traffic.py): phase 1 with the dispatchers on a heuristic policy while the learner learns from its
 telemetry; phase 2 with the dispatchers restarted on the `learned` policy. Each phase draws its own
 stream (seed, seed + 1) of the same workload, so both start with cold caches. The run ends with TTFT
 and load-share tables and the count check: every request must get exactly one result.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
@@ -32,12 +34,14 @@ import numpy as np
 from rich.console import Console
 from rich.live import Live
 
+from app.gateway_traffic import MODEL as GATEWAY_MODEL
+from app.gateway_traffic import GatewayTraffic
 from app.local_services import LocalServices, ServicesError
-from app.local_stack import child_env, restart_dispatchers, start_pipeline
+from app.local_stack import child_env, restart_dispatchers, start_gateways, start_pipeline
 from app.namespace import remove_namespace
 from app.readiness import StackProbes
 from app.stack import Stack, StackError
-from app.traffic import PhaseTally, TelemetryWatch, TimedRequest, drive
+from app.traffic import PhaseTally, Submitter, TelemetryWatch, TimedRequest, drive
 from app.traffic_view import (
     decisions_line,
     describe_snapshot,
@@ -46,6 +50,7 @@ from app.traffic_view import (
     progress_panel,
     ttft_table,
 )
+from gateway.auth import key_digest
 from lodestar.client import LodestarClient
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import Topics
@@ -86,9 +91,10 @@ def run_demo(
     startup_timeout: float,
     request_timeout: float,
     log_dir: Path,
+    gateway: bool = False,
 ) -> int:
     """Run the demo (see the module doc); returns the exit status: 0 if every request got exactly one result,
-    1 if not or if the stack failed, 130 if interrupted."""
+    1 if not or if the stack failed, 130 if interrupted. With `gateway`, the traffic goes through a gateway."""
     from sim.cluster import read_cluster
     from sim.workloads import load_workload
 
@@ -121,7 +127,7 @@ def run_demo(
     try:
         services.ensure_running()
         answered = asyncio.run(_run(console, stack, settings, engines, phases, time_scale, request_timeout,
-                                    startup_timeout))
+                                    startup_timeout, gateway))
         code = 0 if answered else 1
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: stopping everything[/]")
@@ -203,15 +209,18 @@ def _until(requests: Iterator[WorkloadRequest], seconds: float) -> Iterator[Work
 
 
 async def _run(console: Console, stack: Stack, settings: Settings, engines: Sequence[WorkerSpec],
-               phases: Sequence[Phase], time_scale: float, request_timeout: float, startup_timeout: float) -> bool:
+               phases: Sequence[Phase], time_scale: float, request_timeout: float, startup_timeout: float,
+               gateway: bool) -> bool:
     """Bring the stack up, run the phases, print the report; True if every request got exactly one result."""
     await ensure_topics(settings, fixed_topic_partitions(settings))
     async with StackProbes(settings) as probes:
         urls = await start_pipeline(stack, probes, engines, _dispatcher_ids(phases[0].policy), phases[0].policy,
                                     time_scale=time_scale, timeout_s=startup_timeout, echo=console.print)
         tallies: list[PhaseTally] = []
-        async with LodestarClient(settings) as client:
+        async with await _submitter(console, stack, probes, settings, gateway, startup_timeout) as client:
             watch = TelemetryWatch(settings)
+            if isinstance(client, GatewayTraffic):  # the pipeline's ids of the requests are the gateway's
+                client.on_request_id = lambda rid: watch.follow([rid], tallies[-1])
             await watch.start()
             try:
                 for i, phase in enumerate(phases):
@@ -237,6 +246,19 @@ async def _run(console: Console, stack: Stack, settings: Settings, engines: Sequ
         return _count_check(console, tallies, duplicates)
 
 
+async def _submitter(console: Console, stack: Stack, probes: StackProbes, settings: Settings, gateway: bool,
+                     startup_timeout: float) -> LodestarClient | GatewayTraffic:
+    """The client library, or a gateway (started here, with a key of this run's) and an HTTP client of it."""
+    if not gateway:
+        return LodestarClient(settings)
+    key = f"sk-up-{uuid.uuid4().hex}"
+    env = {"LODESTAR_GATEWAY__API_KEY_HASHES": json.dumps([key_digest(key)]),
+           "LODESTAR_GATEWAY__RATE_LIMIT_PER_S": "0", "LODESTAR_GATEWAY__MODEL_NAME": GATEWAY_MODEL}
+    urls = await start_gateways(stack, probes, ["up"], env, timeout_s=startup_timeout)
+    console.print(f"gateway up at {urls['up']}: the traffic goes through it as streamed /v1/completions")
+    return GatewayTraffic(urls["up"], key, GATEWAY_MODEL)
+
+
 def _dispatcher_ids(policy: str) -> list[str]:
     return [f"{policy}-1", f"{policy}-2"]
 
@@ -247,7 +269,7 @@ async def _current_snapshot(probes: StackProbes) -> Snapshot | None:
     return None
 
 
-async def _run_phase(console: Console, stack: Stack, probes: StackProbes, client: LodestarClient, phase: Phase,
+async def _run_phase(console: Console, stack: Stack, probes: StackProbes, client: Submitter, phase: Phase,
                      tally: PhaseTally, label: str, request_timeout: float) -> None:
     """Drive the phase's stream while watching the stack and showing progress."""
     phase_s = phase.seconds

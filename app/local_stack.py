@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from app.readiness import StackProbes
@@ -22,7 +22,8 @@ from lodestar.settings import Settings, settings_env
 
 LODESTAR_CMD = (sys.executable, "-m", "app.cli")
 EMULATOR_PORT_BASE = 31000
-EMULATORS, WORKERS, LEARNER, DISPATCHERS = "emulators", "workers", "learner", "dispatchers"
+GATEWAY_PORT_BASE = 38000
+EMULATORS, WORKERS, LEARNER, DISPATCHERS, GATEWAYS = "emulators", "workers", "learner", "dispatchers", "gateways"
 
 
 class Engine(Protocol):
@@ -55,10 +56,10 @@ def child_env(settings: Settings) -> dict[str, str]:
     }
 
 
-def emulator_spec(engine: Engine, port: int, time_scale: float) -> ProcessSpec:
+def emulator_spec(engine: Engine, port: int, time_scale: float, extra_args: Sequence[str] = ()) -> ProcessSpec:
     return ProcessSpec(f"emulator-{engine.worker_id}", [
         *LODESTAR_CMD, "emulator", "--gpu", engine.gpu, "--model", engine.model, "--port", str(port),
-        "--time-scale", f"{time_scale:g}", "--log-level", "warning",
+        "--time-scale", f"{time_scale:g}", "--log-level", "warning", *extra_args,
     ], group=EMULATORS)
 
 
@@ -72,6 +73,13 @@ def dispatcher_spec(dispatcher_id: str, policy: str) -> ProcessSpec:
     """A dispatcher whose policy comes from the environment (LODESTAR_DISPATCHER__POLICY)."""
     return ProcessSpec(f"dispatcher-{dispatcher_id}", [*LODESTAR_CMD, "dispatcher", "--id", dispatcher_id],
                        env={"LODESTAR_DISPATCHER__POLICY": policy}, group=DISPATCHERS)
+
+
+def gateway_spec(gateway_id: str, port: int, env: Mapping[str, str]) -> ProcessSpec:
+    """A gateway on loopback `port`; `env` carries its settings (API key digests, limits)."""
+    return ProcessSpec(f"gateway-{gateway_id}", [
+        *LODESTAR_CMD, "gateway", "--id", gateway_id, "--host", "127.0.0.1", "--port", str(port),
+    ], env=env, group=GATEWAYS)
 
 
 LEARNER_SPEC = ProcessSpec("learner", [*LODESTAR_CMD, "learner"], group=LEARNER)
@@ -104,13 +112,16 @@ async def start_pipeline(
     learner: bool = True,
     timeout_s: float = 180.0,
     echo: Callable[[str], None] = lambda _: None,
+    emulator_args: Sequence[str] = (),
+    port_base: int = EMULATOR_PORT_BASE,
 ) -> dict[str, str]:
-    """Start and wait for emulators, workers, the learner and the dispatchers; returns worker id -> engine URL."""
+    """Start and wait for emulators (with `emulator_args`, on free ports from `port_base` up), workers, the
+    learner and the dispatchers; returns worker id -> engine URL."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     urls: dict[str, str] = {}
-    for engine, port in zip(engines, free_ports(len(engines)), strict=True):
-        stack.start(emulator_spec(engine, port, time_scale))
+    for engine, port in zip(engines, free_ports(len(engines), port_base), strict=True):
+        stack.start(emulator_spec(engine, port, time_scale, emulator_args))
         urls[engine.worker_id] = f"http://127.0.0.1:{port}"
 
     async def engines_healthy() -> bool:
@@ -165,3 +176,19 @@ async def restart_dispatchers(stack: Stack, probes: StackProbes, dispatcher_ids:
     for dispatcher_id in dispatcher_ids:
         stack.start(dispatcher_spec(dispatcher_id, policy))
     await wait_dispatchers(stack, probes, dispatcher_ids, timeout_s)
+
+
+async def start_gateways(stack: Stack, probes: StackProbes, gateway_ids: Sequence[str], env: Mapping[str, str],
+                         timeout_s: float = 180.0, port_base: int = GATEWAY_PORT_BASE) -> dict[str, str]:
+    """Start gateways on free loopback ports (from `port_base` up) and wait until each is ready (`/readyz`);
+    gateway id -> base URL."""
+    urls: dict[str, str] = {}
+    for gateway_id, port in zip(gateway_ids, free_ports(len(gateway_ids), port_base), strict=True):
+        stack.start(gateway_spec(gateway_id, port, env))
+        urls[gateway_id] = f"http://127.0.0.1:{port}"
+
+    async def ready() -> bool:
+        return all(await asyncio.gather(*(probes.gateway_ready(u) for u in urls.values())))
+
+    await stack.wait_ready(ready, timeout_s, f"gateways {', '.join(gateway_ids)}")
+    return urls

@@ -68,6 +68,13 @@ class StackProbes:
         except httpx.HTTPError:
             return False
 
+    async def gateway_ready(self, base_url: str) -> bool:
+        """Whether a gateway answers 200 on `/readyz` (its Kafka clients are up and it listens)."""
+        try:
+            return (await self._http.get(f"{base_url}/readyz")).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     async def engine_info(self, base_url: str) -> dict[str, Any]:
         """An engine's `/server_info` (the emulator adds an `emulator` object with its clock's lag)."""
         response = await self._http.get(f"{base_url}/server_info")

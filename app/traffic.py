@@ -14,12 +14,12 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
 
-from lodestar.client import LodestarClient
 from lodestar.kafka_io import make_admin, make_consumer
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, InferenceResult, InvalidMessage, TelemetryEvent, decode, now_ms
@@ -123,8 +123,16 @@ class PhaseTally:
         return Counter(e.decision.model_version for e in self.decisions.values())
 
 
+class Submitter(Protocol):
+    """What `drive` sends through: the client library, or a gateway (app.gateway_traffic)."""
+
+    duplicate_results: int
+
+    async def request(self, request: InferenceRequest, timeout_s: float = ...) -> InferenceResult: ...
+
+
 async def drive(
-    client: LodestarClient,
+    client: Submitter,
     stream: Iterable[TimedRequest],
     tally: PhaseTally,
     timeout_s: float,

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dispatcher.policies.base import Policy
+from lodestar.chat import render_messages
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.features import as_dict, chosen_features
 from lodestar.hashing import text_block_hashes, token_block_hashes
@@ -26,26 +27,32 @@ from lodestar.settings import PrefixSettings
 CHARS_PER_TOKEN = 4
 
 
+def _salt(request: InferenceRequest) -> str | None:
+    """The request's prefix-cache namespace (SGLang's `cache_salt`): salted prompts share no block with others."""
+    return request.api.cache_salt if request.api is not None else None
+
+
 def describe(request: InferenceRequest, prefix: PrefixSettings) -> RequestInfo:
     """The request as a router sees it: prompt length in tokens and its chained prefix block hashes.
 
     Token prompts use token blocks of `tokens_per_block`; text prompts use character blocks of
-    `chars_per_block`, counted as `chars_per_block / CHARS_PER_TOKEN` tokens each.
+    `chars_per_block`, counted as `chars_per_block / CHARS_PER_TOKEN` tokens each; a chat is hashed as its
+    canonical text (lodestar/chat.py). A `cache_salt` seeds the chain, as it namespaces the engine's cache.
     """
     if request.input_ids:
         return RequestInfo(
             request_id=request.request_id,
             prompt_tokens=len(request.input_ids),
-            block_hashes=tuple(token_block_hashes(request.input_ids, prefix.tokens_per_block)),
+            block_hashes=tuple(token_block_hashes(request.input_ids, prefix.tokens_per_block, _salt(request))),
             tokens_per_block=prefix.tokens_per_block,
             session_id=request.session_id,
             max_new_tokens=request.sampling.max_new_tokens,
         )
-    text = request.prompt or ""
+    text = render_messages(request.messages) if request.messages else request.prompt or ""
     return RequestInfo(
         request_id=request.request_id,
         prompt_tokens=max(1, math.ceil(len(text) / CHARS_PER_TOKEN)),
-        block_hashes=tuple(text_block_hashes(text, prefix.chars_per_block)),
+        block_hashes=tuple(text_block_hashes(text, prefix.chars_per_block, _salt(request))),
         tokens_per_block=max(1, prefix.chars_per_block // CHARS_PER_TOKEN),
         session_id=request.session_id,
         max_new_tokens=request.sampling.max_new_tokens,

@@ -36,17 +36,21 @@ def token_block_hashes(tokens: Sequence[int], tokens_per_block: int, salt: str |
     n_blocks = len(arr) // tokens_per_block
     raw = arr[: n_blocks * tokens_per_block].tobytes()
     step = 4 * tokens_per_block
-    seed = ROOT_SEED if not salt else xxhash.xxh64_intdigest(salt.encode(), seed=ROOT_SEED)
-    return _chain([raw[i : i + step] for i in range(0, n_blocks * step, step)], seed)
+    return _chain([raw[i : i + step] for i in range(0, n_blocks * step, step)], _seed(salt))
 
 
-def text_block_hashes(text: str, chars_per_block: int) -> list[int]:
-    """Chained hashes of the whole `chars_per_block`-character blocks of a text prompt."""
+def _seed(salt: str | None) -> int:
+    return ROOT_SEED if not salt else xxhash.xxh64_intdigest(salt.encode(), seed=ROOT_SEED)
+
+
+def text_block_hashes(text: str, chars_per_block: int, salt: str | None = None) -> list[int]:
+    """Chained hashes of the whole `chars_per_block`-character blocks of a text prompt (a `salt` as in
+    `token_block_hashes`)."""
     if chars_per_block < 1:
         raise ValueError("chars_per_block must be >= 1")
     n_blocks = len(text) // chars_per_block
     return _chain(
-        text[i * chars_per_block : (i + 1) * chars_per_block].encode() for i in range(n_blocks)
+        (text[i * chars_per_block : (i + 1) * chars_per_block].encode() for i in range(n_blocks)), _seed(salt)
     )
 
 

@@ -16,8 +16,8 @@ from typing import Literal
 from lodestar.names import Topics
 from lodestar.settings import Settings
 
-Service = Literal["dispatcher", "worker", "learner", "client"]
-SERVICES: tuple[Service, ...] = ("dispatcher", "worker", "learner", "client")
+Service = Literal["dispatcher", "worker", "learner", "gateway", "client"]
+SERVICES: tuple[Service, ...] = ("dispatcher", "worker", "learner", "gateway", "client")
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,12 @@ class Acl:
 
 
 def service_acls(settings: Settings, service: Service, *, worker_id: str | None = None,
-                 reply_topic: str | None = None) -> list[Acl]:
+                 reply_topic: str | None = None, gateway_ids_prefixed: bool = False) -> list[Acl]:
     """What `service` needs under these settings' topic prefix and consumer groups; a worker's rights are for
     its own topic and group (`worker_id`), a client's for its own reply topic if it has one, else for the
-    shared results topic."""
+    shared results topic. A gateway's are for its reply topic, named after `gateway.gateway_id`, or, with
+    `gateway_ids_prefixed`, for every reply topic of a gateway whose id starts with it (the chart names its
+    gateways after their pods: give it the pods' common prefix)."""
     t = Topics(settings.kafka.topic_prefix)
     describe_fixed = [Acl("topic", name, ("Describe",)) for name in t.fixed()]
     if service == "dispatcher":
@@ -69,6 +71,14 @@ def service_acls(settings: Settings, service: Service, *, worker_id: str | None 
     if service == "learner":
         return [*describe_fixed, Acl("topic", t.telemetry, ("Read",)),
                 Acl("group", settings.learner.consumer_group, ("Read",)), Acl("topic", t.dlq, ("Write",))]
+    if service == "gateway":
+        if not settings.gateway.gateway_id:
+            raise ValueError("a gateway's ACLs are for its own reply topic: set gateway.gateway_id (or its prefix)")
+        # it creates its reply topic at start, reads it without a group, and deletes it when it stops if told to
+        own = ("Read", "Create", "Delete") if settings.gateway.delete_reply_topic else ("Read", "Create")
+        reply = f"{t.reply_prefix}{settings.gateway.gateway_id}"
+        return [*describe_fixed, Acl("topic", t.requests, ("Write",)),
+                Acl("topic", reply, own, prefixed=gateway_ids_prefixed)]
     if service == "client":
         reads = Acl("topic", reply_topic, ("Read", "Create")) if reply_topic else Acl("topic", t.results, ("Read",))
         return [Acl("topic", t.requests, ("Write",)), reads]

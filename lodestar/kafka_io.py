@@ -28,6 +28,12 @@ DEAD_LETTER_KEY_CHARS = 256  # a dead letter's key (the failed record's, cut): K
 DEAD_LETTER_HEADER_CHARS = 1024  # each header value kept in a dead letter, cut to this
 DEAD_LETTER_FRAMING_BYTES = 512  # record framing left out of a dead letter's size budget
 
+# aiokafka keeps one produce request in flight per broker and waits for a partition's batch to drain once it
+# is full: messages sent meanwhile collect in the next request, so batching happens without a linger (a 1 ms
+# linger cost ~2 ms per hop on loopback: p50 3.5 vs 1.5 ms, docs/gateway.md), and a batch larger than the
+# default 16 KiB keeps a stream's chunks from queueing behind a full one while a slow request is out.
+MAX_BATCH_BYTES = 512 * 1024
+
 
 def tls_context(kafka: KafkaSettings) -> ssl.SSLContext:
     """The TLS context of `SSL`/`SASL_SSL` connections: the broker verified against the configured CA (or the
@@ -63,7 +69,8 @@ def make_producer(settings: Settings, client_id: str, **options: Any) -> AIOKafk
     """An idempotent producer (acks=all): a retried send is never duplicated in the log.
 
     `options` (aiokafka producer arguments) replace these defaults; the connection is always the settings'."""
-    defaults: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 1, "compression_type": None,
+    defaults: dict[str, Any] = {"acks": "all", "enable_idempotence": True, "linger_ms": 0,
+                                "max_batch_size": MAX_BATCH_BYTES, "compression_type": None,
                                 "max_request_size": settings.limits.max_message_bytes}
     return AIOKafkaProducer(client_id=client_id, **{**defaults, **options}, **connection_options(settings.kafka))
 

@@ -7,7 +7,8 @@
   routing decision, plus the propagated trace headers) always fits the producer's and the broker's limit
   (the arithmetic is at `ROUTED_RESERVE_BYTES`). Anything Lodestar produces is checked again before it is
   sent (`check_size`);
-- **token ids** at most `max_token_id` (the model's vocabulary);
+- **token ids** (`input_ids`, and the engine API's `stop_token_ids` and `token_ids_logprob`) at most
+  `max_token_id` (the model's vocabulary);
 - **deadline_ms**, an absolute time (epoch ms): a request past it is answered, not served
   (`deadline_passed`);
 - **reply_to** only to an allowed topic (`ReplyTopics`): a match of `reply_to_pattern`, and never Kafka's
@@ -31,12 +32,15 @@ from lodestar.settings import Settings
 #     finite numbers, a worker id <= 200, a policy name <= 64, a dispatcher id <= 256 characters, an origin;
 #     the worst case measures 6.7 KB);
 #   the request re-serialized (defaults filled in, numbers in canonical form) versus as received: <= 1 KiB
-#     (JSON whitespace and escapes only shrink; the fixed set of optional fields and numbers adds ~0.3 KB);
+#     (JSON whitespace and escapes only shrink; the fixed set of optional fields and numbers adds ~0.3 KB),
+#     and for a chat <= 28 KiB more: each of at most 1,024 messages may gain `"content":null,"name":null`
+#     (27 bytes), the engine API its defaults (~0.5 KB); a content part's `type` has no default, so parts add
+#     nothing;
 #   the trace headers: <= 8.3 KiB (the span's traceparent, 55 bytes, and the tracestate it inherits, which
 #     OpenTelemetry's W3C propagator caps at 8,192 characters; incoming baggage is not carried on);
 #   the record key (a request id, <= 128 bytes) and Kafka's record and batch framing: < 1 KiB.
-# About 18 KiB in all; the reserve rounds it up to 64 KiB, so a request of up to max_message_bytes - 64 KiB
-# (983,040 bytes by default) is always routable.
+# About 18 KiB in all, 46 KiB for the worst chat; the reserve rounds it up to 64 KiB, so a request of up to
+# max_message_bytes - 64 KiB (983,040 bytes by default) is always routable.
 ROUTED_RESERVE_BYTES = 64 * 1024
 RECORD_FRAMING_BYTES = 512  # Kafka's record batch header (61 bytes) and record framing, generously
 
@@ -103,10 +107,14 @@ class Limits:
 
     def check_request(self, request: InferenceRequest) -> None:
         """The checks a valid InferenceRequest must also pass here: token ids in range, reply topic allowed."""
-        if request.input_ids:
-            top = max(request.input_ids)
+        token_lists = {"input_ids": request.input_ids}
+        if request.api is not None:
+            token_lists.update(stop_token_ids=request.api.stop_token_ids,
+                               token_ids_logprob=request.api.token_ids_logprob)
+        for field, ids in token_lists.items():
+            top = max(ids) if ids else -1
             if top > self.max_token_id:
-                raise InvalidMessage(f"invalid InferenceRequest: input_ids holds token id {top}, beyond "
+                raise InvalidMessage(f"invalid InferenceRequest: {field} holds token id {top}, beyond "
                                      f"limits.max_token_id={self.max_token_id} (the model's vocabulary)")
         if request.reply_to is not None:
             refusal = self.reply_topics.refusal(request.reply_to)

@@ -270,3 +270,38 @@ class LearnerMetrics:
         """A snapshot went out."""
         self.snapshots_published.inc()
         self.snapshot_version.set(version)
+
+
+class GatewayMetrics:
+    """HTTP requests by route and status, time to first byte of the answer, requests in flight, refusals (rate
+    limit, saturation), aborts, and replies nobody waited for."""
+
+    def __init__(self, gateway_id: str, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else new_registry()
+        self.gateway_id = gateway_id
+        r = self.registry
+        self._requests = Counter("lodestar_gateway_requests", "HTTP requests answered, by route and status code.",
+                                 ["gateway", "route", "code"], registry=r)
+        self.ttft = Histogram("lodestar_gateway_ttft_seconds", "From the HTTP request to its first output at the "
+                              "gateway (a streamed chunk, or the whole answer).", ["gateway"],
+                              buckets=TTFT_BUCKETS_S, registry=r).labels(gateway=gateway_id)
+        self.inflight = Gauge("lodestar_gateway_inflight", "Requests in the pipeline for this gateway.", ["gateway"],
+                              registry=r).labels(gateway=gateway_id)
+        self._refused = Counter("lodestar_gateway_refused", "Requests refused before entering the pipeline, by "
+                                "reason.", ["gateway", "reason"], registry=r)
+        self._aborted = Counter("lodestar_gateway_aborted", "Requests abandoned before their end, by reason "
+                                "(client_disconnect, deadline, interrupted).", ["gateway", "reason"], registry=r)
+        self.orphan_replies = Gauge("lodestar_gateway_orphan_replies", "Replies read for requests no longer "
+                                    "followed (since start).", ["gateway"], registry=r).labels(gateway=gateway_id)
+
+    def record_request(self, route: str, code: int) -> None:
+        """One answered HTTP request; `route` is the route's path template (bounded)."""
+        self._requests.labels(gateway=self.gateway_id, route=route, code=str(code)).inc()
+
+    def record_refused(self, reason: str) -> None:
+        """One request refused; `reason` is a short kind such as `rate_limited`, `saturated`, `unauthorized`."""
+        self._refused.labels(gateway=self.gateway_id, reason=kind_label(reason)).inc()
+
+    def record_aborted(self, reason: str) -> None:
+        """One request abandoned before its end; `reason` is a short kind."""
+        self._aborted.labels(gateway=self.gateway_id, reason=kind_label(reason)).inc()

@@ -61,6 +61,10 @@ class Topics:
         a dispatcher joins it to take over a dead worker's backlog."""
         return f"{self.worker_group_prefix}{check_worker_id(worker_id)}"
 
+    def reply(self, name: str) -> str:
+        """A client's own reply topic (`<prefix>reply.<name>`; a gateway's name is its id)."""
+        return f"{self.prefix}reply.{check_worker_id(name)}"
+
     def fixed(self) -> list[str]:
         """The topics that exist independently of workers."""
         return [self.requests, self.results, self.telemetry, self.dlq]
@@ -116,3 +120,11 @@ class RedisKeys:
     def result(self, request_id: str) -> str:
         """Cached final result of a request, replayed if the request is redelivered."""
         return f"{self.prefix}result:{request_id}"
+
+    def abort(self, request_id: str) -> str:
+        """Marker that a request's client went away: the worker serving it (or about to) aborts it."""
+        return f"{self.prefix}abort:{request_id}"
+
+    def rate_limit(self, key_id: str) -> str:
+        """Token bucket of one API key at the gateways (hash: tokens, updated_at)."""
+        return f"{self.prefix}ratelimit:{key_id}"

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lodestar.names import WORKER_ID_PATTERN
 
@@ -91,6 +91,106 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
 
 
+# ---- streaming and engine APIs (issue 14): new, optional fields and messages; absent, nothing changes -------
+
+MAX_MESSAGES = 1024  # chat messages in one request
+MAX_CONTENT_PARTS = 256  # parts of one message's content
+MAX_CHAT_CHARS = MAX_PROMPT_CHARS  # characters of every message's text together, as a prompt
+MAX_LIST_ITEMS = 64  # stop token ids, stop patterns, token ids whose logprobs are asked for
+MAX_PATTERN_CHARS = 1024  # one stop_regex pattern
+MAX_N = 128  # choices per request (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's limit)
+MAX_TOKENS = MAX_NEW_TOKENS  # the engine API's max_tokens and min_tokens, as sampling.max_new_tokens
+MAX_SALT_CHARS = 256  # a cache_salt
+MAX_CHUNK_DATA_CHARS = 64 * 1024  # one StreamChunk's `text` or `data` fragment (even all \u-escaped, < 400 KB)
+MAX_SEQ = 10_000_000  # chunks of one serving
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # for models outside Message (the gateway's bodies)
+
+
+class TextPart(BaseModel):
+    """A text part of a chat message's content (OpenAI's `{"type": "text", "text": ...}`)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    type: Literal["text"]  # required: a default would grow the message when re-serialized (lodestar/limits.py)
+    text: str = Field(max_length=MAX_CHAT_CHARS)
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat, as OpenAI's chat API takes it (text only: images, audio and tool calls are not
+    carried)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, max_length=MAX_CHAT_CHARS)
+    name: Name | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    @model_validator(mode="after")
+    def _bounded_parts(self) -> ChatMessage:
+        if isinstance(self.content, list) and len(self.content) > MAX_CONTENT_PARTS:
+            raise ValueError(f"at most {MAX_CONTENT_PARTS} content parts")
+        return self
+
+
+def _bounded_chat(messages: list[ChatMessage] | None) -> list[ChatMessage] | None:
+    if messages is None:
+        return None
+    if len(messages) > MAX_MESSAGES:
+        raise ValueError(f"at most {MAX_MESSAGES} messages")
+    if sum(len(m.text) for m in messages) > MAX_CHAT_CHARS:
+        raise ValueError(f"the messages' text is longer than {MAX_CHAT_CHARS} characters")
+    return messages
+
+
+EngineApiKind = Literal["chat", "completions", "generate"]
+
+
+class EngineApi(BaseModel):
+    """How the worker calls its engine for a request that carries this: SGLang's OpenAI chat
+    (`/v1/chat/completions`, for `messages`), completions (`/v1/completions`) or native `/generate` API, with
+    these options beside `sampling`'s temperature, top_p, stop and ignore_eos. The engine's stream events go to
+    the reply topic as StreamChunks (each event's JSON when `stream`; else one aggregated response body), and
+    the InferenceResult carries the status, token counts and timings (its `text` is choice 0's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    kind: EngineApiKind
+    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS, description=(
+        "the engine's limit on generated tokens per choice (0: prefill only, `generate` alone); none: the "
+        "engine's default for the API (chat: up to the context length). `sampling.max_new_tokens` is then the "
+        "router's estimate only"))
+    n: int = Field(1, ge=1, le=MAX_N)
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    logprob_start_len: int = Field(-1, ge=-1, le=MAX_TOKENS)
+    return_text_in_logprobs: bool = False
+    token_ids_logprob: list[TokenId] | None = Field(None, max_length=MAX_LIST_ITEMS)
+    frequency_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: FiniteFloat = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: FiniteFloat = Field(1.0, gt=0.0, le=2.0)
+    top_k: int = Field(-1, ge=-1, le=MAX_TOKEN_ID)
+    min_p: FiniteFloat = Field(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_LIST_ITEMS)
+    stop_regex: list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_LIST_ITEMS)
+    skip_special_tokens: bool = True
+    no_stop_trim: bool = False
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT_CHARS)
+
 class InferenceRequest(Message):
     """A client's request, produced to `lodestar.requests`.
 
@@ -112,14 +212,33 @@ class InferenceRequest(Message):
                    Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)]] = Field(
         default_factory=dict, max_length=MAX_METADATA)
     created_at: EpochMs = Field(default_factory=now_ms)
+    messages: Annotated[list[ChatMessage] | None, AfterValidator(_bounded_chat)] = Field(None, description=(
+        "a chat instead of a prompt: served by the engine's chat API (which applies the model's chat template)"))
+    api: EngineApi | None = Field(None, description="serve through this engine API (default: /generate, or chat "
+                                                    "for `messages`)")
+    stream: bool = Field(False, description="publish StreamChunks to the reply topic as the engine produces "
+                                            "output, before the InferenceResult")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> InferenceRequest:
         has_text = self.prompt is not None and self.prompt != ""
         has_ids = self.input_ids is not None and len(self.input_ids) > 0
-        if has_text == has_ids:
-            raise ValueError("exactly one of a non-empty `prompt` or non-empty `input_ids` is required")
+        has_chat = self.messages is not None and len(self.messages) > 0
+        if has_text + has_ids + has_chat != 1:
+            raise ValueError("exactly one of a non-empty `prompt` or non-empty `input_ids` is required "
+                             "(or non-empty `messages`)")
+        if self.api is not None and (self.api.kind == "chat") != has_chat:
+            raise ValueError("`api.kind` chat goes with `messages`, completions and generate with a prompt")
+        if self.api is not None and self.api.max_tokens == 0 and self.api.kind != "generate":
+            raise ValueError("`api.max_tokens` 0 (prefill only) is for `api.kind` generate")
         return self
+
+    @property
+    def engine_api(self) -> EngineApiKind:
+        """The engine API this request is served by."""
+        if self.api is not None:
+            return self.api.kind
+        return "chat" if self.messages else "generate"
 
 
 class RoutingDecision(Message):
@@ -170,6 +289,33 @@ class InferenceResult(Message):
     error: Reason | None = None
     replayed: bool = False  # a stored result sent again for a request id seen before (docs/architecture.md)
     completed_at: EpochMs = Field(default_factory=now_ms)
+    error_status: int | None = Field(None, ge=100, le=599, description=(
+        "the HTTP status that best describes a failed request: the engine's own answer when it refused or "
+        "failed (400 refused input, 503 overloaded), 499 when the client aborted it"))
+
+
+class StreamChunk(Message):
+    """Output of a streaming request as it is produced, on the request's reply topic before its InferenceResult.
+
+    One serving of the request (`serve_id`) numbers its chunks 0, 1, 2, ... (`seq`); the same partition
+    (key: the request id) keeps them in order, followed by the result. A request served again after its worker
+    died, or taken over, starts a new `serve_id` from 0: a consumer keeps one serving's chunks and drops
+    repeats (`seq` already seen). Requests without `api` carry `text` (the text generated since the previous
+    chunk); requests with `api` carry `data`: the engine's stream events as JSON texts, one per line (one
+    event, or several that came while the worker waited for the broker to take the previous chunk), when
+    `stream`; else the whole response body. `data` longer than the fragment limit is split across chunks
+    (`more`: the next chunk continues it)."""
+
+    kind: Literal["chunk"] = "chunk"
+    request_id: Identifier
+    worker_id: str = Field(pattern=WORKER_ID_PATTERN.pattern)
+    serve_id: Identifier
+    seq: int = Field(ge=0, le=MAX_SEQ)
+    text: str = Field("", max_length=MAX_CHUNK_DATA_CHARS)
+    data: str = Field("", max_length=MAX_CHUNK_DATA_CHARS)
+    more: bool = False
+    completion_tokens: Count = 0
+    sent_at: EpochMs = Field(default_factory=now_ms)
 
 
 class TelemetryEvent(Message):

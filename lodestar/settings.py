@@ -256,6 +256,31 @@ class LearnerSettings(Section):
     metrics_port: int = Field(0, ge=0)  # Prometheus /metrics port (0 = off)
 
 
+class GatewaySettings(Section):
+    """The OpenAI-compatible HTTP gateway (docs/gateway.md)."""
+
+    gateway_id: str = ""  # this gateway's id: its reply topic is <topic prefix>reply.<id> (default: host-pid)
+    host: str = "127.0.0.1"  # address the HTTP server binds (0.0.0.0 in containers)
+    port: int = Field(8000, ge=0, le=65535)  # HTTP port of the API, /health, /metrics, /healthz and /readyz
+    model_name: str = "meta-llama/Llama-3.1-8B-Instruct"  # the model /v1/models lists; other names get 404
+    context_length: int = Field(131_072, ge=1)  # max_model_len /v1/models reports (the engines' context length)
+    api_key_hashes: list[str] = Field(default_factory=list, description=(
+        "SHA-256 hex digests of the accepted bearer tokens (`printf %s KEY | sha256sum`); the keys themselves "
+        "are never stored"))
+    allow_anonymous: bool = False  # serve requests without an API key (development only; no key is accepted then)
+    rate_limit_per_s: float = Field(20.0, ge=0)  # requests per second per API key, across every gateway (0 = off)
+    rate_limit_burst: int = Field(40, ge=1)  # token bucket size: requests a key may send at once
+    max_in_flight: int = Field(1024, ge=1)  # requests one gateway serves at once; more get 429
+    max_waiting_per_worker: float = Field(64.0, ge=0, description=(
+        "engines' queued requests per routable worker (the registry's average) at which new requests get 429 "
+        "(0 = off)"))
+    max_body_bytes: int = Field(768 * 1024, ge=1024)  # largest request body (a request must fit a Kafka message)
+    max_reply_chars: int = Field(64 * 1024 * 1024, ge=1024)  # longest answer (all its chunks) one request may hold
+    request_timeout_s: float = Field(600.0, gt=0)  # a request's deadline: then 504 and the generation is aborted
+    reply_partitions: int = Field(2, ge=1)  # partitions of the gateway's reply topic
+    delete_reply_topic: bool = False  # delete the reply topic when the gateway stops (ids that never come back)
+
+
 class SnapshotSigningSettings(Section):
     """HMAC-SHA256 signing of the model snapshots the learner publishes through Redis.
 
@@ -307,6 +332,7 @@ class Settings(BaseSettings):
     dispatcher: DispatcherSettings = DispatcherSettings()
     worker: WorkerSettings = WorkerSettings()
     learner: LearnerSettings = LearnerSettings()
+    gateway: GatewaySettings = GatewaySettings()
     snapshot_signing: SnapshotSigningSettings = SnapshotSigningSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     dev_mode: bool = False  # development only: accept a missing, short or published snapshot signing key

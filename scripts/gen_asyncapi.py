@@ -29,18 +29,22 @@ from lodestar.limits import Limits
 from lodestar.names import WORKER_ID_PATTERN, Topics
 from lodestar.schemas import (
     SCHEMA_VERSION,
+    ChatMessage,
     DeadLetter,
+    EngineApi,
     InferenceRequest,
     InferenceResult,
     Message,
     RoutedRequest,
     RoutingDecision,
     SamplingParams,
+    StreamChunk,
     TelemetryEvent,
 )
 from lodestar.settings import (
     PROJECT_ROOT,
     DispatcherSettings,
+    GatewaySettings,
     KafkaSettings,
     LearnerSettings,
     PrefixSettings,
@@ -56,6 +60,8 @@ TOPICS = Topics(KAFKA.topic_prefix)
 LIMITS = Limits(Settings.model_construct())  # the defaults, not the environment
 WORKER_PARAM = "workerId"
 EXAMPLE_WORKER = "h100-0"
+CLIENT_PARAM = "clientName"
+EXAMPLE_CLIENT = "gateway-a"
 
 TRACE_HEADERS: dict[str, Any] = {
     "type": "object",
@@ -86,6 +92,11 @@ class Topic:
     partitions: int
     description: str
     traced: bool = True  # whether the producer puts the trace context in the headers
+    also: tuple[type[Message], ...] = ()  # other messages the topic carries
+
+    @property
+    def models(self) -> tuple[type[Message], ...]:
+        return (self.model, *self.also)
 
 
 def _line(model: type) -> str:
@@ -110,7 +121,16 @@ def topics() -> list[Topic]:
               "with `reply_to` gets its result on that topic instead (an allowed reply topic, never one of "
               "Lodestar's own). Delivery is at least once: a client keeps the first result per request id. A "
               "request sent again with its id within the dedupe window gets the stored result again, with "
-              "`replayed` true."),
+              "`replayed` true. A streamed request (`stream`) gets its StreamChunks here first, in order on the "
+              "result's partition.", also=(StreamChunk,)),
+        Topic("reply", f"{TOPICS.prefix}reply.{{{CLIENT_PARAM}}}",
+              InferenceResult, "The request id.", GatewaySettings().reply_partitions,
+              "A client's own reply topic (a request's `reply_to`; lodestar/client.py names it "
+              "`<prefix>reply.<name>`, a gateway `<prefix>reply.<gateway id>`): the results of that client's "
+              "requests and, for streamed ones, their StreamChunks before them. The client creates it (a gateway "
+              "with `gateway.reply_partitions` partitions) and reads it without a group, from its end; only "
+              "that client reads it. A message with `\"kind\": \"chunk\"` is a StreamChunk, any other an "
+              "InferenceResult.", also=(StreamChunk,)),
         Topic("telemetry", TOPICS.telemetry, TelemetryEvent, "The worker id.", KAFKA.telemetry_partitions,
               "What a worker observed for each request it served, with the decision as made: the learner's "
               "input."),
@@ -120,15 +140,24 @@ def topics() -> list[Topic]:
     ]
 
 
-def _worker_parameter() -> dict[str, Any]:
-    return {"description": f"The worker's id, matching `{WORKER_ID_PATTERN.pattern}` (lodestar/names.py).",
+def _parameters(address: str) -> dict[str, Any]:
+    params = {}
+    if WORKER_PARAM in address:
+        params[WORKER_PARAM] = {
+            "description": f"The worker's id, matching `{WORKER_ID_PATTERN.pattern}` (lodestar/names.py).",
             "examples": [EXAMPLE_WORKER]}
+    if CLIENT_PARAM in address:
+        params[CLIENT_PARAM] = {
+            "description": f"The client's name (a gateway's id), matching `{WORKER_ID_PATTERN.pattern}`.",
+            "examples": [EXAMPLE_CLIENT]}
+    return params
 
 
-def examples() -> dict[type[Message], Message]:
-    """One realistic message of each kind, built from the models: a session's second turn, described as the
+def examples() -> dict[type[Message], list[Message]]:
+    """Realistic messages of each kind, built from the models: a session's second turn, described as the
     dispatcher describes it, on a busy H100 that holds the turn's first two prefix blocks (the decision's
-    features computed by the one feature definition)."""
+    features computed by the one feature definition); a streamed chat as the gateway sends it, and chunks of
+    both kinds of stream."""
     request = InferenceRequest(
         request_id="6f1c0c9ad3f54b1c8f0e8a4d2b7c9e10",
         prompt="You are a concise literary assistant. Answer in one sentence, without spoilers beyond the "
@@ -169,31 +198,58 @@ def examples() -> dict[type[Message], Message]:
         payload='{"schema_version":1,"request_id":"a1","session_id":"chat-42"}', headers=EXAMPLE_HEADERS,
         failed_at=1767225600200.0,
     )
-    return {InferenceRequest: request, RoutedRequest: RoutedRequest(request=request, decision=decision),
-            InferenceResult: result, TelemetryEvent: telemetry, DeadLetter: letter}
+    chat = InferenceRequest(
+        request_id="0b9e6c2f4a7d4e51a3c8d9f0e1b2c3d4",
+        messages=[ChatMessage(role="system", content="You are a concise literary assistant."),
+                  ChatMessage(role="user", content="What is Hamlet about?")],
+        sampling=SamplingParams(max_new_tokens=64, temperature=0.7, top_p=0.95),
+        api=EngineApi(kind="chat", max_tokens=64, n=1, logprobs=True, top_logprobs=2),
+        stream=True, reply_to=f"{TOPICS.prefix}reply.{EXAMPLE_CLIENT}", deadline_ms=1767226200000.0,
+        metadata={"gateway": EXAMPLE_CLIENT}, created_at=1767225600000.0,
+    )
+    text_chunk = StreamChunk(request_id=request.request_id, worker_id=EXAMPLE_WORKER,
+                             serve_id="5d2c9b1e0f3a4c7e8b6d", seq=0, text="Shakespeare's Hamlet",
+                             completion_tokens=4, sent_at=1767225600055.6)
+    event = ('{"id":"0b9e6c2f4a7d4e51a3c8d9f0e1b2c3d4","object":"chat.completion.chunk","created":1767225600,'
+             '"model":"meta-llama/Llama-3.1-8B-Instruct","choices":[{"index":0,"delta":{"role":null,'
+             '"content":" Hamlet"},"logprobs":null,"finish_reason":null}],"usage":null}')
+    event_chunk = StreamChunk(request_id=chat.request_id, worker_id=EXAMPLE_WORKER, serve_id="a41f07c3e9d24b6f",
+                              seq=1, data=event, sent_at=1767225600061.0)
+    return {InferenceRequest: [request, chat], RoutedRequest: [RoutedRequest(request=request, decision=decision)],
+            InferenceResult: [result], TelemetryEvent: [telemetry], DeadLetter: [letter],
+            StreamChunk: [text_chunk, event_chunk]}
 
 
-def _message(topic: Topic, example: Message) -> dict[str, Any]:
-    name = topic.model.__name__
-    payload = example.model_dump(mode="json")
+def _owner(model: type[Message]) -> Topic:
+    """The first topic that carries `model` (its key and headers describe the message)."""
+    return next(t for t in topics() if model in t.models)
+
+
+def _message(model: type[Message], chosen: list[Message]) -> dict[str, Any]:
+    topic = _owner(model)
+    name = model.__name__
     message: dict[str, Any] = {
         "name": name,
         "title": name,
-        "summary": _line(topic.model),
+        "summary": _line(model),
         "contentType": "application/json",
         "payload": {"$ref": f"{SCHEMAS}{name}"},
     }
     if topic.traced:
         message["headers"] = {"$ref": f"{SCHEMAS}TraceHeaders"}
-    correlation = {RoutedRequest: "request/request_id", DeadLetter: None}.get(topic.model, "request_id")
+    correlation = {RoutedRequest: "request/request_id", DeadLetter: None}.get(model, "request_id")
     if correlation is not None:
         message["correlationId"] = {"description": "The request id.", "location": f"$message.payload#/{correlation}"}
     message["bindings"] = {"kafka": {"key": {"type": "string", "description": topic.key},
                                      "bindingVersion": KAFKA_BINDING}}
-    example_entry: dict[str, Any] = {"name": f"{name}-example", "payload": payload}
-    if topic.traced:
-        example_entry["headers"] = EXAMPLE_HEADERS
-    message["examples"] = [example_entry]
+    entries = []
+    for i, example in enumerate(chosen):
+        entry: dict[str, Any] = {"name": f"{name}-example" + (f"-{i + 1}" if i else ""),
+                                 "payload": example.model_dump(mode="json")}
+        if topic.traced:
+            entry["headers"] = EXAMPLE_HEADERS
+        entries.append(entry)
+    message["examples"] = entries
     return message
 
 
@@ -202,13 +258,14 @@ def _channel(topic: Topic) -> dict[str, Any]:
         "address": topic.address,
         "title": topic.address,
         "description": topic.description,
-        "messages": {topic.model.__name__: {"$ref": f"#/components/messages/{topic.model.__name__}"}},
+        "messages": {m.__name__: {"$ref": f"#/components/messages/{m.__name__}"} for m in topic.models},
     }
-    if WORKER_PARAM in topic.address:
-        channel["parameters"] = {WORKER_PARAM: _worker_parameter()}
+    parameters = _parameters(topic.address)
+    if parameters:
+        channel["parameters"] = parameters
     binding: dict[str, Any] = {"partitions": topic.partitions, "replicas": KAFKA.replication_factor,
                                "bindingVersion": KAFKA_BINDING}
-    if WORKER_PARAM not in topic.address:
+    if not parameters:
         binding = {"topic": topic.address, **binding}
     channel["bindings"] = {"kafka": binding}
     return channel
@@ -247,6 +304,15 @@ def operations() -> dict[str, Any]:
                             "dispatcher joins it to take over a dead worker's backlog.")),
         "sendResult": _operation("send", "results", InferenceResult,
                                  "The worker publishes each request's result (a dispatcher publishes rejections)."),
+        "sendStreamChunks": _operation(
+            "send", "reply", StreamChunk,
+            "For a streamed request, the worker publishes its output as StreamChunks to the request's reply topic "
+            "(lodestar.results without one) as the engine produces it, then the result."),
+        "readReplies": _operation(
+            "receive", "reply", InferenceResult,
+            "A gateway reads its own reply topic: each request's StreamChunks, then its result.",
+            messages=[{"$ref": "#/channels/reply/messages/StreamChunk"},
+                      {"$ref": "#/channels/reply/messages/InferenceResult"}]),
         "sendTelemetry": _operation("send", "telemetry", TelemetryEvent,
                                     "The worker publishes what it observed for each request."),
         "learnFromTelemetry": _operation(
@@ -259,7 +325,7 @@ def operations() -> dict[str, Any]:
 
 def payload_schemas() -> dict[str, Any]:
     """The JSON Schema of every message model (and of the models they nest), keyed by model name."""
-    models = [t.model for t in topics()]
+    models = list(dict.fromkeys(m for t in topics() for m in t.models))
     _, top = models_json_schema([(m, "validation") for m in models], ref_template=SCHEMAS + "{model}")
     return top["$defs"]
 
@@ -283,7 +349,8 @@ def document() -> dict[str, Any]:
                 finite (`NaN` and `Infinity` are refused). The payload schemas are those of the models in
                 lodestar/schemas.py, bounds included. Rules they do not state, which the deployment sets
                 (settings `limits.*`, docs/architecture.md "Bounds on input"): an InferenceRequest has exactly
-                one of a non-empty `prompt` or non-empty `input_ids`; it is at most `limits.max_message_bytes`
+                one of a non-empty `prompt`, non-empty `input_ids` or non-empty `messages` (a chat), and its
+                `api.kind` is `chat` exactly when it has `messages`; it is at most `limits.max_message_bytes`
                 minus 64 KiB long as sent ({LIMITS.max_request_bytes:,} bytes by default), so that its routed
                 copy fits the broker; its token ids are at most `limits.max_token_id` (the model's vocabulary
                 size - 1; {LIMITS.max_token_id:,} by default); its `reply_to` matches
@@ -293,6 +360,16 @@ def document() -> dict[str, Any]:
                 `priority` is passed to SGLang's `/generate` `priority`. A `request_id` is an idempotency key
                 for an hour. A message that breaks a rule is not served: it goes to `{TOPICS.dlq}` with the
                 reason.
+
+                Streaming: a request with `stream: true` gets StreamChunks on its reply topic before its
+                result, on the same partition (key: the request id). Each serving of the request numbers its
+                chunks from 0 under its own `serve_id`; keep one serving's chunks, drop a `seq` already seen,
+                and treat chunks of a new `serve_id` as a restart (the request was served again after its
+                worker died): before any output was used, take the new serving instead; after, the stream
+                cannot be continued. Without `api` a chunk carries the new `text`; with `api` its `data` is
+                the engine's own events (SGLang's OpenAI or native stream), one JSON text per line, fragments
+                joined while `more`.
+                docs/gateway.md describes the chunks of each API.
 
                 Topic names are under the setting kafka.topic_prefix (default `{TOPICS.prefix}`); partitions
                 are the settings' defaults.
@@ -307,7 +384,8 @@ def document() -> dict[str, Any]:
         "channels": {t.id: _channel(t) for t in topics()},
         "operations": operations(),
         "components": {
-            "messages": {t.model.__name__: _message(t, chosen[t.model]) for t in topics()},
+            "messages": {m.__name__: _message(m, chosen[m]) for m in dict.fromkeys(
+                m for t in topics() for m in t.models)},
             "schemas": {"TraceHeaders": TRACE_HEADERS, **payload_schemas()},
         },
     }

@@ -15,6 +15,9 @@ who serves it:
   request can publish it without generating, and a later use of the id can be answered. What is stored
   is bounded: a result text longer than `worker.max_stored_text_bytes` is not stored (`text_kept`
   false, its size in `text_bytes`), so one result costs Redis at most that plus ~2 KB.
+- `abort:<rid>` (written by a front door whose client went away) makes the claim report the request as
+  aborted, so it is answered without being generated; the owner also looks for it on each heartbeat
+  (`aborted`) and stops a generation under way.
 
 A worker handling a record:
   1. claims the id (one Lua script: SET NX PX, or read who holds it; it returns the stored outcome):
@@ -59,17 +62,16 @@ DONE = "done"
 
 _CLAIM = """
 local cur = redis.call('GET', KEYS[1])
-if not cur then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {'claimed', redis.call('GET', KEYS[2]) or '', ''}
-end
-if cur == ARGV[1] then
-  return {'claimed', redis.call('GET', KEYS[2]) or '', ''}
+if not cur or cur == ARGV[1] then
+  if not cur then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  end
+  return {'claimed', redis.call('GET', KEYS[2]) or '', '', redis.call('EXISTS', KEYS[3])}
 end
 if string.sub(cur, 1, 4) == 'done' then
-  return {'done', redis.call('GET', KEYS[2]) or '', cur}
+  return {'done', redis.call('GET', KEYS[2]) or '', cur, 0}
 end
-return {'held', '', cur}
+return {'held', '', cur, 0}
 """
 
 _RENEW = """
@@ -93,12 +95,18 @@ return 0
 
 # The fields that make two requests the same request (not when or where it is answered).
 _CONTENT_FIELDS = {"prompt", "input_ids", "sampling", "session_id", "priority", "metadata"}
+# A chat and the engine API are content too (not `stream`: how the answer is delivered, like `reply_to`); they
+# count only when set, so a plain request's digest is the one it always had.
+_OPTIONAL_CONTENT_FIELDS = {"messages", "api"}
 
 
 def request_digest(request: InferenceRequest) -> str:
     """A digest of what the request asks (its content, not its timing or reply topic): equal for a retry
     of the same request, different for another request reusing its id."""
-    return xxhash.xxh3_128_hexdigest(request.model_dump_json(include=_CONTENT_FIELDS).encode())
+    content = request.model_dump_json(include=_CONTENT_FIELDS)
+    if request.messages is not None or request.api is not None:
+        content += request.model_dump_json(include=_OPTIONAL_CONTENT_FIELDS)
+    return xxhash.xxh3_128_hexdigest(content.encode())
 
 
 class CompletedRequest(BaseModel):
@@ -123,6 +131,7 @@ class Claim:
     state: Literal["claimed", "done", "held"]
     holder: str = ""
     stored: CompletedRequest | None = None
+    aborted: bool = False  # claimed, but its client has already asked to abort it (`abort:<rid>`)
     origin: str = ""
     digest: str = ""
 
@@ -161,8 +170,9 @@ class RequestLedger:
 
     async def claim(self, request_id: str) -> Claim:
         """Take the request id unless it is done or leased by another live owner."""
-        keys = [self._keys.dedupe(request_id), self._keys.result(request_id)]
-        state, extra, marker = (_text(v) for v in await self._claim(keys=keys, args=[self.owner, self._lease_ms]))
+        keys = [self._keys.dedupe(request_id), self._keys.result(request_id), self._keys.abort(request_id)]
+        state, extra, marker, abort_flag = await self._claim(keys=keys, args=[self.owner, self._lease_ms])
+        state, extra, marker = _text(state), _text(extra), _text(marker)
         if state == "held":
             return Claim("held", holder=marker)
         stored = None
@@ -172,9 +182,16 @@ class RequestLedger:
             except ValidationError:
                 stored = None  # unreadable: generate again (or say it is gone) rather than publish garbage
         if state == "claimed":
-            return Claim("claimed", stored=stored)
+            return Claim("claimed", stored=stored, aborted=bool(int(abort_flag)))
         _, origin, digest = (marker.split(" ") + ["", ""])[:3]
         return Claim("done", stored=stored, origin=origin.strip("-"), digest=digest.strip("-"))
+
+    async def aborted(self, request_ids: list[str]) -> list[str]:
+        """Which of these request ids their clients have asked to abort (one round trip)."""
+        if not request_ids:
+            return []
+        marks = await self._r.mget([self._keys.abort(rid) for rid in request_ids])
+        return [rid for rid, mark in zip(request_ids, marks, strict=True) if mark is not None]
 
     async def renew(self, request_ids: list[str]) -> int:
         """Extend this owner's leases on these ids; returns how many are still ours."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from lodestar.chat import render_messages
 from lodestar.schemas import RoutedRequest, WorkerState, now_ms
 from workers.sglang_client import EngineLoad
 
@@ -22,7 +23,8 @@ def estimate_uncached_tokens(routed: RoutedRequest) -> int:
     if from_router is not None and math.isfinite(from_router):
         return max(int(from_router), 0)
     request = routed.request
-    prompt = len(request.input_ids) if request.input_ids else math.ceil(len(request.prompt or "") / CHARS_PER_TOKEN)
+    text = render_messages(request.messages) if request.messages else request.prompt or ""
+    prompt = len(request.input_ids) if request.input_ids else math.ceil(len(text) / CHARS_PER_TOKEN)
     return max(prompt - routed.decision.matched_prefix_tokens, 0)
 
 

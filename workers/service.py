@@ -94,7 +94,9 @@ from workers.sglang_client import (
     EngineUnavailable,
     Generation,
     SGLangClient,
+    StreamMeter,
 )
+from workers.streaming import ChunkPublisher, ChunksUndelivered, serve_streamed
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +110,33 @@ REDIS_CONNECTIONS = 32
 T = TypeVar("T")
 
 
+class ClientAborted(EngineError):
+    """The request's client went away (an abort key in Redis): the generation was stopped."""
+
+    def __init__(self) -> None:
+        super().__init__("aborted: the client went away", 499)
+
+
 def engine_error_kind(exc: EngineError) -> str:
     """The bounded label of a failed engine call: `rejected` (input refused), `unavailable` (overloaded or
-    unreachable after retries) or `failed` (timed out, aborted, ended without output)."""
+    unreachable after retries), `aborted` (by its client) or `failed` (timed out, aborted by the engine, ended
+    without output)."""
     if isinstance(exc, EngineRejected):
         return "rejected"
     if isinstance(exc, EngineUnavailable):
         return "unavailable"
+    if isinstance(exc, ClientAborted):
+        return "aborted"
     return "failed"
+
+
+def error_status(exc: EngineError) -> int:
+    """The HTTP status a front door answers for a failed request (InferenceResult.error_status)."""
+    if exc.status is not None:
+        return exc.status
+    if isinstance(exc, EngineRejected):
+        return 400
+    return 503 if isinstance(exc, EngineUnavailable) else 502
 
 
 class WorkerService:
@@ -166,6 +187,7 @@ class WorkerService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._active: dict[str, asyncio.Future[None]] = {}  # request id -> its handling in this process
         self._claimed: set[str] = set()  # request ids whose lease this instance renews
+        self._aborts: dict[str, asyncio.Event] = {}  # request id -> set when its client asked to abort it
         self._draining = asyncio.Event()
         self._slot_free = asyncio.Event()
         self._commit_wanted = asyncio.Event()
@@ -379,7 +401,7 @@ class WorkerService:
                 completed = stored
             else:
                 expired = deadline_passed(request, now_ms())
-                completed = await (self._generate(routed, digest) if expired is None
+                completed = await (self._generate(routed, digest, aborted=claim.aborted) if expired is None
                                    else self._expired(routed, digest, expired))
                 await self._store(completed)
             await self._publish_completed(completed, record)
@@ -443,8 +465,10 @@ class WorkerService:
         return CompletedRequest(reply_topic=self.limits.reply_topic(request), result=result, telemetry=telemetry,
                                 request_digest=digest)
 
-    async def _generate(self, routed: RoutedRequest, digest: str) -> CompletedRequest:
-        """Run the request on the engine and build its result and telemetry (errors included)."""
+    async def _generate(self, routed: RoutedRequest, digest: str, aborted: bool = False) -> CompletedRequest:
+        """Run the request on the engine and build its result and telemetry (errors included); a request its
+        client already aborted is not run. A stream whose chunks the broker did not take is answered as an
+        error (its readers see a gap)."""
         request, decision = routed.request, routed.decision
         rid = request.request_id
         started = time.perf_counter()
@@ -460,16 +484,25 @@ class WorkerService:
             tracing.record_first_token(gen_span, time.perf_counter() - started)
 
         self.metrics.inflight.inc()
+        status_code: int | None = None
         with trace.use_span(gen_span, end_on_exit=True):
             try:
+                if aborted:
+                    raise ClientAborted()
                 gen = await self.guard.run(
-                    request, lambda: self.engine.generate(request, on_first_token=on_first_token))
+                    request, lambda: self._abortable(rid, self._engine_call(request, on_first_token)))
             except EngineError as exc:
                 status, error = ("rejected" if isinstance(exc, EngineRejected) else "error"), clip(str(exc),
                                                                                                   MAX_REASON_CHARS)
+                status_code = error_status(exc)
                 kind = engine_error_kind(exc)
                 tracing.record_error(gen_span, kind, error)
                 self.metrics.record_engine_error(kind)
+            except ChunksUndelivered as exc:
+                status, status_code = "error", 502
+                error = clip(f"the stream could not be delivered: {describe(exc.cause, 1000)}", MAX_REASON_CHARS)
+                tracing.record_error(gen_span, "stream", error)  # the result goes to the same topic: a fault
+                # of the topic's fails its publishing too, which dead-letters the record (_publish_completed)
             finally:
                 self.metrics.inflight.dec()
                 self.state.finished(rid, gen.ttft_ms if gen is not None else None)
@@ -491,8 +524,10 @@ class WorkerService:
             ttft_ms=gen.ttft_ms if gen else None,
             tpot_ms=gen.tpot_ms if gen else None,
             e2e_ms=e2e_ms,
-            finish_reason=clip(gen.finish_reason, MAX_NAME_CHARS) if gen and gen.finish_reason else None,
+            finish_reason=(clip(gen.finish_reason, MAX_NAME_CHARS) if gen and gen.finish_reason
+                           else "abort" if status_code == 499 else None),
             error=error,
+            error_status=status_code,
         )
         telemetry = TelemetryEvent(
             request_id=rid,
@@ -541,6 +576,54 @@ class WorkerService:
             await self._dead_letter(record, "publish", exc)
         except Exception as exc:
             await self._dead_letter(record, "publish", exc)
+
+    async def _engine_call(self, request: InferenceRequest, on_first_token: Callable[[], None]) -> Generation:
+        """The generation on the engine: streamed to the reply topic when the request asks for a stream or names
+        an engine API (workers/streaming.py), else the plain `/generate` call. Chunks are acknowledged before
+        this returns (or raises); ChunksUndelivered if the broker did not take one."""
+        if not (request.stream or request.api is not None or request.messages):
+            return await self.engine.generate(request, on_first_token=on_first_token)
+        assert self._producer is not None
+        chunks = ChunkPublisher(self._producer, self.limits.reply_topic(request), request.request_id,
+                                self.worker_id, tracing.inject_headers())
+        try:
+            outcome: Generation | EngineError = await serve_streamed(
+                self.engine, request, chunks, StreamMeter(on_first_token=on_first_token))
+        except EngineError as exc:
+            outcome = exc  # what was streamed before the failure still goes out, ahead of the result
+        except (KafkaError, OSError) as exc:  # the producer refused a chunk
+            raise ChunksUndelivered(exc) from exc
+        except asyncio.CancelledError:  # aborted: what was produced still goes out, ahead of the result
+            with contextlib.suppress(Exception):
+                await chunks.flush()
+            raise
+        try:
+            await chunks.flush()
+        except (KafkaError, OSError) as exc:  # the broker did not take a chunk: the stream has a gap
+            raise ChunksUndelivered(exc) from exc
+        if isinstance(outcome, EngineError):
+            raise outcome
+        return outcome
+
+    async def _abortable(self, rid: str, call: Awaitable[Generation]) -> Generation:
+        """Await the engine call unless the request's client aborts it first (then the call is cancelled, which
+        closes the engine's stream, the engine is told to abort the request id, and ClientAborted is raised)."""
+        wanted = self._aborts.setdefault(rid, asyncio.Event())
+        work = asyncio.ensure_future(call)
+        waiter = asyncio.ensure_future(wanted.wait())
+        try:
+            await asyncio.wait({work, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not work.done():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            self._aborts.pop(rid, None)
+        if not work.cancelled():
+            return work.result()
+        log.info("worker %s: request %s aborted by its client", self.worker_id, rid)
+        await self.engine.abort(rid)
+        raise ClientAborted()
 
     async def _publish(self, completed: CompletedRequest) -> None:
         """Send the result (and the telemetry, if any), both carrying the current (`serve`) span's context,
@@ -605,6 +688,10 @@ class WorkerService:
                 if (engine_alive and self.breaker.routable) or self.state.draining:
                     await self.registry.publish(self.state.snapshot())
                 await self.ledger.renew(list(self._claimed))
+                for rid in await self.ledger.aborted(list(self._aborts)):
+                    wanted = self._aborts.get(rid)
+                    if wanted is not None:
+                        wanted.set()
             except (RedisError, OSError) as exc:
                 log.warning("worker %s: heartbeat failed: %r", self.worker_id, exc)
             await asyncio.sleep(tick)

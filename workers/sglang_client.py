@@ -113,8 +113,6 @@ class StreamMeter:
 
     def observe(self, chunk: dict[str, Any]) -> None:
         """Record one `data:` chunk: cumulative text plus meta_info."""
-        now = self._clock()
-        self._last = now
         text = chunk.get("text")
         if isinstance(text, str):
             # SGLang streams the cumulative text by default; an engine run with incremental
@@ -123,28 +121,42 @@ class StreamMeter:
         meta = chunk.get("meta_info")
         if isinstance(meta, dict):
             self.meta = meta
-        if self._first is None and (self.text or _int(self.meta.get("completion_tokens")) > 0):
+        self.tick(bool(self.text) or _int(self.meta.get("completion_tokens")) > 0)
+
+    def tick(self, output: bool) -> None:
+        """An event arrived now; `output`: it carries generated output (the first such one is the first token)."""
+        now = self._clock()
+        self._last = now
+        if self._first is None and output:
             self._first = now
             self.first_token_at_ms = self._wall_ms()
             if self._on_first_token is not None:
                 self._on_first_token()
                 self._on_first_token = None
 
-    def result(self) -> Generation:
-        """The measurements once the stream has ended."""
+    @property
+    def started_output(self) -> bool:
+        """Whether the first token has arrived."""
+        return self._first is not None
+
+    def result(self, text: str | None = None, meta: dict[str, Any] | None = None) -> Generation:
+        """The measurements once the stream has ended; the text and the token counts (`prompt_tokens`,
+        `cached_tokens`, `completion_tokens`, `finish_reason`) are the native chunks' unless given."""
+        text = self.text if text is None else text
+        meta = self.meta if meta is None else meta
         end = self._last if self._last is not None else self._clock()
         e2e_ms = (end - self._start) * 1000.0
         ttft_ms = (self._first - self._start) * 1000.0 if self._first is not None else None
-        completion = _int(self.meta.get("completion_tokens"))
+        completion = _int(meta.get("completion_tokens"))
         tpot_ms = None
         if ttft_ms is not None and completion > 1:
             tpot_ms = max(e2e_ms - ttft_ms, 0.0) / (completion - 1)
         return Generation(
-            text=self.text,
-            prompt_tokens=_int(self.meta.get("prompt_tokens")),
-            cached_tokens=_int(self.meta.get("cached_tokens")),
+            text=text,
+            prompt_tokens=_int(meta.get("prompt_tokens")),
+            cached_tokens=_int(meta.get("cached_tokens")),
             completion_tokens=completion,
-            finish_reason=finish_reason_type(self.meta.get("finish_reason")),
+            finish_reason=finish_reason_type(meta.get("finish_reason")),
             ttft_ms=ttft_ms,
             tpot_ms=tpot_ms,
             e2e_ms=e2e_ms,
@@ -190,22 +202,68 @@ def check_abort(meta: dict[str, Any]) -> None:
     raise EngineError(message, status)
 
 
-async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
-    """Decode `data: {...}` events until `data: [DONE]`; comments and other fields are skipped."""
-    async for raw in lines:
-        line = raw.strip()
-        if not line.startswith("data:"):
-            continue
-        data = line[5:].strip()
-        if data == "[DONE]":
-            return
-        try:
-            event = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise EngineError(f"undecodable stream event: {data[:200]!r}") from exc
-        if not isinstance(event, dict):
-            raise EngineError(f"stream event is not an object: {data[:200]!r}")
+async def sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """Decode `data: {...}` events until `data: [DONE]`, each as its JSON text and the object it holds, from the
+    body's bytes as they arrive (split into lines here: a layer of line iterators per event cost as much as the
+    rest of the worker's work on it); comments and other fields are skipped. The body is read to its end
+    (nothing follows [DONE]), so that the connection goes back to the pool instead of being closed half-read."""
+    done = False
+    rest = b""
+    async for chunk in chunks:
+        rest += chunk
+        *lines, rest = rest.split(b"\n")
+        for raw in lines:
+            if done or not raw.startswith(b"data:"):
+                continue
+            data = raw[5:].strip().decode("utf-8", "replace")
+            if data == "[DONE]":
+                done = True
+                continue
+            try:
+                event = json.loads(data)
+            except json.JSONDecodeError as exc:
+                raise EngineError(f"undecodable stream event: {data[:200]!r}") from exc
+            if not isinstance(event, dict):
+                raise EngineError(f"stream event is not an object: {data[:200]!r}")
+            yield data, event
+
+
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:
+    """The objects of `sse_events`."""
+    async for _, event in sse_events(chunks):
         yield event
+
+
+def error_message(body: str) -> str:
+    """The message of an engine's error body (SGLang's `{"message": ...}` or `{"error": {"message": ...}}`),
+    else the body itself."""
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return body
+    if isinstance(obj, dict):
+        inner = obj.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return inner["message"]
+        if isinstance(obj.get("message"), str):
+            return obj["message"]
+        if isinstance(inner, str):
+            return inner
+    return body
+
+
+def in_stream_error(error: Any) -> EngineError:
+    """The error an engine sent inside its stream (`{"error": {"message", "code"}}`): a 5xx code is the engine
+    failing or overloaded (503 retryable), anything else it refusing the input."""
+    message = error.get("message") if isinstance(error, dict) else error
+    code = error.get("code") if isinstance(error, dict) else None
+    status = code if isinstance(code, int) and not isinstance(code, bool) and 100 <= code <= 599 else None
+    text = str(message)[:2000]
+    if status in RETRYABLE_STATUS:
+        return EngineUnavailable(text, status)
+    if status is not None and status >= 500:
+        return EngineError(text, status)
+    return EngineRejected(text, status or 400)
 
 
 def generate_payload(request: InferenceRequest) -> dict[str, Any]:
@@ -352,26 +410,66 @@ class SGLangClient:
                 await self._sleep(delay)
 
     async def _stream_once(self, payload: dict[str, Any], meter: StreamMeter) -> None:
+        async for _, event in self._events_once("/generate", payload, verbatim=False):
+            meter.observe(event)
+            check_abort(meter.meta)
+        if not meter.meta:
+            raise EngineError("stream ended without any output")
+
+    async def stream_events(self, path: str, body: dict[str, Any], meter: StreamMeter
+                            ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Stream one engine call (`body` asks for a stream), yielding each event as its JSON text and object.
+
+        An unavailable engine is retried (RetryPolicy) until the first event arrives; after that an error is
+        raised, since the events so far are already out. A refused input (an HTTP 4xx, or an in-stream error
+        with a 4xx code) raises EngineRejected with the engine's own message and status."""
+        delays = self._retry.delays()
+        while True:
+            meter.new_attempt()
+            yielded = False
+            try:
+                async for item in self._events_once(path, body):
+                    yielded = True
+                    yield item
+                if not yielded:
+                    raise EngineError("stream ended without any output")
+                return
+            except EngineError as exc:
+                if yielded or not exc.retryable:
+                    raise
+                delay = next(delays, None)
+                if delay is None:
+                    raise EngineUnavailable(f"{exc} (gave up after {meter.attempts} attempts)", exc.status) from exc
+                await self._sleep(delay)
+
+    async def _events_once(self, path: str, body: dict[str, Any], verbatim: bool = True
+                           ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """One streamed call's events; an HTTP error carries the engine's own message (`verbatim`), or its
+        status and body."""
         try:
-            async with self._http.stream("POST", "/generate", json=payload) as response:
+            async with self._http.stream("POST", path, json=body) as response:
                 if response.status_code != 200:
-                    body = (await response.aread()).decode("utf-8", "replace")[:500]
-                    raise _status_error(response.status_code, body)
-                async for event in sse_data(response.aiter_lines()):
-                    error = event.get("error")
-                    if error is not None:
-                        message = error.get("message") if isinstance(error, dict) else error
-                        raise EngineRejected(f"engine refused the request: {message}")
-                    meter.observe(event)
-                    check_abort(meter.meta)
+                    text = (await response.aread()).decode("utf-8", "replace")[:4000]
+                    raise _status_error(response.status_code, error_message(text) if verbatim else text[:500],
+                                        verbatim=verbatim)
+                async for data, event in sse_events(response.aiter_bytes()):
+                    if event.get("error") is not None:
+                        raise in_stream_error(event["error"])
+                    yield data, event
         except httpx.TimeoutException as exc:
             if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout):
                 raise EngineUnavailable(f"engine unreachable: {exc!r}") from exc
             raise EngineError(f"engine timed out: {exc!r}") from exc
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"engine connection failed: {exc!r}") from exc
-        if not meter.meta:
-            raise EngineError("stream ended without any output")
+
+    async def abort(self, rid: str) -> bool:
+        """Ask the engine to stop a request (SGLang's `POST /abort_request`); False if it did not answer 200."""
+        try:
+            response = await self._http.post("/abort_request", json={"rid": rid}, timeout=self._load_timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
 
     async def load(self) -> EngineLoad:
         """The engine's load from the first endpoint that answers; raises EngineError if none does."""
@@ -404,10 +502,13 @@ class SGLangClient:
         return parse_metrics(response.text)
 
 
-def _status_error(status: int, body: str) -> EngineError:
-    message = f"engine answered HTTP {status}: {body}"
+def _status_error(status: int, body: str, *, verbatim: bool = False) -> EngineError:
+    """The error of a non-200 answer; its message is the body (`verbatim`: the engine's words, for a client) or
+    says where it came from."""
+    message = body if verbatim else f"engine answered HTTP {status}: {body}"
     if status in UNAUTHORIZED_STATUS:
-        return EngineUnauthorized(f"{message} (worker.engine_api_key must be the engine's --api-key)", status)
+        return EngineUnauthorized(f"engine answered HTTP {status}: {body} (worker.engine_api_key must be the "
+                                  "engine's --api-key)", status)
     if status in RETRYABLE_STATUS:
         return EngineUnavailable(message, status)
     if status in REJECTED_STATUS:

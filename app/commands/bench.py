@@ -1,4 +1,5 @@
-"""`lodestar bench sim`: compare routing policies in the discrete-event simulator."""
+"""`lodestar bench sim`: compare routing policies in the discrete-event simulator; `lodestar bench policies`
+lists them; `lodestar bench gateway`: the latency the gateway adds."""
 
 from __future__ import annotations
 
@@ -164,3 +165,23 @@ def policies_list() -> None:
 @app.callback()
 def _main() -> None:
     """Benchmarks."""
+
+
+@app.command("gateway")
+def gateway(
+    rate: float = typer.Option(50.0, min=0.1, help="Arrival rate, requests/s (open-loop Poisson)."),
+    duration: float = typer.Option(30.0, min=1.0, help="Seconds of arrivals per phase."),
+    max_tokens: int = typer.Option(32, min=2, help="Tokens streamed per request."),
+    prompt_words: int = typer.Option(64, min=1, help="Words per prompt (each prompt its own)."),
+    rounds: int = typer.Option(2, min=1, help="Rounds of (direct, gateway) phases, alternating their order."),
+    seed: int = typer.Option(1, help="Seed of the prompts and arrival times."),
+    policy: str = typer.Option("learned", help="Dispatcher policy (learned routes with its fallback here)."),
+    time_scale: float = typer.Option(1.0, min=0.01, help="Emulator time scale (1: real H100 timing)."),
+    log_dir: Path = typer.Option(Path(".run/bench-gateway"), help="Where each process writes its log."),
+) -> None:
+    """Latency the gateway and the pipeline add to streamed chat requests, against the same requests sent straight
+    to one emulator (app/bench_gateway.py); exit 1 if any answer was lost, repeated or wrong."""
+    from app.bench_gateway import bench_gateway
+
+    raise typer.Exit(bench_gateway(rate=rate, duration_s=duration, max_tokens=max_tokens, prompt_words=prompt_words,
+                                   rounds=rounds, seed=seed, policy=policy, time_scale=time_scale, log_dir=log_dir))

@@ -9,6 +9,7 @@ from typing import Any
 import typer
 
 from app.commands.connection import connection_overrides
+from app.commands.event_loop import run_service
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
@@ -41,7 +42,7 @@ def dispatcher(
         typer.echo(f"lodestar dispatcher: {err}", err=True)
         raise typer.Exit(2) from None
     setup_logging("dispatcher", settings.telemetry)
-    asyncio.run(_serve(settings))
+    run_service(_serve(settings))
 
 
 async def _serve(settings: Settings) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from app.commands.connection import connection_overrides
+from app.commands.event_loop import run_service
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
@@ -36,7 +37,7 @@ def learner(
     overrides.update(connection_overrides(bootstrap_servers, redis_url))
     settings = load_settings(**overrides)
     setup_logging("learner", settings.telemetry)
-    asyncio.run(_serve(settings))
+    run_service(_serve(settings))
 
 
 async def _serve(settings: Settings) -> None:

@@ -27,6 +27,8 @@ def up(
     startup_timeout: float = typer.Option(180.0, min=1.0, help="Seconds to wait for each tier of the stack."),
     request_timeout: float = typer.Option(120.0, min=1.0, help="Seconds a request may wait for its result."),
     log_dir: Path = typer.Option(DEFAULT_LOG_DIR, help="Where each process writes its log."),
+    gateway: bool = typer.Option(False, help="Send the traffic through a gateway (lodestar gateway) as streamed "
+                                             "OpenAI completions instead of through the client library."),
 ) -> None:
     """Run the whole pipeline here (Kafka, Redis, emulators, workers, learner, two dispatchers) and compare a
     heuristic phase with a learned phase; exit 1 unless every request got exactly one result."""
@@ -35,4 +37,5 @@ def up(
     raise typer.Exit(run_demo(
         cluster, workload, phase_seconds=phase_seconds, rate=rate, time_scale=time_scale, heuristic=heuristic,
         seed=seed, startup_timeout=startup_timeout, request_timeout=request_timeout, log_dir=log_dir,
+        gateway=gateway,
     ))

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from app.commands.connection import connection_overrides
+from app.commands.event_loop import run_service
 from lodestar.logs import setup_logging
 from lodestar.settings import Settings, load_settings
 
@@ -32,7 +33,7 @@ def worker(
     settings = load_settings(**overrides)
     setup_logging("worker", settings.telemetry)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per engine call and load poll otherwise
-    asyncio.run(_serve(settings))
+    run_service(_serve(settings))
 
 
 async def _serve(settings: Settings) -> None:

@@ -148,10 +148,11 @@ class Generation:
             self.changed.clear()
             still: list[Sample] = []
             for s in pending:
-                if s.state.changed.is_set():
+                finished = s.state.finished  # as of the update yielded: a finish while the consumer is busy
+                if s.state.changed.is_set():  # comes as one more update
                     s.state.changed.clear()
                     yield s
-                if not s.state.finished:
+                if not finished:
                     still.append(s)
             pending = still
 
@@ -322,8 +323,9 @@ class Emulator:
         while True:
             await state.changed.wait()
             state.changed.clear()
+            finished = state.finished  # a finish while the consumer handles this update comes as one more
             yield state
-            if state.finished:
+            if finished:
                 return
 
     # ---- outputs ----------------------------------------------------------------------------

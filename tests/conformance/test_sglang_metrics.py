@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sglang_target import MODEL, Target
 
-pytestmark = pytest.mark.sglang_native
+pytestmark = [pytest.mark.sglang_native, pytest.mark.endpoints("/health_generate", "/metrics")]
 
 ESSENTIAL = [
     "sglang:num_running_reqs", "sglang:num_used_tokens", "sglang:token_usage", "sglang:gen_throughput",

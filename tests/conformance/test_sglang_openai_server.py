@@ -177,6 +177,7 @@ def responses_payload(max_output_tokens: int, **extra: Any) -> dict[str, Any]:
             "store": True, "parallel_tool_calls": True, "tool_choice": "auto", "truncation": "disabled", **extra}
 
 
+@pytest.mark.endpoints("/v1/responses")
 @pytest.mark.parametrize("max_output_tokens", [32, 16])
 def test_response(target: Target, max_output_tokens: int) -> None:
     resp = target.openai().responses.create(**responses_payload(max_output_tokens))
@@ -190,6 +191,7 @@ def test_response(target: Target, max_output_tokens: int) -> None:
     assert resp.output_text
 
 
+@pytest.mark.endpoints("/v1/responses")
 @pytest.mark.parametrize("max_output_tokens", [32, 16])
 def test_response_stream(target: Target, max_output_tokens: int) -> None:
     seen: set[str] = set()
@@ -209,6 +211,7 @@ def test_response_stream(target: Target, max_output_tokens: int) -> None:
     assert text and final.output_text == text and final_usage_ok
 
 
+@pytest.mark.endpoints("/v1/responses")
 def test_response_continues_a_stored_conversation(target: Target) -> None:
     """previous_response_id: the stored conversation prefixes the new input (and so is in the cache)."""
     client = target.openai()
@@ -222,6 +225,7 @@ def test_response_continues_a_stored_conversation(target: Target) -> None:
     assert client.responses.retrieve(second.id).output_text == second.output_text
 
 
+@pytest.mark.endpoints("/v1/responses")
 def test_response_error(target: Target) -> None:
     with target.http() as http:
         r = http.post("/v1/responses", json={"model": MODEL, "input": "Hi", "previous_response_id": "bad"})
@@ -230,6 +234,7 @@ def test_response_error(target: Target) -> None:
     assert {"message", "type", "code"} <= set(error)
 
 
+@pytest.mark.endpoints("/v1/responses")
 def test_response_penalty(target: Target) -> None:
     with target.http() as http:
         r = http.post("/v1/responses", json={"model": MODEL, "input": "Introduce the capital of France.",
@@ -249,6 +254,7 @@ def score(target: Target, query: Any, items: Any, labels: list[int], apply_softm
                                             "item_first": False})
 
 
+@pytest.mark.endpoints("/v1/score")
 @pytest.mark.parametrize("token_input", [False, True])
 def test_score(target: Target, tokenizer: Tokenizer, token_input: bool) -> None:
     query, items = PROMPT, ["Paris", "London", "Berlin"]
@@ -264,6 +270,7 @@ def test_score(target: Target, tokenizer: Tokenizer, token_input: bool) -> None:
         assert sum(row) == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.endpoints("/v1/score")
 def test_score_error_handling(target: Target) -> None:
     r = score(target, PROMPT, ["Paris", "London", "Berlin"], [999999], True)
     assert r.status_code == 400

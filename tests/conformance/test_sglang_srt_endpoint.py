@@ -168,6 +168,7 @@ def clean(launch: Any) -> Target:
     return launch()
 
 
+@pytest.mark.endpoints("/flush_cache")
 def test_cache_tokens(clean: Target) -> None:
     """SGLang's default page size is one token: every cached prefix is reported to the token."""
     with clean.http() as http:
@@ -184,12 +185,14 @@ def test_cache_tokens(clean: Target) -> None:
     assert cached(range(0, 11000)) == 10000
 
 
+@pytest.mark.endpoints("/get_server_info")
 def test_get_server_info(target: Target) -> None:
     with target.http() as http:
         info = http.get("/get_server_info").json()
     assert isinstance(info["max_total_num_tokens"], int) and isinstance(info["version"], str)
 
 
+@pytest.mark.endpoints("/get_server_info")
 def test_get_server_info_concurrent(target: Target) -> None:
     def get(_: int) -> int:
         with target.http() as http:

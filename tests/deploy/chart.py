@@ -29,6 +29,7 @@ VALUES_FILES: dict[str, Path | None] = {DEFAULT: None} | {
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")  # the oldest the chart supports (Chart.yaml kubeVersion) and the newest
 CUSTOM_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"): CRD_SCHEMAS / "keda" / "keda.sh_scaledobjects.yaml",
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): CRD_SCHEMAS / "keda" / "keda.sh_triggerauthentications.yaml",
     ("monitoring.coreos.com/v1", "ServiceMonitor"):
         CRD_SCHEMAS / "prometheus-operator" / "monitoring.coreos.com_servicemonitors.yaml",
 }

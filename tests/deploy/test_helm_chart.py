@@ -227,14 +227,13 @@ def test_an_existing_secret_is_referenced_not_created() -> None:
     assert not [d for d in docs if d["kind"] == "Secret"]
     for doc, c in containers(docs):
         env = env_of(c)
-        for name in ("LODESTAR_SNAPSHOT_SIGNING__KEY", "REDIS_PASSWORD"):
+        for name in ("LODESTAR_SNAPSHOT_SIGNING__KEY", "LODESTAR_REDIS__PASSWORD"):
             if name in env:
                 ref = env[name]["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "lodestar-keys", (doc["metadata"]["name"], name)
         if "LODESTAR_REDIS__URL" in env:
-            assert env["LODESTAR_REDIS__URL"]["value"] == "redis://:$(REDIS_PASSWORD)@redis.platform:6379/0"
-            names = list(env)
-            assert names.index("REDIS_PASSWORD") < names.index("LODESTAR_REDIS__URL")  # defined before it is used
+            assert env["LODESTAR_REDIS__URL"]["value"] == "redis://redis.platform:6379/0"  # no password in the URL
+            assert "LODESTAR_REDIS__PASSWORD" in env
 
 
 # ---- workloads ----------------------------------------------------------------------------------------------
@@ -249,11 +248,13 @@ def test_lodestar_containers_run_lodestar_commands_with_real_probes(values: str)
     commands = set(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
     for doc, c in lodestar_containers(rendered(values)):
         assert c["args"][0] in commands, f"{doc['metadata']['name']}/{c['name']} runs {c['args'][0]}"
-        if c["args"][0] in ("dispatcher", "worker", "learner"):
+        if c["args"][0] in ("dispatcher", "worker", "learner", "gateway"):
             assert c["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
             assert c["livenessProbe"]["httpGet"]["path"] == LIVENESS_PATH
-            port = env_of(c)[f"LODESTAR_{c['args'][0].upper()}__METRICS_PORT"]["value"]
-            assert [p["containerPort"] for p in c["ports"] if p["name"] == "metrics"] == [int(port)]
+            setting, name = ("PORT", "http") if c["args"][0] == "gateway" else ("METRICS_PORT", "metrics")
+            port = env_of(c)[f"LODESTAR_{c['args'][0].upper()}__{setting}"]["value"]
+            assert [p["containerPort"] for p in c["ports"] if p["name"] == name] == [int(port)]
+            assert c["readinessProbe"]["httpGet"]["port"] == name
 
 
 @ALL_VALUES
@@ -317,6 +318,36 @@ def test_gpu_pools_one_statefulset_per_type_worker_id_from_the_pod_name() -> Non
     assert l40s_engine["args"][-2:] == ["--mem-fraction-static", "0.85"]
 
 
+def test_the_gateway_serves_its_port_with_keys_from_a_secret_or_says_it_has_none() -> None:
+    docs = rendered("two-gpu-pools")
+    deployment = find(docs, "Deployment", f"{FULL}-gateway")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = env_of(container)
+    assert container["args"] == ["gateway"]
+    assert env["LODESTAR_GATEWAY__GATEWAY_ID"]["value"] == "$(POD_NAME)"  # each pod its own reply topic
+    assert env["LODESTAR_GATEWAY__API_KEY_HASHES"]["valueFrom"]["secretKeyRef"] == {"name": "gateway-keys",
+                                                                                    "key": "digests"}
+    assert env["LODESTAR_GATEWAY__ALLOW_ANONYMOUS"]["value"] == "false"
+    service = find(docs, "Service", f"{FULL}-gateway")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    policy = find(docs, "NetworkPolicy", f"{FULL}-gateway")
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": 8000, "protocol": "TCP"}]}]
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "gateway"
+    assert find(docs, "PodDisruptionBudget", f"{FULL}-gateway")["spec"]["maxUnavailable"] == 1
+    monitor = find(docs, "ServiceMonitor", f"{FULL}-gateway")
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["http"]
+    staging = env_of(find(rendered("staging-emulated"), "Deployment", f"{FULL}-gateway")["spec"]["template"]["spec"]
+                     ["containers"][0])
+    assert staging["LODESTAR_GATEWAY__ALLOW_ANONYMOUS"]["value"] == "true"  # said out loud in the example
+    assert not [d for d in rendered(DEFAULT) if "gateway" in d["metadata"]["name"]]  # off unless enabled
+    refused = template(None, "gateway.enabled=true")
+    assert refused.returncode != 0 and "gateway.enabled needs API keys" in refused.stderr
+    digest = "a" * 64
+    given = env_of(find(parse(template(None, "gateway.enabled=true", f"gateway.apiKeyHashes={{{digest}}}").stdout),
+                        "Deployment", f"{FULL}-gateway")["spec"]["template"]["spec"]["containers"][0])
+    assert json.loads(given["LODESTAR_GATEWAY__API_KEY_HASHES"]["value"]) == [digest]
+
+
 def test_emulated_pools_need_no_gpu() -> None:
     docs = rendered("staging-emulated")
     pools = [d for d in docs if d["kind"] == "StatefulSet" and "-gpu-" in d["metadata"]["name"]]
@@ -344,7 +375,7 @@ def test_in_release_kafka_and_redis_admit_only_lodestar_pods() -> None:
     labelled = {d["metadata"]["name"] for d in docs if pod_spec(d) is not None
                 and d["spec"]["template"]["metadata"]["labels"].get("lodestar.io/client") == "rel"}
     assert labelled == {f"{FULL}-dispatcher", f"{FULL}-learner", f"{FULL}-topics", f"{FULL}-gpu-h100",
-                        f"{FULL}-gpu-a30"}
+                        f"{FULL}-gpu-a30", f"{FULL}-gateway"}
 
 
 def test_topics_job_is_a_hook_with_the_configured_partitions() -> None:
@@ -384,3 +415,99 @@ def test_every_value_is_documented() -> None:
         return [".".join(path)]
 
     assert undocumented(yaml.safe_load(text), ()) == []
+
+
+# ---- external Kafka over SASL_SSL, Redis over TLS with ACL users ----------------------------------------------
+
+
+SECURE = "external-secure"
+
+
+def settings_of(container: dict[str, Any]) -> Settings:
+    """The settings a container's environment gives (each value from a Secret replaced by a stand-in of 32
+    bytes, `$(POD_NAME)` by a pod name), validated as the service would at start."""
+    env = {}
+    for name, entry in env_of(container).items():
+        if name.startswith("LODESTAR_"):
+            value = entry.get("value", "s" * 32)
+            if name.endswith("__ACCEPTED_KEYS"):  # JSON from a Secret: stand-ins of their shape
+                value = "{}"
+            elif name.endswith("__API_KEY_HASHES"):
+                value = json.dumps(["a" * 64])
+            env[name] = value.replace("$(POD_NAME)", "pod-0")
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings()
+
+
+def mounted_file(doc: dict[str, Any], container: dict[str, Any], path: Path) -> tuple[str, str]:
+    """(Secret name, key) a file in a container comes from: a volumeMount of the container, a secret volume of
+    its pod, an item of that volume; fails if the file is not there."""
+    pod = pod_spec(doc)
+    assert pod is not None
+    for mount in container.get("volumeMounts", []):
+        if path.parent == Path(mount["mountPath"]):
+            (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            (item,) = [i for i in volume["secret"]["items"] if i["path"] == path.name]
+            return volume["secret"]["secretName"], item["key"]
+    raise AssertionError(f"{path} is not mounted in {doc['metadata']['name']}/{container['name']}")
+
+
+def test_external_secure_every_service_logs_in_as_its_own_principal_over_tls() -> None:
+    docs = rendered(SECURE)
+    users = {}
+    for doc, c in lodestar_containers(docs):
+        s = settings_of(c)
+        where = f"{doc['metadata']['name']}/{c['name']}"
+        assert s.kafka.security_protocol == "SASL_SSL" and s.kafka.uses_sasl and s.kafka.uses_tls, where
+        assert s.redis.uses_tls and s.redis.username, where
+        for file, secret in ((s.kafka.ssl_cafile, "kafka-ca"), (s.redis.ssl_cafile, "redis-ca")):
+            assert file is not None, where
+            assert mounted_file(doc, c, file) == (secret, "ca.crt"), where
+        env = env_of(c)
+        for name in ("LODESTAR_KAFKA__SASL_PASSWORD", "LODESTAR_REDIS__PASSWORD"):
+            assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"] == "lodestar-credentials"
+        users[c["args"][0]] = (s.kafka.sasl_username, s.redis.username,
+                               env["LODESTAR_KAFKA__SASL_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"])
+    assert users == {
+        "dispatcher": ("lodestar-dispatcher", "lodestar-dispatcher", "kafka-password-dispatcher"),
+        "learner": ("lodestar-learner", "lodestar-learner", "kafka-password-learner"),
+        "worker": ("lodestar-worker", "lodestar-worker", "kafka-password-worker"),
+        "gateway": ("lodestar-gateway", "lodestar-gateway", "kafka-password-gateway"),
+        "topics": ("lodestar-admin", "lodestar-admin", "kafka-password"),
+    }
+    assert {settings_of(c).snapshot_signing.key_id for _, c in lodestar_containers(docs)} == {"2026-12"}
+
+
+def test_external_secure_lag_scaler_logs_in_as_the_dispatchers() -> None:
+    docs = rendered(SECURE)
+    (trigger,) = find(docs, "ScaledObject", f"{FULL}-dispatcher")["spec"]["triggers"]
+    assert trigger["metadata"]["tls"] == "enable" and trigger["metadata"]["sasl"] == "scram_sha512"
+    auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    (dispatcher,) = [c for _, c in containers(docs) if c["name"] == "dispatcher"]
+    env = env_of(dispatcher)
+    by_parameter = {e["parameter"]: e for e in auth["spec"]["env"]}
+    assert {p: (e["name"], e["containerName"]) for p, e in by_parameter.items()} == {
+        "username": ("LODESTAR_KAFKA__SASL_USERNAME", "dispatcher"),
+        "password": ("LODESTAR_KAFKA__SASL_PASSWORD", "dispatcher")}
+    assert all(e["name"] in env for e in by_parameter.values())
+    assert auth["spec"]["secretTargetRef"] == [{"parameter": "ca", "name": "kafka-ca", "key": "ca.crt"}]
+    plain = rendered(DEFAULT)
+    (plain_trigger,) = find(plain, "ScaledObject", f"{FULL}-dispatcher")["spec"]["triggers"]
+    assert "authenticationRef" not in plain_trigger and "sasl" not in plain_trigger["metadata"]
+    assert not [d for d in plain if d["kind"] == "TriggerAuthentication"]
+
+
+def test_sasl_needs_a_user_and_a_password_never_a_generated_one() -> None:
+    no_user = template(None, "kafka.security.protocol=SASL_SSL", "secrets.kafkaPassword=p")
+    assert no_user.returncode != 0 and "kafka.security.saslUsername is required" in no_user.stderr
+    no_password = template(None, "kafka.security.protocol=SASL_SSL", "kafka.security.saslUsername=u")
+    assert no_password.returncode != 0 and "secrets.kafkaPassword" in no_password.stderr
+    given = parse(template(None, "kafka.security.protocol=SASL_PLAINTEXT", "kafka.security.saslUsername=u",
+                           "secrets.kafkaPassword=from-my-vault", "kafka.security.saslMechanism=PLAIN").stdout)
+    secret = find(given, "Secret", FULL)
+    assert base64.b64decode(secret["data"]["kafka-password"]).decode() == "from-my-vault"
+    (trigger,) = find(given, "ScaledObject", f"{FULL}-dispatcher")["spec"]["triggers"]
+    assert trigger["metadata"]["sasl"] == "plaintext" and "tls" not in trigger["metadata"]

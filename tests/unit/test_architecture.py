@@ -2,7 +2,7 @@
 including those inside functions and under TYPE_CHECKING).
 
 Layers, highest first: the application (`app`: CLI, local stack, demo) > the simulator (`sim`) > the
-services (`dispatcher`, `workers`, `learner`: independent of each other) > the core (`lodestar`). A
+services (`dispatcher`, `workers`, `learner`, `gateway`: independent of each other) > the core (`lodestar`). A
 module may import only from its own layer or below, and the services never import each other.
 """
 
@@ -16,7 +16,7 @@ from scipy.sparse.csgraph import connected_components
 
 from lodestar.settings import PROJECT_ROOT
 
-SERVICES = ("dispatcher", "workers", "learner")
+SERVICES = ("dispatcher", "workers", "learner", "gateway")
 LAYERS = (
     grimp.Layer("app"),
     grimp.Layer("sim"),

@@ -21,6 +21,7 @@ from lodestar import schemas, tracing
 from lodestar.limits import Limits
 from lodestar.names import Topics
 from lodestar.settings import PROJECT_ROOT, Settings
+from lodestar.streams import decode_reply
 
 ASYNCAPI_SCHEMA = PROJECT_ROOT / "tests" / "data" / "asyncapi-3.0.0" / "schema.json"
 
@@ -119,12 +120,15 @@ def test_every_topic_is_a_channel_with_its_message() -> None:
     doc = committed()
     topics = Topics(generator().KAFKA.topic_prefix)
     by_address = {c["address"]: c for c in doc["channels"].values()}
-    expected = {topics.requests: "InferenceRequest", topics.results: "InferenceResult",
-                topics.telemetry: "TelemetryEvent", topics.dlq: "DeadLetter",
-                topics.prefix + "worker.{workerId}": "RoutedRequest"}
+    expected = {topics.requests: ["InferenceRequest"], topics.results: ["InferenceResult", "StreamChunk"],
+                topics.telemetry: ["TelemetryEvent"], topics.dlq: ["DeadLetter"],
+                topics.prefix + "worker.{workerId}": ["RoutedRequest"],
+                topics.prefix + "reply.{clientName}": ["InferenceResult", "StreamChunk"]}
     assert set(topics.fixed()) < set(by_address)
-    assert {address: list(c["messages"]) for address, c in by_address.items()} == {
-        address: [message] for address, message in expected.items()}
+    assert {address: list(c["messages"]) for address, c in by_address.items()} == expected
+    reply = doc["channels"]["reply"]
+    name = reply["parameters"]["clientName"]["examples"][0]
+    assert reply["address"].replace("{clientName}", name) == topics.reply(name)
     worker = doc["channels"]["worker"]
     example = worker["parameters"]["workerId"]["examples"][0]
     assert worker["address"].replace("{workerId}", example) == topics.worker(example)
@@ -137,17 +141,24 @@ def test_each_message_has_a_valid_example_that_its_consumer_accepts() -> None:
     messages = doc["components"]["messages"]
     assert set(messages) == {m.__name__ for m in wire_models()} - {"RoutingDecision"}
     for name, message in messages.items():
-        (example,) = message["examples"]
-        payload_errors = list(payload_validator(doc, name).iter_errors(example["payload"]))
-        assert not payload_errors, f"{name} example: {payload_errors[0].message}"
-        if "headers" in message:
-            assert not list(payload_validator(doc, "TraceHeaders").iter_errors(example["headers"]))
-        model = getattr(schemas, name)
-        decoded = schemas.decode(model, json.dumps(example["payload"]))
-        assert decoded.model_dump(mode="json") == example["payload"]
-    request = json.dumps(messages["InferenceRequest"]["examples"][0]["payload"]).encode()
+        assert message["examples"]
+        for example in message["examples"]:
+            payload_errors = list(payload_validator(doc, name).iter_errors(example["payload"]))
+            assert not payload_errors, f"{name} example: {payload_errors[0].message}"
+            if "headers" in message:
+                assert not list(payload_validator(doc, "TraceHeaders").iter_errors(example["headers"]))
+            model = getattr(schemas, name)
+            decoded = schemas.decode(model, json.dumps(example["payload"]))
+            assert decoded.model_dump(mode="json") == example["payload"]
+    plain, chat = (json.dumps(e["payload"]).encode() for e in messages["InferenceRequest"]["examples"])
     limits = Limits(Settings())
-    assert limits.decode_request(request).request_id == "6f1c0c9ad3f54b1c8f0e8a4d2b7c9e10"
+    assert limits.decode_request(plain).request_id == "6f1c0c9ad3f54b1c8f0e8a4d2b7c9e10"
+    streamed = limits.decode_request(chat)
+    assert streamed.stream and streamed.messages and streamed.engine_api == "chat"
+    for example in messages["StreamChunk"]["examples"]:  # a reply topic's reader tells chunks from results
+        assert isinstance(decode_reply(json.dumps(example["payload"]).encode()), schemas.StreamChunk)
+    result = json.dumps(messages["InferenceResult"]["examples"][0]["payload"]).encode()
+    assert isinstance(decode_reply(result), schemas.InferenceResult)
     telemetry = json.dumps(messages["TelemetryEvent"]["examples"][0]["payload"]).encode()
     sample = validate_telemetry(telemetry, 600_000.0, limits)
     assert sample is not None and sample.ttft_ms == pytest.approx(49.2)
@@ -159,7 +170,9 @@ def test_each_message_has_a_valid_example_that_its_consumer_accepts() -> None:
     ("InferenceResult", {"status": "maybe"}),
     ("TelemetryEvent", {"ttft_ms": -1.0}),
     ("RoutedRequest", {"decision": None}),
-], ids=["unknown-field", "type", "enum", "bound", "required-object"])
+    ("StreamChunk", {"seq": -1}),
+    ("InferenceRequest", {"api": {"kind": "chat", "n": 1000}}),
+], ids=["unknown-field", "type", "enum", "bound", "required-object", "chunk-seq", "api-bound"])
 def test_payload_schemas_refuse_what_the_models_refuse(name: str, change: dict[str, Any]) -> None:
     doc = committed()
     payload = {**doc["components"]["messages"][name]["examples"][0]["payload"], **change}

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from lodestar.client import LodestarClient, reply_topic_for
+from lodestar.client import LodestarClient, Reply, reply_topic_for
 from lodestar.names import Topics
 from lodestar.schemas import InferenceResult
 from lodestar.settings import Settings
@@ -16,22 +14,20 @@ def result(rid: str, text: str) -> bytes:
 
 async def test_first_result_wins_and_duplicates_are_counted():
     client = LodestarClient(Settings())
-    fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
-    client._pending["r1"] = fut
+    reply = client._replies["r1"] = Reply("r1")
     client._accept(result("r1", "first"))
     client._accept(result("r1", "second"))
-    assert fut.result().text == "first"
+    assert (await reply.result_only()).text == "first"
     assert client.duplicate_results == 1
 
 
 async def test_foreign_and_unreadable_results_are_ignored():
     client = LodestarClient(Settings())
-    fut: asyncio.Future[InferenceResult] = asyncio.get_running_loop().create_future()
-    client._pending["mine"] = fut
+    reply = client._replies["mine"] = Reply("mine")
     client._accept(result("someone-else", "x"))
     client._accept(b"{not json")
     client._accept(None)
-    assert not fut.done() and client.duplicate_results == 0
+    assert not reply.done and client.duplicate_results == 0 and client.orphan_replies == 1
 
 
 def test_reply_topics():
@@ -42,14 +38,13 @@ def test_reply_topics():
 
 async def test_a_request_sent_again_with_its_id_takes_the_next_answer():
     client = LodestarClient(Settings())
-    loop = asyncio.get_running_loop()
-    first: asyncio.Future[InferenceResult] = loop.create_future()
-    client._pending["r1"] = first
+    first = client._replies["r1"] = Reply("r1")
     client._accept(result("r1", "first"))
-    del client._pending["r1"]
-    again: asyncio.Future[InferenceResult] = loop.create_future()  # the caller retries with the same id
-    client._pending["r1"] = again
+    assert (await first.result_only()).text == "first"
+    client.forget("r1")
+    again = client._replies["r1"] = Reply("r1")  # the caller retries with the same id
     client._accept(InferenceResult(request_id="r1", worker_id="w", status="ok", text="first", replayed=True).to_bytes())
-    assert again.result().replayed and again.result().text == "first"
+    replayed = await again.result_only()
+    assert replayed.replayed and replayed.text == "first" and client.duplicate_results == 0
     client._accept(result("r1", "late copy"))
     assert client.duplicate_results == 1

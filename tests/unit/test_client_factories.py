@@ -12,7 +12,7 @@ from lodestar.settings import PROJECT_ROOT
 FACTORIES = {Path("lodestar/kafka_io.py"), Path("lodestar/redis_io.py")}
 KAFKA_CLIENTS = {"AIOKafkaProducer", "AIOKafkaConsumer", "AIOKafkaAdminClient", "KafkaProducer", "KafkaConsumer"}
 REDIS_CLIENTS = {"Redis", "StrictRedis", "ConnectionPool", "BlockingConnectionPool", "from_url"}
-ROOTS = ("lodestar", "app", "dispatcher", "workers", "learner", "sim", "scripts", "tests")
+ROOTS = ("lodestar", "app", "dispatcher", "workers", "learner", "gateway", "sim", "scripts", "tests")
 
 
 def dotted(node: ast.expr) -> str:

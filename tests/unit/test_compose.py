@@ -55,6 +55,18 @@ def test_services_commands_are_lodestar_subcommands() -> None:
             assert service["command"][0] in commands, f"{name} runs unknown subcommand {service['command'][0]}"
 
 
+def test_the_gateway_needs_keys_or_says_it_has_none() -> None:
+    gateway = _compose()["services"]["gateway"]
+    assert gateway["profiles"] == ["gateway"] and gateway["command"] == ["gateway"]
+    env = gateway["environment"]
+    assert env["LODESTAR_GATEWAY__API_KEY_HASHES"] == "${LODESTAR_GATEWAY_KEY_HASHES:-[]}"
+    assert env["LODESTAR_GATEWAY__ALLOW_ANONYMOUS"] == "${LODESTAR_GATEWAY_ANONYMOUS:-false}"
+    assert gateway["ports"] == [f"{env['LODESTAR_GATEWAY__PORT']}:{env['LODESTAR_GATEWAY__PORT']}"]
+    scrape = yaml.safe_load((PROJECT_ROOT / "configs" / "prometheus.yml").read_text())["scrape_configs"]
+    (job,) = [j for j in scrape if j["job_name"] == "gateway"]
+    assert job["dns_sd_configs"][0]["port"] == int(env["LODESTAR_GATEWAY__PORT"])
+
+
 SECRETS = {"LODESTAR_SNAPSHOT_KEY", "LODESTAR_REDIS_PASSWORD", "GRAFANA_ADMIN_PASSWORD"}
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:[?-])(?P<arg>[^}]*))?\}")
 

@@ -11,7 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sim.emulator.emulator import Emulator, EmulatorConfig
+from sim.emulator.emulator import Emulator, EmulatorConfig, Generation, Sample
+from sim.emulator.runner import RequestState
 from sim.emulator.server import create_app
 
 FAST = 0.02  # wall seconds per emulated second: tests run 50x faster than the modelled GPU
@@ -365,3 +366,35 @@ async def test_score_rejects_malformed_requests(api: tuple[Emulator, httpx.Async
     _, client = api
     r = await client.post("/v1/score", json=body)
     assert r.status_code == 400 and message in r.json()["message"] and r.json()["type"] == "BadRequestError"
+
+
+async def test_a_finish_while_the_consumer_handles_an_update_is_still_streamed() -> None:
+    """The request finishes while the handler is busy sending the update before: that finish is one more
+    update, not lost (the worker streams every request, so a lost last update is a wrong token count)."""
+    def finish(state: RequestState) -> None:
+        state.completion_tokens = 8
+        state.finish_reason = {"type": "length"}
+        state.notify()
+
+    emu = Emulator(EmulatorConfig(gpu="H100", time_scale=FAST))
+    state = RequestState("r1", 3, None, False, 0.0, 0.0)
+    state.completion_tokens = 7
+    state.notify()
+    seen = []
+    async for s in emu.updates(state):
+        seen.append((s.completion_tokens, s.finished))
+        if len(seen) == 1:
+            finish(state)
+    assert seen == [(7, False), (8, True)]
+
+    states = [RequestState(f"r{i}", 3, None, False, 0.0, 0.0) for i in range(2)]
+    gen = Generation(emu.runner, [Sample(i, None, st) for i, st in enumerate(states)])  # type: ignore[arg-type]
+    for st in states:
+        st.completion_tokens = 7
+        st.notify()
+    tokens: dict[int, list[int]] = {0: [], 1: []}
+    async for sample in gen.updates():
+        tokens[sample.index].append(sample.state.completion_tokens)
+        if not sample.state.finished:
+            finish(sample.state)
+    assert tokens == {0: [7, 8], 1: [7, 8]}

@@ -8,7 +8,7 @@ from lodestar.kafka_acls import SERVICES, Acl, service_acls
 from lodestar.settings import PROJECT_ROOT, Settings
 
 SETTINGS = Settings(kafka={"topic_prefix": "p."}, dispatcher={"consumer_group": "d-group"},
-                    learner={"consumer_group": "l-group"})
+                    learner={"consumer_group": "l-group"}, gateway={"gateway_id": "g1"})
 
 
 def grants(acls: list[Acl]) -> set[tuple[str, str, str, bool]]:
@@ -34,6 +34,20 @@ def test_each_service_gets_what_its_code_uses_and_nothing_of_the_others() -> Non
         acls = grants(service_acls(SETTINGS, service, worker_id="w1"))
         assert (("topic", "p.requests", "Read", False) in acls) == (service == "dispatcher")
         assert (("topic", "p.telemetry", "Read", False) in acls) == (service == "learner")
+
+
+def test_a_gateway_gets_its_own_reply_topic_and_sends_requests() -> None:
+    describe_fixed = {("topic", t, "Describe", False) for t in ("p.requests", "p.results", "p.telemetry", "p.dlq")}
+    assert grants(service_acls(SETTINGS, "gateway")) == describe_fixed | {
+        ("topic", "p.requests", "Write", False), ("topic", "p.reply.g1", "Read", False),
+        ("topic", "p.reply.g1", "Create", False)}
+    # the chart's gateways: pods named <release>-gateway-<hash>, each deleting its reply topic when it stops
+    chart = SETTINGS.model_copy(update={"gateway": SETTINGS.gateway.model_copy(
+        update={"gateway_id": "rel-gateway-", "delete_reply_topic": True})})
+    assert {("topic", "p.reply.rel-gateway-", op, True) for op in ("Read", "Create", "Delete")} <= grants(
+        service_acls(chart, "gateway", gateway_ids_prefixed=True))
+    with pytest.raises(ValueError, match="gateway_id"):
+        service_acls(Settings(), "gateway")
 
 
 def test_a_worker_needs_its_id() -> None:

@@ -212,3 +212,41 @@ def test_a_largest_request_routed_fits_the_broker_by_construction() -> None:
     LIMITS.check_size(routed, "the routed request", key=key, headers=headers)
     size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, routed, headers)
     assert size <= LIMITS.max_message_bytes
+
+
+def test_a_largest_chat_grows_within_the_reserve_when_re_serialized() -> None:
+    """A chat written to grow most when re-serialized (1,024 messages without content or name, the engine API
+    with every option left to its default) grows by less than the reserve's chat share (28 KiB)."""
+    raw = json.dumps({"messages": [{"role": "user"}] * 1023 + [{"role": "user", "content": [{"type": "text",
+                      "text": "hi"}]}], "api": {"kind": "chat"}}, separators=(",", ":")).encode()
+    req = LIMITS.decode_request(raw)
+    assert 0 < len(req.to_bytes()) - len(raw) < 28 * 1024
+    with pytest.raises(InvalidMessage, match="type"):  # a part without its type would grow by 14 bytes each
+        LIMITS.decode_request(json.dumps({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}).encode())
+
+
+@pytest.mark.parametrize(("payload", "fragment"), [
+    (request(prompt=None, messages=[{"role": "user", "content": "x"}] * 1025), "at most 1024 messages"),
+    (request(prompt=None, messages=[{"role": "robot", "content": "x"}]), "messages.0.role"),
+    (request(prompt=None, messages=[{"role": "user", "content": "x" * 1_000_001}]), "messages.0.content"),
+    (request(prompt=None, messages=[{"role": "user", "content": "x", "name": "n" * 65}]), "messages.0.name"),
+    (request(api={"kind": "completions", "n": 129}), "api.n"),
+    (request(api={"kind": "completions", "top_logprobs": 21}), "api.top_logprobs"),
+    (request(api={"kind": "completions", "stop_token_ids": [1] * 65}), "api.stop_token_ids"),
+    (request(api={"kind": "completions", "stop_regex": ["x" * 1025]}), "api.stop_regex.0"),
+    (request(api={"kind": "completions", "cache_salt": "s" * 257}), "api.cache_salt"),
+    (request(api={"kind": "completions", "min_p": 2.0}), "api.min_p"),
+    (raw('{"prompt": "x", "api": {"kind": "completions", "frequency_penalty": NaN}}'), "api.frequency_penalty"),
+    (request(api={"kind": "chat"}), "`api.kind` chat goes with `messages`"),
+], ids=lambda v: v[:60].decode(errors="replace") if isinstance(v, bytes) else None)
+def test_the_chat_and_engine_api_fields_are_bounded(payload: bytes, fragment: str) -> None:
+    with pytest.raises(InvalidMessage) as info:
+        ROOMY.decode_request(payload)
+    assert fragment in info.value.reason
+
+
+def test_engine_api_token_ids_are_held_to_the_models_vocabulary() -> None:
+    for field in ("stop_token_ids", "token_ids_logprob"):
+        with pytest.raises(InvalidMessage, match=f"{field} holds token id 262144, beyond limits.max_token_id"):
+            LIMITS.decode_request(request(api={"kind": "completions", field: [1, 262_144]}))
+

@@ -106,6 +106,34 @@ async def test_a_broker_hiccup_is_retried_and_the_result_published_once(service:
     assert producer(service).to(DLQ) == []
 
 
+async def test_a_stream_whose_chunks_the_broker_drops_is_answered_as_an_error(service: WorkerService) -> None:
+    producer(service).refuse[RESULTS] = KafkaConnectionError()  # the first chunk's send fails, once
+    producer(service).refuse_once = True
+    await handle(service, ask(stream=True))
+    (result,) = producer(service).to(RESULTS)  # the chunks after it went out; the reader sees the gap
+    assert result["status"] == "error" and result["error_status"] == 502
+    assert result["error"].startswith("the stream could not be delivered: KafkaConnectionError")
+    assert producer(service).to(DLQ) == []  # the broker's hiccup, not the record's fault
+
+
+async def test_a_stream_to_a_refused_reply_topic_is_dead_lettered_and_the_partition_moves_on(
+        service: WorkerService) -> None:
+    producer(service).refuse[RESULTS] = TopicAuthorizationFailedError(RESULTS)
+    await handle(service, ask(stream=True))
+    (letter,) = producer(service).to(DLQ)
+    assert letter["stage"] == "publish" and "TopicAuthorizationFailedError" in letter["error_type"]
+    producer(service).refuse.clear()  # the topic allowed again: the next record is served as usual
+    await handle(service, ask("next", request_id="r2"), offset=2)
+    assert len(producer(service).to(DLQ)) == 1 and producer(service).to(RESULTS)[-1]["status"] == "ok"
+
+
+async def test_a_streamed_request_gets_its_chunks_then_its_result(service: WorkerService) -> None:
+    await handle(service, ask(stream=True))
+    chunks, (result,) = producer(service).to(RESULTS)[:-1], producer(service).to(RESULTS)[-1:]
+    assert all(c["kind"] == "chunk" for c in chunks) and "".join(c["text"] for c in chunks) == "Hello!"
+    assert result["status"] == "ok" and result["text"] == "Hello!"
+
+
 @pytest.mark.parametrize(("change", "reason"), [
     ({"reply_to": "__consumer_offsets"}, "reply_to '__consumer_offsets' is a Kafka internal topic"),
     ({"reply_to": "lodestar.requests"}, "reply_to 'lodestar.requests' is a Lodestar system topic"),

@@ -73,20 +73,23 @@ def client(handler, *, attempts: int = 3, clock=None, sleeps: list[float] | None
 
 
 async def test_sse_parser_skips_comments_and_stops_at_done():
-    async def lines():
-        for line in [": keep-alive", "", 'data: {"a": 1}', "event: x", 'data:{"a": 2}', "data: [DONE]",
-                     'data: {"a": 3}']:
-            yield line
+    body = b'\n'.join([b": keep-alive", b"", b'data: {"a": 1}', b"event: x", b'data:{"a": 2}\r', b"data: [DONE]",
+                        b'data: {"a": 3}', b""])
 
-    assert [e async for e in sse_data(lines())] == [{"a": 1}, {"a": 2}]
+    async def chunks(size: int):
+        for i in range(0, len(body), size):  # lines cut anywhere between network reads
+            yield body[i:i + size]
+
+    for size in (1, 7, len(body)):
+        assert [e async for e in sse_data(chunks(size))] == [{"a": 1}, {"a": 2}]
 
 
 async def test_sse_parser_rejects_garbage():
-    async def lines():
-        yield "data: {not json"
+    async def chunks():
+        yield b"data: {not json\n"
 
     with pytest.raises(EngineError, match="undecodable"):
-        _ = [e async for e in sse_data(lines())]
+        _ = [e async for e in sse_data(chunks())]
 
 
 def test_meter_ttft_at_first_nonempty_chunk_and_tpot_over_the_rest():

@@ -106,7 +106,10 @@ class FakeProducer:
         self._check(topic)
         self.sent.append((topic, value, list(headers or [])))
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None,
+    async def partitions_for(self, topic: str) -> set[int]:
+        return {0}
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None, partition: int | None = None,
                    headers: list[tuple[str, bytes]] | None = None) -> asyncio.Future[None]:
         await self.send_and_wait(topic, value, key, headers)
         ack: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -92,10 +92,10 @@ References (the pod name, Secrets) are listed before the plain values, so `$(NAM
 {{- define "lodestar.env" -}}
 {{- $root := .root -}}
 {{- $v := $root.Values -}}
-{{- $redisUrl := printf "redis://%s:%s/%v" (include "lodestar.redisHost" $root) (include "lodestar.redisPort" $root) $v.redis.db -}}
-{{- if $v.redis.auth.enabled -}}
-{{- $redisUrl = printf "redis://:$(REDIS_PASSWORD)@%s:%s/%v" (include "lodestar.redisHost" $root) (include "lodestar.redisPort" $root) $v.redis.db -}}
-{{- end -}}
+{{- $redisUrl := printf "%s://%s:%s/%v" (ternary "rediss" "redis" $v.redis.tls.enabled) (include "lodestar.redisHost" $root) (include "lodestar.redisPort" $root) $v.redis.db -}}
+{{- $ks := $v.kafka.security -}}
+{{- $kafkaSasl := hasPrefix "SASL_" $ks.protocol -}}
+{{- $kafkaTls := has $ks.protocol (list "SSL" "SASL_SSL") -}}
 {{- $replication := $v.kafka.replicationFactor -}}
 {{- if $v.kafka.deploy }}{{ $replication = 1 }}{{ end -}}
 {{- $base := dict
@@ -113,9 +113,32 @@ References (the pod name, Secrets) are listed before the plain values, so `$(NAM
   "LODESTAR_TELEMETRY__LOG_LEVEL" $v.telemetry.logLevel
   "LODESTAR_TELEMETRY__METRICS_HOST" "0.0.0.0"
   "HOME" "/tmp"
+  "LODESTAR_KAFKA__SECURITY_PROTOCOL" $ks.protocol
+  "LODESTAR_SNAPSHOT_SIGNING__KEY_ID" $v.secrets.hmacKeyId
 -}}
+{{- $chartSecrets := dict -}}
+{{- if $kafkaSasl }}
+{{- $_ := set $base "LODESTAR_KAFKA__SASL_MECHANISM" $ks.saslMechanism }}
+{{- $_ := set $base "LODESTAR_KAFKA__SASL_USERNAME" (required "kafka.security.saslUsername is required with a SASL_* protocol" $ks.saslUsername) }}
+{{- $_ := set $chartSecrets "LODESTAR_KAFKA__SASL_PASSWORD" (dict "key" $v.secrets.kafkaPasswordKey) }}
+{{- end }}
+{{- if $kafkaTls }}
+{{- $_ := set $base "LODESTAR_KAFKA__SSL_CHECK_HOSTNAME" $ks.checkHostname }}
+{{- if $ks.caSecret }}{{ $_ := set $base "LODESTAR_KAFKA__SSL_CAFILE" "/etc/lodestar/kafka-tls/ca.crt" }}{{ end }}
+{{- end }}
+{{- if $v.redis.tls.enabled }}
+{{- $_ := set $base "LODESTAR_REDIS__SSL_CHECK_HOSTNAME" $v.redis.tls.checkHostname }}
+{{- if $v.redis.tls.caSecret }}{{ $_ := set $base "LODESTAR_REDIS__SSL_CAFILE" "/etc/lodestar/redis-tls/ca.crt" }}{{ end }}
+{{- end }}
+{{- if $v.redis.auth.enabled }}
+{{- if $v.redis.auth.username }}{{ $_ := set $base "LODESTAR_REDIS__USERNAME" $v.redis.auth.username }}{{ end }}
+{{- $_ := set $chartSecrets "LODESTAR_REDIS__PASSWORD" (dict "key" $v.secrets.redisPasswordKey) }}
+{{- end }}
+{{- if $v.secrets.acceptedHmacKeysKey }}
+{{- $_ := set $chartSecrets "LODESTAR_SNAPSHOT_SIGNING__ACCEPTED_KEYS" (dict "key" $v.secrets.acceptedHmacKeysKey) }}
+{{- end }}
 {{- $plain := merge (deepCopy (default (dict) .env)) (deepCopy $v.env) (default (dict) .settings) $base -}}
-{{- $secretRefs := merge (deepCopy (default (dict) .secretEnv)) (deepCopy $v.secretEnv) (default (dict) .secrets) -}}
+{{- $secretRefs := merge (deepCopy (default (dict) .secretEnv)) (deepCopy $v.secretEnv) (default (dict) .secrets) $chartSecrets -}}
 {{- range $name, $_ := $secretRefs }}
 {{- if hasKey $plain $name }}
 {{- fail (printf "%s is set both as a plain value and from a Secret" $name) }}
@@ -126,13 +149,6 @@ References (the pod name, Secrets) are listed before the plain values, so `$(NAM
   valueFrom:
     fieldRef:
       fieldPath: metadata.name
-{{- end }}
-{{- if $v.redis.auth.enabled }}
-- name: REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "lodestar.secretName" $root }}
-      key: {{ $v.secrets.redisPasswordKey }}
 {{- end }}
 {{- range $name, $ref := $secretRefs }}
 - name: {{ $name }}
@@ -179,5 +195,28 @@ securityContext:
 {{- with .Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+
+{{/* The CA bundles of Kafka's and Redis's TLS, from the Secrets the values name: volumes of a pod, and the
+mounts of each of its Lodestar containers (the paths lodestar.env points ssl_cafile at). */}}
+{{- define "lodestar.tlsVolumes" -}}
+{{- if and (has .Values.kafka.security.protocol (list "SSL" "SASL_SSL")) .Values.kafka.security.caSecret }}
+- name: kafka-tls
+  secret: {secretName: {{ .Values.kafka.security.caSecret }}, items: [{key: ca.crt, path: ca.crt}]}
+{{- end }}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
+- name: redis-tls
+  secret: {secretName: {{ .Values.redis.tls.caSecret }}, items: [{key: ca.crt, path: ca.crt}]}
+{{- end }}
+{{- end -}}
+
+{{- define "lodestar.tlsMounts" -}}
+{{- if and (has .Values.kafka.security.protocol (list "SSL" "SASL_SSL")) .Values.kafka.security.caSecret }}
+- {name: kafka-tls, mountPath: /etc/lodestar/kafka-tls, readOnly: true}
+{{- end }}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
+- {name: redis-tls, mountPath: /etc/lodestar/redis-tls, readOnly: true}
 {{- end }}
 {{- end -}}

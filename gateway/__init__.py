@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway onto the pipeline (`lodestar gateway`; docs/gateway.md)."""
