@@ -31,6 +31,5 @@ def test_the_short_chaos_run_loses_nothing(kafka_bootstrap: str, tmp_path: Path)
     for row in rows.values():
         assert row["LOST"] == 0 and row["answered once"] + row["DLQ"] + row["dups discarded"] >= row["sent"], report
     assert "dispatcher restart x1" in rows["SIGKILL dispatcher d1"]["restarts"], report
-    assert rows["engine w1 answers 500"]["with error"] >= 1, report  # the failing engine's answers, not silence
     (poison,) = [row["poison"] for row in rows.values() if "poison" in row]
     assert poison["LOST"] == 0 and poison["dead-lettered"] == poison["expected"]["dead_letter"], report
