@@ -544,11 +544,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--redis-down", type=float, help="seconds Redis stays down (default 30, short 4)")
     p.add_argument("--poison", type=int, help="hostile messages (default 300, short 100)")
     p.add_argument("--dead-worker-s", type=float, help="dispatcher.dead_worker_timeout_s (default 8, short 4)")
-    p.add_argument("--drain", type=float, help="seconds to wait for the last answers (default 90, short 40)")
+    p.add_argument("--drain", type=float, help="max wait for the last answers, s (default 90; ends once all settle)")
     p.add_argument("--seed", type=int, default=13)
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    defaults = dict(phase=5.0, rate=5.0, redis_down=4.0, poison=100, dead_worker_s=4.0, drain=40.0) if args.short \
+    defaults = dict(phase=5.0, rate=5.0, redis_down=4.0, poison=100, dead_worker_s=4.0, drain=90.0) if args.short \
         else dict(phase=30.0, rate=6.0, redis_down=30.0, poison=300, dead_worker_s=8.0, drain=90.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
