@@ -297,6 +297,8 @@ class LearnerService:
         self.stats.checkpoints += 1
         self._last_checkpoint = time.monotonic()
         offsets, self._uncommitted = self._uncommitted, {}
+        if not offsets:  # a snapshot due by time with no new event: nothing to commit (aiokafka refuses {})
+            return
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
