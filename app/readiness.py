@@ -9,8 +9,8 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-from aiokafka import TopicPartition
 
+from lodestar.kafka_admin import group_lag
 from lodestar.kafka_io import make_admin, make_consumer
 from lodestar.names import RedisKeys
 from lodestar.redis_io import make_redis
@@ -96,12 +96,7 @@ class StackProbes:
 
     async def group_lag(self, group_id: str, topic: str) -> int:
         """Records of `topic` the group has not committed yet (all of them if it committed nothing)."""
-        (described,) = await self._admin.describe_topics([topic])
-        partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
-        ends = await self._offsets.end_offsets(partitions)
-        committed = await self._admin.list_consumer_group_offsets(group_id, partitions=partitions)
-        return sum(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
-                   for tp, end in ends.items())
+        return await group_lag(self._admin, self._offsets, group_id, topic)
 
     async def snapshot(self) -> Snapshot | None:
         """The verified model snapshot in Redis, or None if the learner has published none."""

@@ -1,11 +1,12 @@
 """Dead-worker takeover: re-route the backlog of a worker whose heartbeat has been gone too long.
 
-Every dispatcher records the last heartbeat of each live worker it sees (`RedisKeys.workers_seen`,
-a sorted set scored by the worker's `updated_at`, ms). A worker missing from the registry whose last
-heartbeat is older than `dispatcher.dead_worker_timeout_s` is dead. One dispatcher (the one that takes
-`RedisKeys.takeover_lock`) joins the worker's own consumer group on its topic, so it continues exactly
-from the worker's committed offset, re-routes every uncommitted RoutedRequest to live workers
-(`decision.attempt + 1`), commits, leaves the group, drops the worker's prefix index and forgets it.
+Every dispatcher records the last heartbeat of each live worker it sees (`RedisKeys.workers_seen`, a sorted
+set scored by the worker's `updated_at`, ms); a worker whose topic has a backlog and no consumer but is not in
+that set (lost with a Redis restarted empty) is added to it, as seen now (dispatcher/orphans.py). A worker
+missing from the registry whose last heartbeat is older than `dispatcher.dead_worker_timeout_s` is dead. One
+dispatcher (the one that takes `RedisKeys.takeover_lock`) joins the worker's own consumer group on its topic,
+so it continues exactly from the worker's committed offset, re-routes every uncommitted RoutedRequest to live
+workers (`decision.attempt + 1`), commits, leaves the group, drops the worker's prefix index and forgets it.
 
 If the worker comes back before the timeout, it is live again and simply serves its backlog. If it
 comes back during a takeover, it joins its group, the partition moves to it, and the takeover stops at
@@ -83,8 +84,11 @@ class DeadWorkerTakeover:
         remove_prefixes: Callable[[str], Awaitable[None]],
         dead_letter: Callable[[DeadLetter], Awaitable[None]],
         dispatcher_id: str,
+        find_orphans: Callable[[set[str]], Awaitable[list[str]]] | None = None,
     ):
         self.settings = settings
+        self._find_orphans = find_orphans  # dispatcher/orphans.py: workers found from their topic's lag
+        self._orphans_due = 0.0
         self.timeout_s = settings.dispatcher.dead_worker_timeout_s
         self.check_every_s = max(0.2, min(5.0, self.timeout_s / 3))
         self._r = client
@@ -121,6 +125,7 @@ class DeadWorkerTakeover:
         live = {w.worker_id: w.updated_at for w in self._view.live}
         if live:
             await self._r.zadd(self._keys.workers_seen, live, gt=True)
+        await self._record_orphans(set(live))
         cutoff = now_ms() - self.timeout_s * 1000.0
         silent = await self._r.zrangebyscore(self._keys.workers_seen, "-inf", cutoff)
         done: dict[str, int] = {}
@@ -135,6 +140,20 @@ class DeadWorkerTakeover:
             if count is not None:
                 done[worker_id] = count
         return done
+
+    async def _record_orphans(self, live: set[str]) -> None:
+        """Once per dead-worker timeout: workers with a backlog and no consumer that `workers:seen` does not hold
+        (e.g. it was lost with a Redis restarted empty) are recorded as seen now, to be taken over in turn."""
+        if self._find_orphans is None or time.monotonic() < self._orphans_due:
+            return
+        self._orphans_due = time.monotonic() + self.timeout_s
+        seen = {raw.decode() if isinstance(raw, bytes) else raw
+                for raw in await self._r.zrange(self._keys.workers_seen, 0, -1)}
+        orphans = await self._find_orphans(live | seen)
+        if orphans:
+            log.warning("workers %s have a backlog, no consumer and no heartbeat on record: taking them over "
+                        "unless they come back within %.0f s", ", ".join(orphans), self.timeout_s)
+            await self._r.zadd(self._keys.workers_seen, dict.fromkeys(orphans, now_ms()), nx=True)
 
     async def take_over(self, worker_id: str, cutoff_ms: float) -> int | None:
         """Re-route `worker_id`'s uncommitted backlog under the takeover lock; None if not done here."""

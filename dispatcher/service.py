@@ -49,6 +49,7 @@ from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from opentelemetry.trace import Span
 
+from dispatcher.orphans import OrphanFinder
 from dispatcher.policies.base import Policy, SnapshotPolicy
 from dispatcher.policies.registry import check_params_by_policy, make_policy
 from dispatcher.redis_prefix_index import RedisPrefixIndex
@@ -188,6 +189,7 @@ class Dispatcher:
             remove_prefixes=self.prefix_index.remove_worker,
             dead_letter=self._takeover_dead_letter,
             dispatcher_id=self.dispatcher_id,
+            find_orphans=OrphanFinder(settings, client_id=f"dispatcher-{self.dispatcher_id}-orphans").find,
         )
         self.stats = DispatcherStats()
         self.metrics = metrics if metrics is not None else DispatcherMetrics()

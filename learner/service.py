@@ -62,6 +62,7 @@ POLL_MS = 500
 MAX_BATCH = 500
 REPORT_EVERY_S = 30.0
 DLQ_BACKOFF = Backoff(0.2, 5.0)
+REDIS_BACKOFF = Backoff(0.2, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +176,9 @@ class LearnerService:
         stop = stop or asyncio.Event()
         async with service_lifecycle(self.settings, fixed_topic_partitions(self.settings), producer=self.producer,
                                      consumers=[self.consumer], closers=[self.redis.aclose]):
-            stored = await self.snapshots.stored_version()
+            # Redis may be away at start: wait for it (the consumer has not fetched anything yet)
+            stored = await retry_transient(self.snapshots.stored_version, what="read the stored snapshot version",
+                                           backoff=REDIS_BACKOFF)
             if stored is not None and stored > self.learner.version:
                 log.info("the stored snapshot is v%d: continuing from there", stored)
                 self.learner.version = stored
@@ -272,8 +275,11 @@ class LearnerService:
         return snapshot, failed
 
     async def _publish(self, snapshot: Snapshot) -> None:
+        """Publish a snapshot; while Redis is unreachable (or restarting) retry with backoff, the batch that
+        produced it staying uncommitted, so that a crash meanwhile relearns it."""
         try:
-            await self.snapshots.publish(snapshot)
+            await retry_transient(lambda: self.snapshots.publish(snapshot), what="publish the snapshot",
+                                  backoff=REDIS_BACKOFF)
         except StaleSnapshotVersion as exc:
             log.error("%s; the next snapshot will follow v%d", exc, exc.stored)
             self.learner.version = exc.stored
@@ -291,6 +297,8 @@ class LearnerService:
         self.stats.checkpoints += 1
         self._last_checkpoint = time.monotonic()
         offsets, self._uncommitted = self._uncommitted, {}
+        if not offsets:  # a snapshot due by time with no new event: nothing to commit (aiokafka refuses {})
+            return
         try:
             await self.consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:

@@ -1,10 +1,11 @@
-"""Creating Lodestar's topics on the broker (idempotent)."""
+"""Creating Lodestar's topics on the broker (idempotent), and reading a consumer group's lag."""
 
 from __future__ import annotations
 
 import contextlib
 
-from aiokafka.admin import NewTopic
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from lodestar.kafka_io import make_admin
@@ -45,3 +46,14 @@ async def ensure_topics(settings: Settings, topics: dict[str, int]) -> dict[str,
         return outcome
     finally:
         await admin.close()
+
+
+async def group_lag(admin: AIOKafkaAdminClient, offsets: AIOKafkaConsumer, group_id: str, topic: str) -> int:
+    """Records of `topic` the group has not committed yet (all of them if it committed nothing); `offsets` is
+    any started consumer (it reads the end offsets)."""
+    (described,) = await admin.describe_topics([topic])
+    partitions = [TopicPartition(topic, p["partition"]) for p in described["partitions"]]
+    ends = await offsets.end_offsets(partitions)
+    committed = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
+    return sum(end - (committed[tp].offset if tp in committed and committed[tp].offset >= 0 else 0)
+               for tp, end in ends.items())

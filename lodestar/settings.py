@@ -220,8 +220,20 @@ class WorkerSettings(Section):
     heartbeat_s: float = Field(1.0, gt=0, le=1.0)  # interval of state heartbeats to Redis
     state_ttl_s: float = Field(5.0, gt=0)  # TTL of the worker's state hash; expired = not routable
     load_poll_s: float = Field(0.25, gt=0)  # interval of engine load polls (/v1/loads)
-    retry_attempts: int = Field(5, ge=0)  # retries of an engine call on 503 or connection errors
-    retry_backoff_s: float = Field(0.1, gt=0)  # first retry backoff (doubles each attempt)
+    retry_attempts: int = Field(5, ge=0)  # retries of an engine call on 408/429/500/502/503/504 or connection errors
+    retry_backoff_s: float = Field(0.1, gt=0)  # first retry backoff (doubles each attempt, jittered)
+    retry_max_backoff_s: float = Field(2.0, gt=0)  # longest pause between two retries of an engine call
+    retry_budget_ratio: float = Field(0.2, ge=0, description=(
+        "engine retries may add at most this fraction of the worker's calls of the last 10 s (plus 10 retries): "
+        "an engine failing every call gets ~1.2 attempts per request, not 1 + retry_attempts"))
+    generation_timeout_s: float = Field(300.0, gt=0, description=(
+        "the longest one generation may take, every retry included (request_timeout_s bounds one read); a "
+        "request's own deadline_ms cuts it shorter"))
+    breaker_failures: int = Field(5, ge=1, description=(
+        "consecutive engine failures that open the worker's circuit breaker: the engine is declared dead, the "
+        "worker stops advertising itself and abandons its in-flight requests to redelivery (workers/breaker.py)"))
+    breaker_cooldown_s: float = Field(5.0, gt=0)  # how long the breaker stays open before a half-open probe
+    breaker_probe_timeout_s: float = Field(10.0, gt=0)  # the half-open probe generation's time limit
     dedupe_ttl_s: int = Field(3600, ge=1)  # how long request-id dedupe keys and stored results live
     max_stored_text_bytes: int = Field(16_384, ge=0, description=(
         "a result's text is stored in Redis (for a replay) only up to this many UTF-8 bytes; a longer one is "

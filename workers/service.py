@@ -15,12 +15,16 @@ TelemetryEvent to the telemetry topic, await both acks, then mark the record com
 committed in order (workers/offsets.py): a partition's commit point only passes records whose work is
 complete, so a crash redelivers exactly the unfinished ones.
 
-Engine failures become results, never lost records: 503/connection errors are retried with
-exponential backoff, then an `error` result; a 400 is a `rejected` result. Redis or broker failures
-are classified by lodestar.faults: transient ones (unreachable, timeouts) are retried with backoff until
-they heal (the record stays uncommitted meanwhile); one of the record's own (its result too large for
-the broker: an `error` result instead; its reply topic refused or missing; a bug it triggers) sends the
-record to the DLQ with the reason and the record completes: nothing is retried for ever. Storing the
+Engine failures become results, never lost records: 408/429/5xx/connection errors are retried with jittered
+backoff within a retry budget (workers/retry.py), then an `error` result; a 400 is a `rejected` result; a
+generation is cut at worker.generation_timeout_s or its deadline_ms. Consecutive engine failures (or an engine
+silent on load polls for longer than the state TTL) open the circuit breaker (workers/breaker.py): the engine
+is declared dead, the worker deregisters, abandons its in-flight requests (leases released, records
+uncommitted), leaves its group, and rejoins once a half-open probe succeeds.
+Redis or broker failures are classified by lodestar.faults: transient ones (unreachable, timeouts) are retried
+with backoff until they heal (the record stays uncommitted meanwhile); one of the record's own (its result too
+large for the broker: an `error` result instead; its reply topic refused or missing; a bug it triggers) sends
+the record to the DLQ with the reason and the record completes: nothing is retried for ever. Storing the
 outcome and marking it done are skipped (logged, counted) when Redis is out of memory.
 
 Observability: each decoded record is handled inside a `serve` span (child of the dispatcher's
@@ -71,6 +75,7 @@ from lodestar.schemas import (
     InferenceResult,
     InvalidMessage,
     RoutedRequest,
+    SamplingParams,
     Status,
     TelemetryEvent,
     clip,
@@ -78,15 +83,16 @@ from lodestar.schemas import (
 )
 from lodestar.settings import Settings
 from lodestar.worker_registry import WorkerRegistry
+from workers.breaker import CircuitBreaker, EngineGuard, supervise
 from workers.dedupe import Claim, CompletedRequest, RequestLedger, request_digest
 from workers.live_state import LiveState, estimate_uncached_tokens
 from workers.offsets import OffsetTracker
+from workers.retry import RetryBudget, RetryPolicy
 from workers.sglang_client import (
     EngineError,
     EngineRejected,
     EngineUnavailable,
     Generation,
-    RetryPolicy,
     SGLangClient,
     StreamMeter,
 )
@@ -154,10 +160,13 @@ class WorkerService:
         self.engine = engine or SGLangClient(
             w.sglang_url,
             request_timeout_s=w.request_timeout_s,
-            retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s),
+            retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s, w.retry_max_backoff_s,
+                              budget=RetryBudget(w.retry_budget_ratio)),
             api_key=w.engine_api_key.get_secret_value() or None,
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
+        self.breaker = CircuitBreaker(w.breaker_failures, w.breaker_cooldown_s)
+        self.guard = EngineGuard(self.breaker, w.generation_timeout_s)
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id)
         self.health = Health("engine", "group")
         self.tracer = tracing.get_tracer(SERVICE)
@@ -224,6 +233,9 @@ class WorkerService:
             await self._publish_state()
             scope.spawn(self._state_loop())
             scope.spawn(self._commit_loop())
+            scope.spawn(supervise(self.breaker, probe=self._probe, on_dead=self._engine_dead,
+                                  on_alive=self._engine_alive,
+                                  probe_timeout_s=self.settings.worker.breaker_probe_timeout_s))
             log.info("worker %s serving %s (group %s, gpu %s)", self.worker_id, self.topic, self.group_id,
                      self.state.gpu_type)
             await self._fetch_loop()
@@ -264,6 +276,9 @@ class WorkerService:
         limit = self.settings.worker.max_concurrency
         paused = False
         while not self._draining.is_set():
+            if not self.breaker.routable:  # the engine is declared dead: out of the group until a probe succeeds
+                await asyncio.sleep(FETCH_WAIT_MS / 1000)
+                continue
             self._slot_free.clear()
             free = limit - len(self._tasks)
             if free <= 0:
@@ -283,6 +298,8 @@ class WorkerService:
             except KafkaError as exc:  # the consumer reconnects by itself; keep polling
                 log.warning("worker %s: fetch failed: %r", self.worker_id, exc)
                 await asyncio.sleep(self.settings.worker.retry_backoff_s)
+                continue
+            if not self.breaker.routable:  # declared dead meanwhile: these stay uncommitted for whoever comes next
                 continue
             for tp, records in batches.items():
                 for record in records:
@@ -472,7 +489,8 @@ class WorkerService:
             try:
                 if aborted:
                     raise ClientAborted()
-                gen = await self._abortable(rid, self._engine_call(request, on_first_token))
+                gen = await self.guard.run(
+                    request, lambda: self._abortable(rid, self._engine_call(request, on_first_token)))
             except EngineError as exc:
                 status, error = ("rejected" if isinstance(exc, EngineRejected) else "error"), clip(str(exc),
                                                                                                   MAX_REASON_CHARS)
@@ -659,12 +677,15 @@ class WorkerService:
                 except EngineError as exc:
                     log.warning("worker %s: engine load unavailable: %s", self.worker_id, exc)
             engine_alive = time.monotonic() - self._engine_ok_at <= w.state_ttl_s
-            self.health.set("engine", engine_alive, "the engine answers load polls" if engine_alive else
-                            f"the engine has not answered for more than {w.state_ttl_s:g} s")
+            if not engine_alive:
+                self.breaker.trip(f"the engine has not answered a load poll for more than {w.state_ttl_s:g} s")
+            if self.breaker.routable:
+                self.health.set("engine", engine_alive, "the engine answers load polls" if engine_alive else
+                                f"the engine has not answered for more than {w.state_ttl_s:g} s")
             try:
                 # An engine silent for longer than the state TTL stops the heartbeat: the entry expires
                 # and dispatchers stop routing here until the engine answers again.
-                if engine_alive or self.state.draining:
+                if (engine_alive and self.breaker.routable) or self.state.draining:
                     await self.registry.publish(self.state.snapshot())
                 await self.ledger.renew(list(self._claimed))
                 for rid in await self.ledger.aborted(list(self._aborts)):
@@ -674,6 +695,36 @@ class WorkerService:
             except (RedisError, OSError) as exc:
                 log.warning("worker %s: heartbeat failed: %r", self.worker_id, exc)
             await asyncio.sleep(tick)
+
+    async def _engine_dead(self) -> None:
+        """The breaker opened: stop advertising this worker, abandon the in-flight requests (their leases are
+        released, their records stay uncommitted), commit what is complete and leave the group, so that a
+        dispatcher's takeover (or this worker, once the engine is back) serves the rest."""
+        assert self._consumer is not None
+        log.warning("worker %s: engine declared dead (%s); leaving its group, %d requests abandoned to redelivery",
+                    self.worker_id, self.breaker.reason, len(self._tasks))
+        self.health.set("engine", False, f"circuit breaker open: {self.breaker.reason}")
+        with contextlib.suppress(RedisError, OSError):
+            await self.registry.deregister(self.worker_id)
+        await self._abandon_in_flight()
+        await self._commit()
+        self.offsets.forget(list(self._consumer.assignment()))
+        self._consumer.unsubscribe()
+
+    async def _probe(self) -> None:
+        """The half-open probe: the engine answers a load poll and generates one token."""
+        self.state.engine = await self.engine.load()
+        self._engine_ok_at = time.monotonic()
+        await self.engine.generate(InferenceRequest(prompt="ping", sampling=SamplingParams(max_new_tokens=1)))
+
+    async def _engine_alive(self) -> None:
+        """The probe succeeded: rejoin the group and advertise this worker again."""
+        assert self._consumer is not None
+        log.info("worker %s: engine answers again; rejoining %s", self.worker_id, self.group_id)
+        self.health.set("engine", True, "the engine answers load polls")
+        if not self._draining.is_set():
+            self._consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
+        await self._publish_state()
 
     async def _commit_loop(self) -> None:
         while True:

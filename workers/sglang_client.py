@@ -10,7 +10,8 @@ Measurements (all from the first attempt's send, so retries count against the re
 - E2E at the last data chunk;
 - TPOT = (E2E - TTFT) / (completion_tokens - 1), undefined for fewer than two tokens.
 
-Retries: 502/503/504 and connection failures are retried with exponential backoff (RetryPolicy);
+Retries: 408/429/500/502/503/504 and connection failures are retried with jittered backoff within a
+budget (workers/retry.py);
 a refused input (400/413/422 or an in-stream error) is never retried.
 
 Load: `GET /v1/loads` (per-DP-rank loads), falling back to `GET /get_load`, then to the Prometheus
@@ -23,7 +24,7 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,8 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from lodestar.schemas import InferenceRequest, now_ms
+from workers.retry import RETRYABLE_STATUS, RetryPolicy
 
-RETRYABLE_STATUS = frozenset({502, 503, 504})
 REJECTED_STATUS = frozenset({400, 413, 422})
 LOAD_ENDPOINTS = ("/v1/loads", "/get_load", "/metrics")
 
@@ -52,7 +53,7 @@ class EngineRejected(EngineError):
 
 
 class EngineUnavailable(EngineError):
-    """The engine is overloaded or unreachable (503, connection failure): worth retrying."""
+    """The engine is overloaded, failing or unreachable (408/429/5xx, connection failure): worth retrying."""
 
     retryable = True
 
@@ -62,19 +63,6 @@ class EngineUnauthorized(EngineError):
 
 
 UNAUTHORIZED_STATUS = frozenset({401, 403})
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Bounded retries with exponential backoff: `attempts` retries after the first try."""
-
-    attempts: int
-    backoff_s: float
-
-    def delays(self) -> Iterator[float]:
-        """The pause before each retry: backoff_s, 2*backoff_s, 4*backoff_s, ..."""
-        for n in range(self.attempts):
-            yield self.backoff_s * (2**n)
 
 
 @dataclass(frozen=True)

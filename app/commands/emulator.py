@@ -41,6 +41,9 @@ def emulator(
         64 * 1024 * 1024, min=1, help="Largest request body in bytes; larger ones get 413."),
     served_model_name: str | None = typer.Option(None, help="Model name to report (default: the HF path)."),
     log_level: str = typer.Option("info", help="Log level of the server (uvicorn) and of the emulator's own lines."),
+    fault_injection: bool = typer.Option(
+        False, help="Serve POST /fault_injection, which makes the generation routes answer 500s or hang (tests and "
+                    "scripts/chaos.py only; docs/emulator.md)."),
 ) -> None:
     """Run an SGLang-compatible server whose timing comes from the calibrated engine model.
 
@@ -56,6 +59,6 @@ def emulator(
         max_queued_requests=max_queued_requests, max_running_requests=max_running_requests, seed=seed,
         block_tokens=block_tokens, served_model_name=served_model_name, context_length=context_length,
         chunked_prefill_size=chunked_prefill_size, decode_log_interval=decode_log_interval, api_key=api_key or None,
-        max_payload_size=max_payload_size,
+        max_payload_size=max_payload_size, fault_injection=fault_injection,
     )
     serve(config, log_level=log_level)

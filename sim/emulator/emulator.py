@@ -54,6 +54,7 @@ class EmulatorConfig:
     decode_log_interval: int = 40
     api_key: str | None = None
     max_payload_size: int = 64 * 1024 * 1024
+    fault_injection: bool = False  # serve POST /fault_injection (sim/emulator/fault_injection.py): tests only
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lodestar.hardware import model as model_spec
-from sim.emulator import openai_api, openai_responses, openai_score
+from sim.emulator import fault_injection, openai_api, openai_responses, openai_score
 from sim.emulator.emulator import QUEUE_FULL_MESSAGE, Emulator, EmulatorConfig, Generation, PreparedRequest, Sample
 from sim.emulator.native_input import parse_generate_body
 from sim.emulator.responses import (
@@ -87,8 +87,12 @@ def create_app(emulator: Emulator) -> Starlette:
         *openai_score.routes(emulator),
     ]
     config = emulator.config
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    middleware=[Middleware(_Guard, api_key=config.api_key, max_payload_size=config.max_payload_size)],
+    middleware = [Middleware(_Guard, api_key=config.api_key, max_payload_size=config.max_payload_size)]
+    if config.fault_injection:
+        fault = fault_injection.Fault()
+        routes.append(fault_injection.control_route(fault))
+        middleware.append(Middleware(fault_injection.FaultInjector, fault=fault))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
                     exception_handlers={HTTPException: _http_exception, BadRequest: _bad_request,
                                         PayloadTooLarge: _too_large})
     app.state.emulator = emulator

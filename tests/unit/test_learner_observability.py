@@ -117,3 +117,19 @@ async def test_a_published_snapshot_is_counted_with_its_version(service: Learner
     await service._publish(snapshot)
     assert sample(service, "lodestar_learner_snapshots_published_total") == 1
     assert sample(service, "lodestar_learner_snapshot_version") == snapshot.version
+
+
+async def test_a_checkpoint_with_no_new_event_commits_nothing(service: LearnerService) -> None:
+    """A snapshot due by time alone (no event since the last commit): the checkpoint is written, and no empty
+    commit reaches the consumer (aiokafka raises ValueError on one: a chaos run saw the learner exit on it)."""
+    commits: list[object] = []
+
+    class Consumer:
+        async def commit(self, offsets: object) -> None:
+            if not offsets:
+                raise ValueError(offsets)
+            commits.append(offsets)
+
+    service.consumer = Consumer()  # type: ignore[assignment]
+    await service._checkpoint_and_commit()
+    assert commits == [] and service.stats.checkpoints == 1 and service.checkpoint_path.exists()

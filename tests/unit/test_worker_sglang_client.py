@@ -167,7 +167,7 @@ async def test_503_is_retried_with_exponential_backoff_then_succeeds():
     eng = client(handler, attempts=3, sleeps=sleeps)
     gen = await eng.generate(request())
     assert gen.text == "ok" and gen.attempts == 3
-    assert sleeps == pytest.approx([0.1, 0.2])
+    assert_jittered(sleeps, [0.1, 0.2])
 
 
 async def test_retries_are_bounded():
@@ -181,7 +181,8 @@ async def test_retries_are_bounded():
     eng = client(handler, attempts=2, sleeps=sleeps)
     with pytest.raises(EngineUnavailable, match="gave up after 3 attempts"):
         await eng.generate(request())
-    assert len(calls) == 3 and sleeps == pytest.approx([0.1, 0.2])
+    assert len(calls) == 3
+    assert_jittered(sleeps, [0.1, 0.2])
 
 
 async def test_400_is_rejected_without_retry():
@@ -214,12 +215,33 @@ async def test_abort_finish_reason_maps_by_status():
         await client(handler).generate(request())
 
 
-async def test_500_is_an_error_without_retry():
+def assert_jittered(sleeps: list[float], ceilings: list[float]) -> None:
+    """Each delay lies in [ceiling * (1 - jitter), ceiling] (RetryPolicy's default jitter is 0.5)."""
+    assert len(sleeps) == len(ceilings)
+    for slept, ceiling in zip(sleeps, ceilings, strict=True):
+        assert ceiling * 0.5 - 1e-9 <= slept <= ceiling + 1e-9
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503, 504])
+async def test_transient_statuses_are_retried(status: int):
     calls = []
 
     def handler(req: httpx.Request) -> httpx.Response:
         calls.append(1)
-        return httpx.Response(500, text="boom")
+        if len(calls) == 1:
+            return httpx.Response(status, text="transient")
+        return httpx.Response(200, content=sse(chunk("ok", 1, finish="stop")))
+
+    gen = await client(handler).generate(request())
+    assert gen.text == "ok" and len(calls) == 2
+
+
+async def test_501_is_an_error_without_retry():
+    calls = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(501, text="not implemented")
 
     with pytest.raises(EngineError) as info:
         await client(handler).generate(request())
