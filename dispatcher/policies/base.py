@@ -37,6 +37,7 @@ def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
 
 def _load_builtin() -> None:
     # Importing the modules runs their @register decorators.
+    import dispatcher.policies.analytic  # noqa: F401
     import dispatcher.policies.baselines  # noqa: F401
     import dispatcher.policies.learned  # noqa: F401
 
