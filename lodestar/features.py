@@ -11,7 +11,8 @@ derived ones divide work by the GPU's speed so that TTFT is close to linear in t
 prefill this request's uncached tokens, the time to drain the prefill backlog ahead of it, the queue
 depth per unit of speed; and the KV pressure (prefill backlog plus this request over the free KV
 tokens: past 1, the request waits for running sequences to finish), which cut the learned policy's
-distance to the oracle by about a third in offline counterfactual tests (docs/learning.md). GPU model
+distance to the oracle by about a third in offline counterfactual tests (docs/learning.md); and the
+analytic TTFT estimate of the calibrated engine model (lodestar/ttft_estimate.py). GPU model
 enters as its public compute and memory-bandwidth figures relative to an A100 (unique per known type,
 and meaningful for a type never seen in training).
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.hardware import GPUS, REFERENCE_GPU, gpu
+from lodestar.ttft_estimate import estimate_ttft_ms
 
 FEATURE_NAMES: tuple[str, ...] = (
     "prompt_tokens",
@@ -44,6 +46,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "running_per_mem_bw",
     "kv_free_tokens",
     "kv_pressure",
+    "ttft_estimate_ms",
 )
 N_FEATURES = len(FEATURE_NAMES)
 FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
@@ -64,6 +67,7 @@ HEAVY_TAILED: tuple[str, ...] = (
     "running_per_mem_bw",
     "kv_free_tokens",
     "kv_pressure",
+    "ttft_estimate_ms",
 )
 
 
@@ -113,6 +117,9 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     free = np.where(view.max_kv_tokens > 0, (1.0 - np.clip(view.kv_usage, 0.0, 1.0)) * view.max_kv_tokens, 0.0)
     x[:, 16] = free
     x[:, 17] = np.where(view.max_kv_tokens > 0, (view.pending_prefill_tokens + uncached) / np.maximum(free, 1.0), 0.0)
+    # The calibrated engine model's analytic TTFT on this worker (lodestar.ttft_estimate): a prior that is
+    # right from the first request, which a model can learn a correction of.
+    x[:, 18] = estimate_ttft_ms(request, view)
     return x
 
 
