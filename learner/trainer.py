@@ -55,6 +55,9 @@ class LearnerConfig:
     min_holdout_skill: float = 0.2
     error_window: int = 1000
     range_margin: float = 0.25
+    # Skill is measured against predicting the training median, or, when set, against this feature taken
+    # as the prediction (e.g. `ttft_estimate_ms`: a model is validated only if it beats the analytic prior).
+    baseline_feature: str | None = None
     seed: int = 0
 
     @classmethod
@@ -169,6 +172,8 @@ class Learner:
         self.model = model
         self.config = config or LearnerConfig()
         c = self.config
+        if c.baseline_feature is not None and c.baseline_feature not in FEATURE_INDEX:
+            raise KeyError(f"unknown baseline feature {c.baseline_feature!r}")
         self.rng = np.random.default_rng(c.seed)
         self.recent = _Ring(c.recent_capacity)
         self.diverse = _StratifiedReservoir(c.diverse_per_stratum)
@@ -288,7 +293,8 @@ class Learner:
         return replace(snap, arrays=arrays, meta=meta)
 
     def validate(self) -> dict[str, Any]:
-        """Held-out error of the current model, against predicting the training median."""
+        """Held-out error of the current model, against predicting the training median (or the baseline
+        feature, when configured)."""
         c = self.config
         hx, hy = self.holdout.arrays()
         result: dict[str, Any] = {"samples": int(len(hy)), "validated": False}
@@ -296,8 +302,12 @@ class Learner:
             return result
         pred = self.model.predict(hx)
         log_mae = float(np.mean(_log_errors(pred, hy)))
-        median = float(np.median(self.recent.arrays()[1])) if self.recent.size else 0.0
-        baseline = float(np.mean(_log_errors(np.full_like(hy, median), hy)))
+        if c.baseline_feature is not None:
+            reference = hx[:, FEATURE_INDEX[c.baseline_feature]]
+        else:
+            median = float(np.median(self.recent.arrays()[1])) if self.recent.size else 0.0
+            reference = np.full_like(hy, median)
+        baseline = float(np.mean(_log_errors(reference, hy)))
         skill = 1.0 - log_mae / baseline if baseline > 0 else 0.0
         result.update(
             log_mae=log_mae,
@@ -377,11 +387,11 @@ def _columns(snap: Snapshot) -> list[int]:
     return [FEATURE_INDEX[n] for n in snap.feature_names]
 
 
-LEARNER_MODELS = ("river", "mlp")
+LEARNER_MODELS = ("river", "mlp", "ridge_residual")
 
 
 def make_learner(name: str, config: LearnerConfig | None = None, **model_params: Any) -> Learner:
-    """A learner around a fresh model of the named family (`river` or `mlp`)."""
+    """A learner around a fresh model of the named family (`river`, `mlp` or `ridge_residual`)."""
     if name not in LEARNER_MODELS:
         raise KeyError(f"unknown learner model {name!r}; known: {', '.join(LEARNER_MODELS)}")
     return Learner(make_model(name, **model_params), config)

@@ -6,11 +6,13 @@ from typing import Any
 
 from learner.models.base import InputLayout, OnlineTTFTModel
 from learner.models.mlp import MLPModel
+from learner.models.ridge_residual import RidgeResidualModel
 from learner.models.river_linear import RiverLinearModel
 
-MODEL_FAMILIES: dict[str, type[RiverLinearModel] | type[MLPModel]] = {
+MODEL_FAMILIES: dict[str, type[RiverLinearModel] | type[MLPModel] | type[RidgeResidualModel]] = {
     RiverLinearModel.family: RiverLinearModel,
     MLPModel.family: MLPModel,
+    RidgeResidualModel.family: RidgeResidualModel,
 }
 
 
@@ -31,4 +33,5 @@ def model_from_state(state: dict[str, Any]) -> OnlineTTFTModel:
     return MODEL_FAMILIES[family].from_state(state)
 
 
-__all__ = ["InputLayout", "MLPModel", "OnlineTTFTModel", "RiverLinearModel", "make_model", "model_from_state"]
+__all__ = ["InputLayout", "MLPModel", "OnlineTTFTModel", "RidgeResidualModel", "RiverLinearModel", "make_model",
+           "model_from_state"]

@@ -136,3 +136,26 @@ def test_checkpoint_restore_resumes_identically(family: str) -> None:
 def test_unknown_learner_name() -> None:
     with pytest.raises(KeyError, match="unknown learner model"):
         make_learner("svm")
+
+
+def test_validation_against_the_analytic_prior() -> None:
+    """With `baseline_feature`, a model is validated only if it predicts better than that feature does."""
+    rng = np.random.default_rng(5)
+    prior = FEATURE_INDEX["ttft_estimate_ms"]
+
+    def prior_stream(scale: float) -> list[tuple[np.ndarray, float]]:
+        out = []
+        for x, _ in stream(1500, seed=2):
+            x[prior] = rng.uniform(20.0, 2000.0)
+            out.append((x, scale * x[prior] * float(rng.lognormal(0.0, 0.05))))
+        return out
+
+    cfg = LearnerConfig(snapshot_every_events=500, baseline_feature="ttft_estimate_ms", min_holdout_skill=0.05)
+    exact = feed(make_learner("river", cfg), prior_stream(1.0))[-1]  # the prior is already right
+    assert not exact.validated and exact.meta["holdout"]["skill"] < 0.05
+    biased = feed(make_learner("river", cfg), prior_stream(3.0))[-1]  # the prior is 3x off: learnable
+    assert biased.validated and biased.meta["holdout"]["skill"] > 0.5
+    # against the median (the default) the first model passes: TTFT varies 100x and it follows it
+    assert feed(make_learner("river", LearnerConfig(snapshot_every_events=500)), prior_stream(1.0))[-1].validated
+    with pytest.raises(KeyError, match="baseline feature"):
+        make_learner("river", LearnerConfig(baseline_feature="nope"))
