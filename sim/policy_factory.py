@@ -76,4 +76,5 @@ def build_policy(name: str, *, seed: int, cluster: ClusterSpec, **options: Any) 
     if name not in policy_names():
         raise KeyError(f"unknown policy {name!r}; known: {', '.join(available_policies())}")
     return PolicySetup(make_policy(name, **{"seed": seed, **options}))
+import sim.learned_prior_setup  # noqa: E402,F401 - registers `learned_prior` (it imports this module)
 import sim.learning_loop  # noqa: E402,F401 - registers the learned policies (it imports this module)

@@ -40,6 +40,7 @@ def _load_builtin() -> None:
     import dispatcher.policies.analytic  # noqa: F401
     import dispatcher.policies.baselines  # noqa: F401
     import dispatcher.policies.learned  # noqa: F401
+    import dispatcher.policies.learned_prior  # noqa: F401
 
 
 def policy_names() -> list[str]:

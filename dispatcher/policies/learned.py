@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from dispatcher.policies.base import Policy, make_policy, register
+from dispatcher.policies.snapshot_model import SnapshotModelMixin
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import candidate_matrix
 from lodestar.snapshot import Snapshot
@@ -27,7 +28,7 @@ NAME = "learned"
 
 
 @register(NAME)
-class LearnedPolicy:
+class LearnedPolicy(SnapshotModelMixin):
     """Least predicted TTFT under the current snapshot, with exploration and a heuristic fallback."""
 
     name = NAME
@@ -64,22 +65,11 @@ class LearnedPolicy:
         if snapshot is not None:
             self.load_snapshot(snapshot)
 
-    def load_snapshot(self, snapshot: Snapshot) -> None:
-        """Swap in a new model; a snapshot this build cannot evaluate raises SnapshotError (model kept)."""
-        self.model = TTFTModel(snapshot)
-
-    @property
-    def model_version(self) -> int:
-        return 0 if self.model is None else self.model.version
-
     @property
     def epsilon(self) -> float:
         """The exploration probability of the next decision (halves every `epsilon_half_life` decisions)."""
         decay = 0.5 ** (self.decisions / self.epsilon_half_life)
         return self.epsilon_min + (self.epsilon_start - self.epsilon_min) * decay
-
-    def _model_usable(self) -> bool:
-        return self.model is not None and (self.model.validated or not self.require_validated)
 
     def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
         """The candidate with the least predicted TTFT, or the fallback's choice; maybe explore."""
