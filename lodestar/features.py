@@ -105,8 +105,7 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     x[:, 6] = view.inflight
     x[:, 7] = view.pending_prefill_tokens
     x[:, 8] = view.kv_usage
-    x[:, 9] = view.gpu_speed
-    x[:, 10] = mem_bw
+    _fill_prior_columns(x, view, mem_bw, estimate_ttft_ms(request, view))
     x[:, 11] = view.recent_ttft_ms
     x[:, 12] = uncached / speed
     x[:, 13] = (view.pending_prefill_tokens + uncached) / speed
@@ -117,9 +116,27 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     free = np.where(view.max_kv_tokens > 0, (1.0 - np.clip(view.kv_usage, 0.0, 1.0)) * view.max_kv_tokens, 0.0)
     x[:, 16] = free
     x[:, 17] = np.where(view.max_kv_tokens > 0, (view.pending_prefill_tokens + uncached) / np.maximum(free, 1.0), 0.0)
+    return x
+
+
+# The features a router has without per-request work beyond the analytic estimate: the GPU type's figures
+# and the estimate itself. A model that reads only these is evaluated on `prior_matrix`, which skips the
+# rest of the candidate matrix (the learned_prior policy's decision cost).
+PRIOR_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw", "ttft_estimate_ms")
+
+
+def _fill_prior_columns(x: np.ndarray, view: ClusterView, mem_bw: np.ndarray, estimate: np.ndarray) -> None:
+    x[:, FEATURE_INDEX["gpu_speed"]] = view.gpu_speed
+    x[:, FEATURE_INDEX["gpu_mem_bw"]] = mem_bw
     # The calibrated engine model's analytic TTFT on this worker (lodestar.ttft_estimate): a prior that is
     # right from the first request, which a model can learn a correction of.
-    x[:, 18] = estimate_ttft_ms(request, view)
+    x[:, FEATURE_INDEX["ttft_estimate_ms"]] = estimate
+
+
+def prior_matrix(view: ClusterView, estimate: np.ndarray) -> np.ndarray:
+    """A candidate matrix with only PRIOR_FEATURES filled in (the other columns are zero)."""
+    x = np.zeros((view.size, N_FEATURES), dtype=np.float64)
+    _fill_prior_columns(x, view, _mem_bw(tuple(view.gpu_types)), estimate)
     return x
 
 

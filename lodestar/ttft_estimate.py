@@ -65,17 +65,25 @@ def gpu_coefficients(gpu_type: str, model: str = DEFAULT_MODEL) -> dict[str, flo
 
 
 class _Coefficients:
-    """Per-worker coefficient arrays for one tuple of GPU types (built once per cluster shape)."""
+    """Per-worker coefficient arrays for one tuple of GPU types (built once per cluster shape), with the
+    constant parts of the step-time formula folded in advance: the decision's cost is numpy's per-call
+    overhead, so every term below is as few array operations as the formula allows."""
 
-    __slots__ = (*(f.removesuffix("_s") for f in _FIELDS), "full_chunk")
+    __slots__ = (*(f.removesuffix("_s") for f in _FIELDS), "inv_p", "weight_p", "prefill_fixed", "full_chunk",
+                 "decode_per_seq", "half_attn_flop")
 
     def __init__(self, gpu_types: tuple[str, ...], model: str):
         rows = [gpu_coefficients(t, model) for t in gpu_types]
         for name in _FIELDS:
-            arr = np.array([row[name] for row in rows], dtype=np.float64)
-            arr.setflags(write=False)
-            setattr(self, name.removesuffix("_s"), arr)
-        self.full_chunk = _iteration_s(self, self.chunked_prefill_size, 1.0)  # a whole chunk, one sequence
+            setattr(self, name.removesuffix("_s"), np.array([row[name] for row in rows], dtype=np.float64))
+        self.inv_p = 1.0 / self.gemm_p
+        self.weight_p = self.gemm_weight ** self.gemm_p
+        # A prefill iteration emits logits for a few sequences: lm_head reads its weights once (at <100
+        # sequences its FLOPs stay under that floor), plus the fixed per-iteration latencies.
+        self.prefill_fixed = self.fixed + self.lm_weight
+        self.full_chunk = _prefill_iteration_s(self, self.chunked_prefill_size)
+        self.decode_per_seq = self.per_token + self.sampler_seq + self.dec_seq
+        self.half_attn_flop = 0.5 * self.attn_flop
 
 
 @lru_cache(maxsize=64)
@@ -83,85 +91,72 @@ def _coefficients(gpu_types: tuple[str, ...], model: str) -> _Coefficients:
     return _Coefficients(gpu_types, model)
 
 
-def _pnorm(a: np.ndarray, b: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """The engine model's smooth maximum (a^p + b^p)^(1/p) of non-negative times, elementwise."""
-    hi = np.maximum(a, b)
-    lo = np.minimum(a, b)
-    safe = np.where(hi > 0, hi, 1.0)
-    return hi * (1.0 + (lo / safe) ** p) ** (1.0 / p)
+def _gemm_s(c: _Coefficients, tokens: np.ndarray | float) -> np.ndarray:
+    """Linear layers on `tokens` tokens: the engine model's smooth max (a^p + b^p)^(1/p) of the FLOP time and
+    the weight-read time."""
+    return ((tokens * c.gemm_flop) ** c.gemm_p + c.weight_p) ** c.inv_p
 
 
-def _iteration_s(c: _Coefficients, tokens: np.ndarray, seqs: float | np.ndarray) -> np.ndarray:
-    """An iteration of `tokens` tokens of which `seqs` sequences emit logits, without attention. The
-    lm_head term is the plain max of its two bounds (the engine's smooth max differs by <1% of a step at
-    the few sequences a prefill emits)."""
-    return (c.fixed + tokens * c.per_token + _pnorm(tokens * c.gemm_flop, c.gemm_weight, c.gemm_p)
-            + np.maximum(seqs * c.lm_flop, c.lm_weight) + seqs * c.sampler_seq)
+def _prefill_iteration_s(c: _Coefficients, tokens: np.ndarray | float) -> np.ndarray:
+    """A prefill iteration of `tokens` new tokens, without attention (its few sampled sequences cost <0.1%)."""
+    return c.prefill_fixed + tokens * c.per_token + _gemm_s(c, tokens)
 
 
-def _decode_s(c: _Coefficients, n: np.ndarray, ctx: np.ndarray) -> np.ndarray:
-    """One decode iteration of `n` sequences reading `ctx` context tokens (0 where n is 0)."""
-    t = _iteration_s(c, n, n) + n * c.dec_seq + ctx * c.dec_ctx
-    return np.where(n > 0, t, 0.0)
-
-
-def _kv_wait_s(request: RequestInfo, view: ClusterView, total: np.ndarray, queued: np.ndarray,
-               running: np.ndarray, used: np.ndarray, decode_step: np.ndarray) -> np.ndarray:
-    """Wait for KV memory. SGLang admits a prefill only if its tokens plus the output it may still write
-    fit beside what the running requests may still write (scaled by its new-token ratio); otherwise the
-    request waits for running requests to finish. Outputs are taken to be as long as this request's
-    (`max_new_tokens`), running ones halfway through. The wait is pessimistic on purpose: when at least one
-    running request must finish first, it is half an output's decode steps (requests that started together
-    finish together, and a retraction raises the reservation); a fraction of that for a partial overflow."""
-    out = float(min(request.max_new_tokens, CLIP_MAX_NEW_TOKENS))
-    half = 0.5 * out
-    reserve = KV_RESERVE_RATIO * running * half
-    need = total + (queued + 1.0) * out
-    overflow = need + reserve - (view.max_kv_tokens - used)
-    per_finish = used / np.maximum(running, 1.0) + KV_RESERVE_RATIO * half
-    finishes = np.where((view.max_kv_tokens > 0) & (running > 0), np.maximum(overflow, 0.0) / per_finish, 0.0)
-    steps = half * np.minimum(finishes, 1.0) + out * np.maximum(finishes - 1.0, 0.0) / (running + 1.0)
-    return steps * decode_step
+_HIT_AND_MISS = np.array([[1.0], [0.0]])  # row 0: the prefix as matched; row 1: nothing cached (stale match)
 
 
 def estimate_ttft_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:
     """Estimated TTFT (ms) of `request` on every worker of `view`, shape (n_workers,): the expected value
-    over the risk that the matched prefix is no longer cached (then the whole prompt is prefilled)."""
+    over the risk that the matched prefix is no longer cached (then the whole prompt is prefilled).
+
+    TTFT = half the iteration in progress (a prefill chunk if a backlog is queued, else a decode step)
+         + the backlog's and this request's uncached tokens in chunked prefill iterations, with attention
+         + a wait for KV memory when they and their outputs do not fit (see below).
+    KV admission: SGLang admits a prefill only if its tokens plus the output it may still write fit beside
+    what the running requests may still write (scaled by its new-token ratio, KV_RESERVE_RATIO here);
+    otherwise it waits for running requests to finish. Outputs are taken to be as long as this request's
+    `max_new_tokens`, running ones halfway through. The wait is pessimistic on purpose: once a running
+    request must finish first it is half an output's decode steps (requests that started together finish
+    together, and a retraction raises the reservation), a fraction of that for a partial overflow.
+    """
     c = _coefficients(tuple(view.gpu_types), model)
     prompt = float(request.prompt_tokens)
-    matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
-    backlog = np.maximum(view.pending_prefill_tokens, 0.0)
-    waiting = np.maximum(view.waiting, 0.0)
+    out = float(min(request.max_new_tokens, CLIP_MAX_NEW_TOKENS))
+    backlog = view.pending_prefill_tokens
     # The decode batch: what the engine last reported running, or the router's own fresher count of the
     # requests it sent there and that have not finished (less those still waiting), whichever is larger.
     # Between two load snapshots many decisions read the same `running`; `inflight` moves with each, so
     # the decode step of a worker that was just given requests grows at once (no herding onto it).
-    running = np.maximum(np.maximum(view.running, view.inflight - waiting), 0.0)
-    kv_usage = np.clip(view.kv_usage, 0.0, 1.0)
+    running = np.maximum(view.running, view.inflight - view.waiting)
+    kv_usage = np.minimum(view.kv_usage, 1.0)
     used = kv_usage * view.max_kv_tokens
-    chunk = c.chunked_prefill_size
-    queued = np.maximum(waiting, np.where(backlog > 0, 1.0, 0.0))
-    mean_queued = backlog / np.maximum(waiting, 1.0)
-    backlog_attn = backlog * (mean_queued + 1.0) * 0.5 * c.attn_flop
-    # The iteration in progress: a prefill chunk if a backlog is queued, else a decode step; half of it left.
-    decode_step = _decode_s(c, running, used)
-    in_progress = 0.5 * np.where(backlog > 0, _iteration_s(c, np.minimum(backlog, chunk), 1.0), decode_step)
+    busy = backlog > 0
+    decoding = running > 0
 
-    # This request's own terms, as matched (row 0) and as a full miss (row 1) when anything matched.
+    # Worker state terms (shape n).
+    decode_step = (c.fixed + running * c.decode_per_seq + _gemm_s(c, running)
+                   + np.maximum(running * c.lm_flop, c.lm_weight) + used * c.dec_ctx) * decoding
+    in_progress = np.where(busy, _prefill_iteration_s(c, np.minimum(backlog, c.chunked_prefill_size)), decode_step)
+    state_s = 0.5 * in_progress + backlog * backlog / np.maximum(view.waiting, 1.0) * c.half_attn_flop
+    half = 0.5 * out
+    free = view.max_kv_tokens - used - (KV_RESERVE_RATIO * half) * running
+    finishes_per_token = ((view.max_kv_tokens > 0) & decoding) / (used / np.maximum(running, 1.0)
+                                                                  + KV_RESERVE_RATIO * half)
+    queued_out = (np.maximum(view.waiting, busy) + 1.0) * out - free
+
+    # This request's terms, as matched (row 0) and, when anything matched, as a full miss (row 1).
+    matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
     stale = matched.any()
-    hit = np.stack((matched, np.zeros_like(matched))) if stale else matched[None, :]
+    hit = matched * _HIT_AND_MISS if stale else matched[None, :]
     uncached = prompt - hit
-    # Prefill of the backlog and then this request, in chunked iterations of up to `chunk` tokens; each
-    # iteration emits logits for the requests it completes (the queued ones spread over the iterations).
     total = backlog + uncached
-    full = np.ceil(total / chunk) - 1.0
-    last = total - full * chunk
-    seqs = (queued + 1.0) / (full + 1.0)
-    prefill = full * (c.full_chunk + (seqs - 1.0) * c.sampler_seq) + _iteration_s(c, last, seqs)
-    own_attn = np.maximum(uncached * (hit + (uncached + 1.0) * 0.5) * c.attn_flop, prompt * c.attn_key)
-    kv_wait = _kv_wait_s(request, view, total, queued, running, used, decode_step)
-    ttft = 1000.0 * (in_progress + backlog_attn + prefill + own_attn + kv_wait)
+    full = np.ceil(total / c.chunked_prefill_size) - 1.0
+    prefill = full * c.full_chunk + _prefill_iteration_s(c, total - full * c.chunked_prefill_size)
+    own_attn = uncached * (hit + 0.5 * uncached) * c.attn_flop
+    finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
+    kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (out / (running + 1.0))
+    ttft = 1000.0 * (state_s + prefill + own_attn + kv_steps * decode_step)
     if not stale:
         return ttft[0]
-    p = STALE_MATCH_RATE * kv_usage * (matched > 0)
+    p = (STALE_MATCH_RATE * kv_usage) * (matched > 0)
     return ttft[0] + p * (ttft[1] - ttft[0])

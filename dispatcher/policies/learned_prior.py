@@ -22,13 +22,15 @@ from dispatcher.policies.baselines.common import argmin_random_tie, require_work
 from dispatcher.policies.snapshot_model import SnapshotModelMixin
 from dispatcher.policies.worker_correction import WorkerCorrection
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
-from lodestar.features import FEATURE_INDEX, candidate_matrix
+from lodestar.features import FEATURE_INDEX, PRIOR_FEATURES, candidate_matrix, prior_matrix
 from lodestar.snapshot import Snapshot
+from lodestar.ttft_estimate import estimate_ttft_ms
 from lodestar.ttft_model import TTFTModel
 
 NAME = "learned_prior"
 PRIOR = "ttft_estimate_ms"
 _PRIOR_COLUMN = FEATURE_INDEX[PRIOR]
+_PRIOR_ONLY = frozenset(FEATURE_INDEX[name] for name in PRIOR_FEATURES)
 
 
 @register(NAME)
@@ -45,16 +47,27 @@ class LearnedPriorPolicy(SnapshotModelMixin):
         self.prior_name = f"{NAME}/prior"
         self._rng = random.Random(seed)
         self.model: TTFTModel | None = None
+        self._prior_only = False
         if snapshot is not None:
             self.load_snapshot(snapshot)
 
+    def load_snapshot(self, snapshot: Snapshot) -> None:
+        """Swap in a new model; note whether it reads only the prior's features (then no full matrix)."""
+        super().load_snapshot(snapshot)
+        assert self.model is not None
+        self._prior_only = set(self.model.columns.tolist()) <= _PRIOR_ONLY
+
     def predict(self, request: RequestInfo, view: ClusterView) -> tuple[np.ndarray, bool]:
         """Predicted TTFT (ms) per candidate, and whether the learned model made it."""
-        x = candidate_matrix(request, view)
-        prior = x[:, _PRIOR_COLUMN]
         if not self._model_usable():
-            return prior, False
+            return estimate_ttft_ms(request, view), False
         assert self.model is not None
+        if self._prior_only:
+            prior = estimate_ttft_ms(request, view)
+            x = prior_matrix(view, prior)
+        else:
+            x = candidate_matrix(request, view)
+            prior = x[:, _PRIOR_COLUMN]
         pred = self.model.predict(x)
         if self.check_range:
             outside = self.model.out_of_range(x)

@@ -65,9 +65,12 @@ class WorkerCorrection:
         self._last_ms = view.now_ms
         known = (self._routed >= MIN_ROUTED) & (self._pred > 0) & (view.recent_ttft_ms > 0)
         g = self._log_factor
-        if known.sum() >= 2:
+        if not known.any() and not g.any():
+            return np.ones(len(g))  # nothing measured yet: no correction, nothing to advance
+        if np.count_nonzero(known) >= 2:
             raw = np.log(np.where(known, view.recent_ttft_ms, 1.0) / np.where(known, self._pred, 1.0))
-            raw -= np.median(raw[known])
+            ordered = np.sort(raw[known])
+            raw -= ordered[len(ordered) // 2]  # the (upper) median worker has no correction
             follow = 1.0 - math.exp(-dt_s / self.time_constant_s)
             g = np.where(known, g + follow * (raw - g), g * math.exp(-dt_s / self.forget_s))
         else:
