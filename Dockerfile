@@ -10,5 +10,10 @@ COPY learner ./learner
 COPY sim ./sim
 COPY configs ./configs
 RUN pip install --no-cache-dir .
+# Run as an unprivileged user (the Helm chart runs every pod as 10001 with a read-only root filesystem);
+# the learner's default checkpoint folder is created for it, so a fresh volume mounted there is writable.
+RUN useradd --uid 10001 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin lodestar \
+    && mkdir -p /app/.run/learner && chown -R 10001:10001 /app/.run
+USER 10001
 ENV LODESTAR_CONFIG=/app/configs/lodestar.yaml
 ENTRYPOINT ["lodestar"]

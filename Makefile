@@ -4,7 +4,10 @@
 #   make services  start the local Kafka broker and Redis (scripts/services start); idempotent
 #   make status    are they up? (exit 0 if both answer)
 #   make stop      stop the services this tree started
-#   make test      services, then the WHOLE suite, integration tests included (-m "");
+#   make test      the Helm chart's tools (scripts/chart_tools install: helm built from Go modules, checkov;
+#                  cached outside the checkout, minutes the first time on a machine, instant after), the
+#                  services with their secure endpoints (scripts/services start --secure), then the WHOLE
+#                  suite, integration tests included (-m "");
 #                  extra pytest arguments: make test PYTEST_ARGS='-k kafka -x'
 #   make lint      ruff check
 #   make demo      the whole pipeline, heuristic vs learned routing (`lodestar up`, ~3 min; docs/demo.md)
@@ -42,7 +45,8 @@ stop:
 # pytest exits 5 when it collected no test: that must fail, never pass as green
 test:
 	@[ -x $(VENV)/bin/pytest ] || { echo "make test: $(VENV)/bin/pytest is missing: run 'make setup' first (or 'make setup test')" >&2; exit 1; }
-	scripts/services start
+	scripts/chart_tools install
+	scripts/services start --secure
 	@rc=0; $(VENV)/bin/pytest -m "" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: FAILED: pytest collected no tests (exit 5); a run with zero tests is not a pass" >&2; exit 1; fi; \
 	exit $$rc

@@ -15,6 +15,7 @@ from app.commands.learner import learner
 from app.commands.submit import submit
 from app.commands.up import up
 from app.commands.worker import worker
+from lodestar.settings import ConfigurationError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Lodestar: a learned LLM request router.")
 app.add_typer(topics.app, name="topics")
@@ -27,5 +28,14 @@ app.command("learner")(learner)
 app.command("up")(up)
 
 
+def main() -> None:
+    """The `lodestar` command: settings that cannot be used end it with their reasons (exit 2), not a traceback."""
+    try:
+        app()
+    except ConfigurationError as exc:
+        typer.echo(f"lodestar: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import time
 import uuid
@@ -49,7 +50,7 @@ from lodestar.client import LodestarClient
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, SamplingParams
-from lodestar.settings import Settings, load_settings
+from lodestar.settings import Settings, SnapshotSigningSettings, load_settings
 from lodestar.snapshot import Snapshot, SnapshotError
 
 if TYPE_CHECKING:
@@ -140,8 +141,13 @@ def run_demo(
 
 
 def namespaced(settings: Settings, namespace: str, log_dir: Path) -> Settings:
-    """The settings under a private topic and key prefix, consumer groups and learner checkpoint."""
+    """The settings under a private topic and key prefix, consumer groups and learner checkpoint, and, unless
+    one is configured, a snapshot signing key of the run's own (random: nothing outlives the run)."""
+    signing = settings.snapshot_signing
+    if not signing.key.get_secret_value():
+        signing = SnapshotSigningSettings(key_id=namespace, key=secrets.token_hex(32))
     return settings.model_copy(update={
+        "snapshot_signing": signing,
         "kafka": settings.kafka.model_copy(update={"topic_prefix": f"{namespace}."}),
         "redis": settings.redis.model_copy(update={"key_prefix": f"{namespace}:"}),
         "dispatcher": settings.dispatcher.model_copy(update={"consumer_group": f"{namespace}-dispatchers"}),

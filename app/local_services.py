@@ -1,17 +1,50 @@
 """Kafka and Redis for a local stack, through `scripts/services`: start the ones that do not answer,
-and later stop exactly those (a service that was already running is left running)."""
+and later stop exactly those (a service that was already running is left running); and the settings of
+the secure endpoints that `scripts/services start --secure` writes to env files."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lodestar.settings import PROJECT_ROOT, Settings
 
 SERVICES_SCRIPT = PROJECT_ROOT / "scripts" / "services"
 SERVICE_NAMES = ("kafka", "redis")
+SECURE_ENV_DIR = PROJECT_ROOT / ".run" / "secure"  # where `scripts/services start --secure` writes its env files
+
+
+def secure_env_dir() -> Path:
+    """The folder of the secure endpoints' env files: $LODESTAR_SECURE_ENV_DIR, else this tree's .run/secure."""
+    return Path(os.environ.get("LODESTAR_SECURE_ENV_DIR") or SECURE_ENV_DIR)
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of an `export KEY=VALUE` file (shell-quoted values), as `scripts/services` writes them."""
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        words = shlex.split(line, comments=True)
+        if words[:1] == ["export"] and len(words) == 2 and "=" in words[1]:
+            key, value = words[1].split("=", 1)
+            env[key] = value
+    return env
+
+
+def settings_from_env(env: dict[str, str], **overrides: Any) -> Settings:
+    """Settings whose kafka and redis values come from `env` (LODESTAR_KAFKA__X, LODESTAR_REDIS__X; they win over
+    this process's own environment), plus `overrides` (init values, as the CLI gives them)."""
+    sections: dict[str, dict[str, Any]] = {"kafka": {}, "redis": {}}
+    for key, value in env.items():
+        section, _, field = key.removeprefix("LODESTAR_").lower().partition("__")
+        if section in sections and field:
+            sections[section][field] = value
+    for name, values in overrides.items():
+        sections[name] = {**sections.get(name, {}), **values}
+    return Settings(**sections)
 
 
 class ServicesError(RuntimeError):

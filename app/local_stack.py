@@ -18,7 +18,7 @@ from typing import Protocol
 
 from app.readiness import StackProbes
 from app.stack import ProcessSpec, Stack
-from lodestar.settings import Settings
+from lodestar.settings import Settings, settings_env
 
 LODESTAR_CMD = (sys.executable, "-m", "app.cli")
 EMULATOR_PORT_BASE = 31000
@@ -37,17 +37,12 @@ class Engine(Protocol):
 
 
 def child_env(settings: Settings) -> dict[str, str]:
-    """Environment giving a child these settings' broker, Redis, topic layout, prefixes, groups and
-    learner and worker cadences (what differs from the defaults in a demo or a test)."""
-    k, w, d, lr = settings.kafka, settings.worker, settings.dispatcher, settings.learner
+    """Environment giving a child these settings' broker and Redis (with their security), topic layout,
+    prefixes, snapshot keys, dev mode, groups and learner and worker cadences (what differs from the defaults
+    in a demo or a test)."""
+    w, d, lr = settings.worker, settings.dispatcher, settings.learner
     return {
-        "LODESTAR_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
-        "LODESTAR_KAFKA__TOPIC_PREFIX": k.topic_prefix,
-        "LODESTAR_KAFKA__REQUEST_PARTITIONS": str(k.request_partitions),
-        "LODESTAR_KAFKA__RESULTS_PARTITIONS": str(k.results_partitions),
-        "LODESTAR_KAFKA__TELEMETRY_PARTITIONS": str(k.telemetry_partitions),
-        "LODESTAR_REDIS__URL": settings.redis.url,
-        "LODESTAR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
+        **settings_env(settings, "kafka", "redis", "snapshot_signing", "dev_mode"),
         "LODESTAR_WORKER__STATE_TTL_S": str(w.state_ttl_s),
         "LODESTAR_WORKER__MAX_CONCURRENCY": str(w.max_concurrency),
         "LODESTAR_DISPATCHER__CONSUMER_GROUP": d.consumer_group,
@@ -57,7 +52,6 @@ def child_env(settings: Settings) -> dict[str, str]:
         "LODESTAR_LEARNER__CHECKPOINT_PATH": str(lr.checkpoint_path),
         "LODESTAR_LEARNER__SNAPSHOT_EVERY_EVENTS": str(lr.snapshot_every_events),
         "LODESTAR_LEARNER__SNAPSHOT_EVERY_S": str(lr.snapshot_every_s),
-        "LODESTAR_LEARNER__HMAC_KEY": lr.hmac_key,
     }
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-from aiokafka.admin import AIOKafkaAdminClient
-
+from lodestar.kafka_io import make_admin
+from lodestar.redis_io import make_redis
 from lodestar.settings import Settings
 
 
 async def remove_namespace(settings: Settings) -> None:
     """Delete the topics under `kafka.topic_prefix` and the keys under `redis.key_prefix`."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = make_admin(settings)
     await admin.start()
     try:
         doomed = [t for t in await admin.list_topics() if t.startswith(settings.kafka.topic_prefix)]
@@ -18,7 +17,7 @@ async def remove_namespace(settings: Settings) -> None:
             await admin.delete_topics(doomed)
     finally:
         await admin.close()
-    client = aioredis.from_url(settings.redis.url)
+    client = make_redis(settings)
     try:
         keys = [k async for k in client.scan_iter(match=f"{settings.redis.key_prefix}*", count=1000)]
         if keys:

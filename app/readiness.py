@@ -9,13 +9,14 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka import TopicPartition
 
+from lodestar.kafka_io import make_admin, make_consumer
 from lodestar.names import RedisKeys
+from lodestar.redis_io import make_redis
 from lodestar.settings import Settings
 from lodestar.snapshot import Snapshot
+from lodestar.snapshot_keys import verification_keys
 from lodestar.snapshot_store import SnapshotStore
 from lodestar.worker_registry import WorkerRegistry
 
@@ -37,14 +38,15 @@ class StackProbes:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._http = httpx.AsyncClient(timeout=2.0)
-        self._redis = aioredis.from_url(settings.redis.url)
+        api_key = settings.worker.engine_api_key.get_secret_value()
+        # the engines' API key, if they have one (SGLang leaves /health open, not /server_info)
+        self._http = httpx.AsyncClient(timeout=2.0, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
+        self._redis = make_redis(settings)
         keys = RedisKeys(settings.redis.key_prefix)
         self._registry = WorkerRegistry(self._redis, keys, settings.worker.state_ttl_s)
-        self._snapshots = SnapshotStore(self._redis, keys, settings.learner.hmac_key)
-        self._admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
-        self._offsets = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
-                                         enable_auto_commit=False)
+        self._keys = keys
+        self._admin = make_admin(settings, client_id="lodestar-probes")
+        self._offsets = make_consumer(settings, group_id=None, client_id="lodestar-probes")
 
     async def __aenter__(self) -> StackProbes:
         await self._admin.start()
@@ -96,4 +98,5 @@ class StackProbes:
 
     async def snapshot(self) -> Snapshot | None:
         """The verified model snapshot in Redis, or None if the learner has published none."""
-        return await self._snapshots.load()
+        store = SnapshotStore(self._redis, self._keys, verification_keys=verification_keys(self.settings))
+        return await store.load()

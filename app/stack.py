@@ -103,9 +103,13 @@ class Process:
 class Stack:
     """The processes of one stack, stopped together (use as a context manager)."""
 
-    def __init__(self, log_dir: Path, env: Mapping[str, str] | None = None, *, die_with_parent: bool = True):
+    def __init__(self, log_dir: Path, env: Mapping[str, str] | None = None, *, die_with_parent: bool = True,
+                 group_env: Mapping[str, Mapping[str, str]] | None = None):
+        """`env` is added to every process's environment, `group_env[group]` to that group's (e.g. each
+        service's own Kafka principal), a spec's own `env` last."""
         self.log_dir = log_dir
         self.env = dict(env or {})
+        self.group_env = {group: dict(values) for group, values in (group_env or {}).items()}
         self.die_with_parent = die_with_parent and sys.platform == "linux"
         self._processes: dict[str, Process] = {}
         self._groups: list[str] = []  # in order of first start
@@ -141,7 +145,7 @@ class Stack:
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env, **spec.env},
+            env={**os.environ, **self.env, **self.group_env.get(spec.group, {}), **spec.env},
             start_new_session=True,
             preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509 - prctl only
         )

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from aiokafka import TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from lodestar.client import LodestarClient
-from lodestar.kafka_io import make_consumer
+from lodestar.kafka_io import make_admin, make_consumer
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, InferenceResult, InvalidMessage, TelemetryEvent, decode, now_ms
 from lodestar.settings import Settings
@@ -170,7 +169,7 @@ class TelemetryWatch:
 
     def __init__(self, settings: Settings):
         self.topic = Topics(settings.kafka.topic_prefix).telemetry
-        self._bootstrap = settings.kafka.bootstrap_servers
+        self._settings = settings
         self._consumer = make_consumer(settings, group_id=None, client_id="lodestar-up-telemetry")
         self._tallies: dict[str, PhaseTally] = {}
         self._task: asyncio.Task[None] | None = None
@@ -192,7 +191,7 @@ class TelemetryWatch:
         self._task = asyncio.create_task(self._read())
 
     async def _partitions(self) -> list[int]:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self._bootstrap)
+        admin = make_admin(self._settings, client_id="lodestar-up-telemetry")
         await admin.start()
         try:
             (described,) = await admin.describe_topics([self.topic])

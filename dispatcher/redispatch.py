@@ -12,6 +12,9 @@ comes back during a takeover, it joins its group, the partition moves to it, and
 its last commit; a request re-routed but not yet committed may then reach two workers, which is what
 the workers' request-id dedupe is for.
 
+A routed message that cannot be read, or whose request cannot be re-routed for a reason of its own, is
+dead-lettered (stage `takeover`) and the takeover moves past it.
+
 Each re-routed request gets a `route` span that continues the request's trace: its parent is the
 context the original routing put in the routed message's headers (a new trace when there is none).
 """
@@ -26,12 +29,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import CommitFailedError, IllegalStateError
 from opentelemetry.trace import Span
-from redis.exceptions import RedisError
 
+from dispatcher.routing import BatchPlan
 from dispatcher.worker_view import WorkerView
 from lodestar import tracing
+from lodestar.faults import describe, is_transient
 from lodestar.kafka_io import dead_letter_for, make_consumer
 from lodestar.names import RedisKeys, Topics
 from lodestar.schemas import DeadLetter, InferenceRequest, InvalidMessage, RoutedRequest, decode, now_ms
@@ -57,8 +61,9 @@ if score and tonumber(score) <= tonumber(ARGV[2]) then return redis.call('ZREM',
 return 0
 """
 
-# (requests, their route spans (ended by the callee), delivery attempts) -> routed and acknowledged
-Reroute = Callable[[Sequence[InferenceRequest], Sequence[Span], Sequence[int]], Awaitable[object]]
+# (requests, their route spans (ended by the callee), delivery attempts, origins) -> the plan: routed and
+# acknowledged, and the requests that failed on their own
+Reroute = Callable[[Sequence[InferenceRequest], Sequence[Span], Sequence[int], Sequence[str]], Awaitable[BatchPlan]]
 
 
 class TakeoverAborted(RuntimeError):
@@ -101,8 +106,10 @@ class DeadWorkerTakeover:
         while not stop.is_set():
             try:
                 await self.check_once()
-            except (RedisError, KafkaError, OSError) as exc:
-                log.warning("dead-worker check failed, retrying: %s", exc)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                log.warning("dead-worker check failed, retrying: %s", describe(exc, 300))
             try:
                 await asyncio.wait_for(stop.wait(), self.check_every_s)
             except TimeoutError:
@@ -191,18 +198,19 @@ class DeadWorkerTakeover:
     async def _reroute_records(self, consumer: AIOKafkaConsumer, records: list[ConsumerRecord], group: str) -> int:
         requests: list[InferenceRequest] = []
         attempts: list[int] = []
+        origins: list[str] = []
         readable: list[ConsumerRecord] = []
         for record in records:
             try:
                 if record.value is None:
                     raise InvalidMessage("empty message (no value)")
                 routed = decode(RoutedRequest, record.value)
-            except InvalidMessage as exc:
-                await self._dead_letter(dead_letter_for(record, stage="takeover", service="dispatcher",
-                                                        reason=exc.reason))
+            except Exception as exc:  # an unreadable message is its own fault
+                await self._dead_letter(dead_letter_for(record, stage="takeover", service="dispatcher", failure=exc))
                 continue
             requests.append(routed.request)
             attempts.append(routed.decision.attempt + 1)
+            origins.append(routed.origin)
             readable.append(record)
         if requests:
             await self._view.refresh()
@@ -213,7 +221,10 @@ class DeadWorkerTakeover:
                                            group=group)
                 for request, record in zip(requests, readable, strict=True)
             ]
-            await self._reroute(requests, spans, attempts)
+            plan = await self._reroute(requests, spans, attempts, origins)
+            for failure in plan.failed:
+                await self._dead_letter(dead_letter_for(readable[failure.index], stage="takeover",
+                                                        service="dispatcher", failure=failure.error))
         offsets: dict[TopicPartition, int] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)

@@ -17,7 +17,7 @@ import numpy as np
 
 from dispatcher.policies.base import Policy
 from lodestar.cluster_view import ClusterView, RequestInfo
-from lodestar.features import as_dict, candidate_matrix
+from lodestar.features import as_dict, chosen_features
 from lodestar.hashing import text_block_hashes, token_block_hashes
 from lodestar.schemas import InferenceRequest, RoutingDecision, now_ms
 from lodestar.settings import PrefixSettings
@@ -59,14 +59,26 @@ class Routed:
     request: InferenceRequest
     decision: RoutingDecision
     uncached_tokens: int
+    index: int  # the request's position in the batch
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFailure:
+    """A request of the batch that could not be routed or published for a reason of its own."""
+
+    index: int  # the request's position in the batch
+    stage: str  # `route` or `publish`: the dead letter's stage
+    error: Exception
 
 
 @dataclass(slots=True)
 class BatchPlan:
-    """A routed batch: decisions in input order and, per worker, the block chains it will now cache."""
+    """A routed batch: decisions in input order, per worker the block chains it will now cache, and the
+    requests that failed on their own."""
 
     routed: list[Routed] = field(default_factory=list)
     inserts: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
+    failed: list[RouteFailure] = field(default_factory=list)
 
 
 def _extend_match(matched: int, hashes: Sequence[int], inserted: set[int]) -> int:
@@ -74,6 +86,11 @@ def _extend_match(matched: int, hashes: Sequence[int], inserted: set[int]) -> in
     while matched < len(hashes) and hashes[matched] in inserted:
         matched += 1
     return matched
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """A model's prediction as a decision carries it: a non-finite one (a broken model) is no prediction."""
+    return value if value is None or math.isfinite(value) else None
 
 
 class BatchRouter:
@@ -107,28 +124,32 @@ class BatchRouter:
         inserted: dict[int, set[int]] = {}  # worker index -> blocks this batch brought there so far
         plan = BatchPlan()
         for j, (request, info) in enumerate(zip(requests, infos, strict=True)):
-            blocks = matched_blocks[j].astype(np.float64)
-            for i, brought in inserted.items():
-                blocks[i] = _extend_match(int(blocks[i]), info.block_hashes, brought)
-            candidate_view = view.with_matched(blocks * info.tokens_per_block)
-            choice = self.policy.choose(info, candidate_view)
-            i = choice.index
-            features = candidate_matrix(info, candidate_view)[i]
-            matched_tokens = int(min(candidate_view.matched_prefix_tokens[i], max(info.prompt_tokens - 1, 0)))
-            uncached = info.prompt_tokens - matched_tokens
-            decision = RoutingDecision(
-                worker_id=view.worker_ids[i],
-                policy=choice.policy,
-                model_version=choice.model_version,
-                features=as_dict(features),
-                predicted_ttft_ms=choice.predicted_ttft_ms,
-                explored=choice.explored,
-                matched_prefix_tokens=matched_tokens,
-                dispatcher_id=self.dispatcher_id,
-                decided_at=now_ms(),
-                attempt=0 if attempts is None else attempts[j],
-            )
-            plan.routed.append(Routed(request, decision, uncached))
+            try:
+                blocks = matched_blocks[j].astype(np.float64)
+                for i, brought in inserted.items():
+                    blocks[i] = _extend_match(int(blocks[i]), info.block_hashes, brought)
+                candidate_view = view.with_matched(blocks * info.tokens_per_block)
+                choice = self.policy.choose(info, candidate_view)
+                i = choice.index
+                features = chosen_features(info, candidate_view, choice)
+                matched_tokens = int(min(candidate_view.matched_prefix_tokens[i], max(info.prompt_tokens - 1, 0)))
+                uncached = info.prompt_tokens - matched_tokens
+                decision = RoutingDecision(
+                    worker_id=view.worker_ids[i],
+                    policy=choice.policy,
+                    model_version=choice.model_version,
+                    features=as_dict(features),
+                    predicted_ttft_ms=_finite_or_none(choice.predicted_ttft_ms),
+                    explored=choice.explored,
+                    matched_prefix_tokens=matched_tokens,
+                    dispatcher_id=self.dispatcher_id,
+                    decided_at=now_ms(),
+                    attempt=0 if attempts is None else attempts[j],
+                )
+            except Exception as exc:  # this request's own failure: the others are still routed
+                plan.failed.append(RouteFailure(j, "route", exc))
+                continue
+            plan.routed.append(Routed(request, decision, uncached, j))
             view.inflight[i] += 1
             view.pending_prefill_tokens[i] += uncached
             if info.block_hashes:

@@ -1,5 +1,10 @@
 """The learner service: telemetry in, nonsense out to the DLQ, online learning, signed snapshots out.
 
+Poison isolation is per event: an event that does not validate (its size, the schema, impossible latencies,
+bad features) or that the model fails to learn from goes to the DLQ with the reason and the exception's
+type, and the others are learned; a dead letter the broker does not take is retried with backoff, the
+batch uncommitted meanwhile (lodestar.faults).
+
 Consumes `lodestar.telemetry` (group `learner.consumer_group`) and drives the shared, I/O-free
 `learner.trainer.Learner` with each completed request's routed features and observed TTFT. Every N
 events or T seconds (settings.learner) the learner's snapshot is published to Redis and announced
@@ -11,7 +16,8 @@ increasing across restarts (also past a lost checkpoint: the stored version is t
 Observability: each batch is learned inside a `learn` span, a trace of its own LINKED to the trace of
 every telemetry message in it (a batch has many requests, so no single parent); `self.metrics`
 (lodestar.metrics.LearnerMetrics) counts events learned and rejected, snapshots published, and holds the
-online prediction error (docs/observability.md).
+online prediction error (docs/observability.md). `self.health` (lodestar.health) is ready once the
+learner (its checkpoint restored in the constructor) joined its consumer group.
 """
 
 from __future__ import annotations
@@ -27,21 +33,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import redis.asyncio as aioredis
 from aiokafka import ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError
 from opentelemetry import trace
 
 from learner.trainer import Learner, LearnerConfig, make_learner
 from lodestar import tracing
+from lodestar.faults import Backoff, retry_transient
 from lodestar.features import from_dict
-from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
-from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.health import GroupJoined, Health
+from lodestar.kafka_admin import fixed_topic_partitions
+from lodestar.kafka_io import DeadLetters, make_consumer, make_producer
+from lodestar.lifecycle import service_lifecycle
+from lodestar.limits import Limits
 from lodestar.metrics import LearnerMetrics
 from lodestar.names import RedisKeys, Topics
-from lodestar.schemas import DeadLetter, InvalidMessage, TelemetryEvent, decode
+from lodestar.redis_io import make_redis
+from lodestar.schemas import DeadLetter, InvalidMessage, TelemetryEvent
 from lodestar.settings import Settings
 from lodestar.snapshot import Snapshot
+from lodestar.snapshot_keys import signing_key
 from lodestar.snapshot_store import SnapshotStore, StaleSnapshotVersion
 
 log = logging.getLogger(__name__)
@@ -50,6 +61,7 @@ SERVICE = "learner"
 POLL_MS = 500
 MAX_BATCH = 500
 REPORT_EVERY_S = 30.0
+DLQ_BACKOFF = Backoff(0.2, 5.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +72,11 @@ class Sample:
     ttft_ms: float
 
 
-def validate_telemetry(raw: bytes | None, max_latency_ms: float) -> Sample | None:
+def validate_telemetry(raw: bytes | None, max_latency_ms: float, limits: Limits) -> Sample | None:
     """A learnable sample, None for valid telemetry with nothing to learn (a failed request),
-    or InvalidMessage with the reason for nonsense (unknown schema, impossible latencies, bad features)."""
-    if raw is None:
-        raise InvalidMessage("empty message (no value)")
-    event = decode(TelemetryEvent, raw)
+    or InvalidMessage with the reason for nonsense (too large, unknown schema, impossible latencies, bad
+    features)."""
+    event = limits.decode(TelemetryEvent, raw)
     if event.status != "ok":
         return None
     if event.ttft_ms is None:
@@ -138,11 +149,15 @@ class LearnerService:
         self.checkpoint_path = Path(cfg.checkpoint_path)
         self.learner = load_learner(self.checkpoint_path, self.model_name, LearnerConfig.from_settings(cfg))
         self.topics = Topics(settings.kafka.topic_prefix)
-        self.redis = aioredis.from_url(settings.redis.url)
-        self.snapshots = SnapshotStore(self.redis, RedisKeys(settings.redis.key_prefix), cfg.hmac_key)
+        self.redis = make_redis(settings)
+        self.snapshots = SnapshotStore(self.redis, RedisKeys(settings.redis.key_prefix),
+                                       signing_key=signing_key(settings))
         self.producer = make_producer(settings, client_id="learner")
-        self.consumer = make_consumer(settings, self.topics.telemetry, group_id=cfg.consumer_group,
-                                      client_id="learner")
+        self.health = Health("group")
+        self.limits = Limits(settings)
+        self.dead_letters = DeadLetters(self.producer, self.topics, SERVICE, self.limits.max_message_bytes)
+        self.consumer = make_consumer(settings, group_id=cfg.consumer_group, client_id="learner")
+        self.consumer.subscribe([self.topics.telemetry], listener=GroupJoined(self.health, cfg.consumer_group))
         self.stats = LearnerStats()
         self.metrics = metrics if metrics is not None else LearnerMetrics()
         self.tracer = tracing.get_tracer(SERVICE)
@@ -158,25 +173,17 @@ class LearnerService:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Learn until `stop` is set; a clean stop checkpoints and commits what was learned."""
         stop = stop or asyncio.Event()
-        await ensure_topics(self.settings, fixed_topic_partitions(self.settings))
-        stored = await self.snapshots.stored_version()
-        if stored is not None and stored > self.learner.version:
-            log.info("the stored snapshot is v%d: continuing from there", stored)
-            self.learner.version = stored
-        await self.producer.start()
-        try:
-            await self.consumer.start()
-            try:
-                log.info("learner up: %s model, group %s, topic %s", self.model_name,
-                         self.settings.learner.consumer_group, self.topics.telemetry)
-                await self._consume(stop)
-                if self._uncommitted:
-                    await self._checkpoint_and_commit()
-            finally:
-                await self.consumer.stop()
-        finally:
-            await self.producer.stop()
-            await self.redis.aclose()
+        async with service_lifecycle(self.settings, fixed_topic_partitions(self.settings), producer=self.producer,
+                                     consumers=[self.consumer], closers=[self.redis.aclose]):
+            stored = await self.snapshots.stored_version()
+            if stored is not None and stored > self.learner.version:
+                log.info("the stored snapshot is v%d: continuing from there", stored)
+                self.learner.version = stored
+            log.info("learner up: %s model, group %s, topic %s", self.model_name,
+                     self.settings.learner.consumer_group, self.topics.telemetry)
+            await self._consume(stop)
+            if self._uncommitted:
+                await self._checkpoint_and_commit()
 
     async def _consume(self, stop: asyncio.Event) -> None:
         next_report = time.monotonic() + REPORT_EVERY_S
@@ -208,46 +215,61 @@ class LearnerService:
             return await self._handle_records(records)
 
     async def _handle_records(self, records: list[ConsumerRecord]) -> Snapshot | None:
-        samples: list[Sample] = []
-        letters: list[DeadLetter] = []
+        samples: list[tuple[ConsumerRecord, Sample]] = []
+        invalid: list[DeadLetter] = []
         max_latency = self.settings.learner.max_latency_ms
         for record in records:
             try:
-                sample = validate_telemetry(record.value, max_latency)
-            except InvalidMessage as exc:
-                letters.append(dead_letter_for(record, stage="validate", service=SERVICE, reason=exc.reason))
+                sample = validate_telemetry(record.value, max_latency, self.limits)
+            except Exception as exc:  # whatever refuses an event is the event's own fault
+                invalid.append(self.dead_letters.letter(record, "validate", exc))
                 continue
             if sample is None:
                 self.stats.not_learnable += 1
             else:
-                samples.append(sample)
-        if letters:
-            await asyncio.gather(*(send_dead_letter(self.producer, self.topics, d) for d in letters))
-            for _ in letters:
-                self.metrics.record_rejected("invalid_telemetry")
-        snapshot = await asyncio.to_thread(self._learn, samples, time.time()) if samples else None
+                samples.append((record, sample))
+        await self._send_dead_letters(invalid, "invalid_telemetry")
+        snapshot, failed = await asyncio.to_thread(self._learn, samples, time.time()) if samples else (None, [])
+        await self._send_dead_letters([self.dead_letters.letter(r, "learn", exc) for r, exc in failed],
+                                      "learn_failed")
         if snapshot is not None:
             trace.get_current_span().set_attribute(tracing.ATTR_MODEL_VERSION, snapshot.version)
         self.stats.events += len(records)
-        self.stats.dead_letters += len(letters)
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             self._uncommitted[tp] = max(self._uncommitted.get(tp, 0), r.offset + 1)
         return snapshot
 
-    def _learn(self, samples: list[Sample], now_s: float) -> Snapshot | None:
+    async def _send_dead_letters(self, letters: list[DeadLetter], kind: str) -> None:
+        """Dead-letter events, retried until the broker takes them (the batch stays uncommitted meanwhile)."""
+        if not letters:
+            return
+        await retry_transient(lambda: self.dead_letters.send(letters), what="send dead letters", backoff=DLQ_BACKOFF)
+        for _ in letters:
+            self.metrics.record_rejected(kind)
+        self.stats.dead_letters += len(letters)
+
+    def _learn(self, samples: list[tuple[ConsumerRecord, Sample]], now_s: float
+               ) -> tuple[Snapshot | None, list[tuple[ConsumerRecord, Exception]]]:
         """The one place learned events pass through (counted, and the online error refreshed). Checks the
-        snapshot cadence after every event; keeps the newest snapshot if more than one came due."""
+        snapshot cadence after every event; keeps the newest snapshot if more than one came due. An event
+        the model fails on is returned with its exception (for the DLQ); the others are learned."""
         snapshot = None
-        for s in samples:
-            self.learner.observe(s.features, s.ttft_ms, now_s)
+        failed: list[tuple[ConsumerRecord, Exception]] = []
+        for record, s in samples:
+            try:
+                self.learner.observe(s.features, s.ttft_ms, now_s)
+            except Exception as exc:  # this event's own failure: the others are learned
+                failed.append((record, exc))
+                continue
             snapshot = self.learner.maybe_snapshot(now_s) or snapshot
-        self.stats.learned += len(samples)
-        self.metrics.events.inc(len(samples))
+        learned = len(samples) - len(failed)
+        self.stats.learned += learned
+        self.metrics.events.inc(learned)
         error = self.learner.online_error()
         if error.get("samples"):
             self.metrics.record_online_error(error["mae_ms"], error["mape"])
-        return snapshot
+        return snapshot, failed
 
     async def _publish(self, snapshot: Snapshot) -> None:
         try:

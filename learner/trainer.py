@@ -23,41 +23,53 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
-from learner.models import OnlineTTFTModel, make_model, model_from_state
-from lodestar.features import FEATURE_INDEX, N_FEATURES
+from learner.models.base import OnlineTTFTModel
+from learner.models.registry import make_model, model_from_state
+from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, N_FEATURES
 from lodestar.settings import LearnerSettings
 from lodestar.snapshot import Snapshot, decode_array, encode_array
 
 CHECKPOINT_FORMAT = 1
 
 
+ESTIMATE_COLUMN = FEATURE_INDEX[ESTIMATE_FEATURE]
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     """Cadences, buffer sizes and validation thresholds of the learning loop."""
 
-    snapshot_every_events: int = 1000
-    snapshot_every_s: float = 30.0
-    # Until a validated snapshot is out, publish this often, so the dispatcher leaves its fallback sooner.
-    warmup_snapshot_every_events: int = 100
-    recent_capacity: int = 5000
-    diverse_capacity: int = 5000
-    diverse_per_stratum: int = 500
-    holdout_every: int = 10
-    holdout_capacity: int = 1000
-    min_train_samples: int = 100
-    min_holdout_samples: int = 20
-    max_holdout_log_mae: float = 0.6
-    min_holdout_skill: float = 0.2
-    error_window: int = 1000
-    range_margin: float = 0.25
-    # Skill is measured against predicting the training median, or, when set, against this feature taken
-    # as the prediction (e.g. `ttft_estimate_ms`: a model is validated only if it beats the analytic prior).
-    baseline_feature: str | None = None
+    snapshot_every_events: Annotated[int, Field(ge=1, description="publish a snapshot after this many events")] = 1000
+    snapshot_every_s: Annotated[float, Field(gt=0, description="or after this many seconds")] = 30.0
+    warmup_snapshot_every_events: Annotated[int, Field(ge=1, description=(
+        "until a validated snapshot is out, publish this often (then doubling), so the dispatcher leaves "
+        "its fallback sooner"))] = 100
+    recent_capacity: Annotated[int, Field(ge=1, description="most recent samples replayed at a retrain")] = 5000
+    diverse_capacity: Annotated[int, Field(ge=0, description=(
+        "older samples replayed at a retrain, drawn evenly over GPU speed x TTFT octave strata (off by "
+        "default: it over-weights rare TTFT octaves, which a correction of the estimate's typical error must "
+        "not)"))] = 0
+    diverse_per_stratum: Annotated[int, Field(ge=1, description="reservoir size of each stratum")] = 500
+    holdout_every: Annotated[int, Field(ge=2, description="one sample in this many is held out, never trained "
+                                                           "on")] = 10
+    holdout_capacity: Annotated[int, Field(ge=1, description="held-out samples kept for validation")] = 1000
+    min_train_samples: Annotated[int, Field(ge=0, description="a snapshot validates only after this many "
+                                                              "trained samples")] = 100
+    min_holdout_samples: Annotated[int, Field(ge=0, description="and this many held-out samples")] = 20
+    max_holdout_log_mae: Annotated[float, Field(gt=0, description="and a held-out log error at most this")] = 0.6
+    min_holdout_skill: Annotated[float, Field(le=1, description=(
+        "and a skill (1 - its log error / the analytic estimate's) at least this: a model replaces the "
+        "estimate only where it predicts better"))] = 0.05
+    error_window: Annotated[int, Field(ge=1, description="samples of the rolling prequential error")] = 1000
+    range_margin: Annotated[float, Field(ge=0, description=(
+        "how far past its training range (fraction of the range) the dispatcher still trusts the model"))] = 0.25
     seed: int = 0
 
     @classmethod
@@ -172,8 +184,6 @@ class Learner:
         self.model = model
         self.config = config or LearnerConfig()
         c = self.config
-        if c.baseline_feature is not None and c.baseline_feature not in FEATURE_INDEX:
-            raise KeyError(f"unknown baseline feature {c.baseline_feature!r}")
         self.rng = np.random.default_rng(c.seed)
         self.recent = _Ring(c.recent_capacity)
         self.diverse = _StratifiedReservoir(c.diverse_per_stratum)
@@ -293,8 +303,8 @@ class Learner:
         return replace(snap, arrays=arrays, meta=meta)
 
     def validate(self) -> dict[str, Any]:
-        """Held-out error of the current model, against predicting the training median (or the baseline
-        feature, when configured)."""
+        """Held-out error of the current model, against the analytic estimate's (the feature
+        `ttft_estimate_ms`: what the learned policy routes with while no model is validated)."""
         c = self.config
         hx, hy = self.holdout.arrays()
         result: dict[str, Any] = {"samples": int(len(hy)), "validated": False}
@@ -302,12 +312,7 @@ class Learner:
             return result
         pred = self.model.predict(hx)
         log_mae = float(np.mean(_log_errors(pred, hy)))
-        if c.baseline_feature is not None:
-            reference = hx[:, FEATURE_INDEX[c.baseline_feature]]
-        else:
-            median = float(np.median(self.recent.arrays()[1])) if self.recent.size else 0.0
-            reference = np.full_like(hy, median)
-        baseline = float(np.mean(_log_errors(reference, hy)))
+        baseline = float(np.mean(_log_errors(hx[:, ESTIMATE_COLUMN], hy)))
         skill = 1.0 - log_mae / baseline if baseline > 0 else 0.0
         result.update(
             log_mae=log_mae,
@@ -387,11 +392,7 @@ def _columns(snap: Snapshot) -> list[int]:
     return [FEATURE_INDEX[n] for n in snap.feature_names]
 
 
-LEARNER_MODELS = ("river", "mlp", "ridge_residual")
-
-
-def make_learner(name: str, config: LearnerConfig | None = None, **model_params: Any) -> Learner:
-    """A learner around a fresh model of the named family (`river`, `mlp` or `ridge_residual`)."""
-    if name not in LEARNER_MODELS:
-        raise KeyError(f"unknown learner model {name!r}; known: {', '.join(LEARNER_MODELS)}")
-    return Learner(make_model(name, **model_params), config)
+def make_learner(family: str, config: LearnerConfig | None = None, *, seed: int | None = None,
+                 model_params: Mapping[str, Any] | None = None) -> Learner:
+    """A learner around a fresh model of the named family (learner.models.registry.model_families())."""
+    return Learner(make_model(family, model_params, seed=seed), config)

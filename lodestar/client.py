@@ -21,7 +21,13 @@ with none installed it is a no-op and the dispatcher starts the trace.
 
 Results are delivered at least once (a worker that dies between publishing and recording that it
 did may publish again), so the client dedupes by request id: a request's future is resolved by the
-first result and later copies are counted in `duplicate_results`, never returned.
+first result and later copies are counted in `duplicate_results`, never returned. A request id is an
+idempotency key: sending a request again with the same id (a retry after a timeout, say) within the
+workers' dedupe window gets the stored result again, marked `replayed`, rather than a second generation.
+
+A request without a `deadline_ms` gets one from the wait it is given (`timeout_s`): the client stops
+waiting then, so Lodestar answers it with an `error` result instead of generating it if it has not
+reached an engine by that time.
 """
 
 from __future__ import annotations
@@ -43,7 +49,15 @@ from lodestar import tracing
 from lodestar.kafka_admin import ensure_topics
 from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import Topics
-from lodestar.schemas import InferenceRequest, InferenceResult, InvalidMessage, SamplingParams, decode
+from lodestar.schemas import (
+    EPOCH_MS_MAX,
+    InferenceRequest,
+    InferenceResult,
+    InvalidMessage,
+    SamplingParams,
+    decode,
+    now_ms,
+)
 from lodestar.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -53,7 +67,7 @@ ANSWERED_MEMORY = 100_000  # request ids remembered after their result, to recog
 
 def reply_topic_for(client_name: str, topics: Topics | None = None) -> str:
     """A per-client reply topic name under the Lodestar prefix."""
-    return f"{(topics or Topics()).prefix}reply.{client_name}"
+    return f"{(topics or Topics()).reply_prefix}{client_name}"
 
 
 class LodestarClient:
@@ -142,6 +156,8 @@ class LodestarClient:
             raise RuntimeError("LodestarClient is not started (use `async with LodestarClient() as client`)")
         if self._own_reply_topic is not None and request.reply_to is None:
             request = request.model_copy(update={"reply_to": self._own_reply_topic})
+        if request.deadline_ms is None:  # nobody waits for an answer after timeout_s: do not generate it then
+            request = request.model_copy(update={"deadline_ms": min(now_ms() + timeout_s * 1000.0, EPOCH_MS_MAX)})
         rid = request.request_id
         if rid in self._pending:
             raise ValueError(f"request {rid} is already waiting for its result")
@@ -200,13 +216,12 @@ class LodestarClient:
             log.warning("ignoring an unreadable result: %s", exc.reason)
             return
         rid = result.request_id
-        if rid in self._answered:
-            self.duplicate_results += 1
-            return
         fut = self._pending.get(rid)
-        if fut is None or fut.done():
-            return  # another client's request, or one that timed out here
-        fut.set_result(result)
+        if fut is None or fut.done():  # answered already, another client's request, or one that timed out here
+            if rid in self._answered:
+                self.duplicate_results += 1
+            return
+        fut.set_result(result)  # a request sent again with an answered id waits for its (replayed) answer
         self._answered[rid] = None
         if len(self._answered) > ANSWERED_MEMORY:
             self._answered.popitem(last=False)

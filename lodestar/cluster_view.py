@@ -71,7 +71,13 @@ class ClusterView:
 
 @dataclass(slots=True)
 class Decision:
-    """A policy's choice for one request."""
+    """A policy's choice for one request.
+
+    `policy` labels who decided (`learned/<heuristic>` when the learned policy's fallback did); `scores`
+    are per worker, higher preferred; `fallback` is true when a heuristic decided in place of the model;
+    `features` is the chosen candidate's row of `lodestar.features.candidate_matrix` when the policy
+    computed it (else None, and the caller computes it if it needs it).
+    """
 
     index: int
     worker_id: str
@@ -80,3 +86,5 @@ class Decision:
     explored: bool = False
     predicted_ttft_ms: float | None = None
     model_version: int = 0
+    fallback: bool = False
+    features: np.ndarray | None = None

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.hardware import GPUS, REFERENCE_GPU, gpu
 from lodestar.ttft_estimate import estimate_ttft_ms
 
@@ -49,6 +49,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "ttft_estimate_ms",
 )
 N_FEATURES = len(FEATURE_NAMES)
+# The calibrated engine model's analytic TTFT: what the learned policy routes with until a model beats it.
+ESTIMATE_FEATURE = "ttft_estimate_ms"
 FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 # Counts, token amounts and latencies: non-negative and heavy-tailed, so models see them as log1p.
@@ -121,8 +123,8 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
 
 # The features a router has without per-request work beyond the analytic estimate: the GPU type's figures
 # and the estimate itself. A model that reads only these is evaluated on `prior_matrix`, which skips the
-# rest of the candidate matrix (the learned_prior policy's decision cost).
-PRIOR_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw", "ttft_estimate_ms")
+# rest of the candidate matrix (the learned policy's decision cost).
+PRIOR_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw", ESTIMATE_FEATURE)
 
 
 def _fill_prior_columns(x: np.ndarray, view: ClusterView, mem_bw: np.ndarray, estimate: np.ndarray) -> None:
@@ -130,7 +132,7 @@ def _fill_prior_columns(x: np.ndarray, view: ClusterView, mem_bw: np.ndarray, es
     x[:, FEATURE_INDEX["gpu_mem_bw"]] = mem_bw
     # The calibrated engine model's analytic TTFT on this worker (lodestar.ttft_estimate): a prior that is
     # right from the first request, which a model can learn a correction of.
-    x[:, FEATURE_INDEX["ttft_estimate_ms"]] = estimate
+    x[:, FEATURE_INDEX[ESTIMATE_FEATURE]] = estimate
 
 
 def prior_matrix(view: ClusterView, estimate: np.ndarray) -> np.ndarray:
@@ -138,6 +140,14 @@ def prior_matrix(view: ClusterView, estimate: np.ndarray) -> np.ndarray:
     x = np.zeros((view.size, N_FEATURES), dtype=np.float64)
     _fill_prior_columns(x, view, _mem_bw(tuple(view.gpu_types)), estimate)
     return x
+
+
+def chosen_features(request: RequestInfo, view: ClusterView, decision: Decision) -> np.ndarray:
+    """The chosen candidate's feature row: the one the policy computed if it did (the learned policy),
+    else computed now, so it is computed once per decision."""
+    if decision.features is not None:
+        return decision.features
+    return candidate_matrix(request, view)[decision.index]
 
 
 def as_dict(row: np.ndarray) -> dict[str, float]:

@@ -15,24 +15,29 @@ import xxhash
 ROOT_SEED = 0x10DE57A2
 
 
-def _chain(blocks: Iterable[bytes]) -> list[int]:
+def _chain(blocks: Iterable[bytes], seed: int = ROOT_SEED) -> list[int]:
     out: list[int] = []
-    seed = ROOT_SEED
+    append = out.append
+    digest = xxhash.xxh64_intdigest
     for block in blocks:
-        seed = xxhash.xxh64_intdigest(block, seed=seed)
-        out.append(seed)
+        seed = digest(block, seed)
+        append(seed)
     return out
 
 
-def token_block_hashes(tokens: Sequence[int], tokens_per_block: int) -> list[int]:
-    """Chained hashes of the whole `tokens_per_block`-token blocks of a token sequence."""
+def token_block_hashes(tokens: Sequence[int], tokens_per_block: int, salt: str | None = None) -> list[int]:
+    """Chained hashes of the whole `tokens_per_block`-token blocks of a token sequence.
+
+    A `salt` (SGLang's `cache_salt`) starts the chain from a seed of its own, so equal tokens under
+    different salts share no hash."""
     if tokens_per_block < 1:
         raise ValueError("tokens_per_block must be >= 1")
     arr = np.asarray(tokens, dtype=np.uint32)
     n_blocks = len(arr) // tokens_per_block
     raw = arr[: n_blocks * tokens_per_block].tobytes()
     step = 4 * tokens_per_block
-    return _chain(raw[i * step : (i + 1) * step] for i in range(n_blocks))
+    seed = ROOT_SEED if not salt else xxhash.xxh64_intdigest(salt.encode(), seed=ROOT_SEED)
+    return _chain([raw[i : i + step] for i in range(0, n_blocks * step, step)], seed)
 
 
 def text_block_hashes(text: str, chars_per_block: int) -> list[int]:

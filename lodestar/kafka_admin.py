@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from lodestar.kafka_io import make_admin
 from lodestar.names import Topics
 from lodestar.settings import Settings
 
@@ -25,7 +26,7 @@ def fixed_topic_partitions(settings: Settings) -> dict[str, int]:
 
 async def ensure_topics(settings: Settings, topics: dict[str, int]) -> dict[str, str]:
     """Create each topic with its partitions unless it exists; returns topic -> 'created'|'exists'."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    admin = make_admin(settings)
     await admin.start()
     try:
         existing = set(await admin.list_topics())

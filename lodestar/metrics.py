@@ -6,17 +6,21 @@ error kinds a short fixed word (`invalid_message`, `engine_unavailable`), never 
 `kind_label` refuses anything else so that a free-text reason cannot explode the series count.
 
 Each service builds one typed object (`DispatcherMetrics()`, `WorkerMetrics(worker_id)`,
-`LearnerMetrics()`) and serves its `.registry` with `start_metrics_server` (docs/observability.md).
+`LearnerMetrics()`) and serves its `.registry` with `start_metrics_server`, beside its liveness and
+readiness probes (lodestar/health.py; docs/observability.md).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import re
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -26,9 +30,11 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from lodestar.health import Health, with_probes
 from lodestar.schemas import InferenceResult, RoutingDecision
 
 # Time to first token: tens of milliseconds on an idle H100 to tens of seconds behind a long queue.
@@ -82,11 +88,31 @@ class MetricsServer:
         self.thread.join(timeout=5)
 
 
-def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1") -> MetricsServer | None:
-    """Serve `registry` at http://host:port/metrics in a daemon thread; port 0 means disabled (None)."""
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+        """Probes and scrapes every few seconds: no access log."""
+
+
+def start_metrics_server(
+    registry: CollectorRegistry, port: int, host: str = "127.0.0.1", health: Health | None = None
+) -> MetricsServer | None:
+    """Serve `registry` at http://host:port/metrics in a daemon thread (a thread per request), and with
+    `health` also `/healthz` and `/readyz` (lodestar/health.py), probing the event loop that called this;
+    port 0 means disabled (None)."""
     if port == 0:
         return None
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    app = make_wsgi_app(registry)
+    if health is not None:
+        with contextlib.suppress(RuntimeError):  # no loop in this thread: /healthz tells only that it answers
+            health.watch_loop(asyncio.get_running_loop())
+        app = with_probes(health, app)
+
+    class Server(ThreadingWSGIServer):
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    server = make_server(host, port, app, Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name=f"metrics-{port}", daemon=True)
+    thread.start()
     return MetricsServer(server, thread)
 
 
@@ -107,6 +133,15 @@ class DispatcherMetrics:
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.dlq = Counter("lodestar_dispatcher_dlq", "Messages sent to the dead-letter topic, by reason kind.",
                            ["reason"], registry=r)
+        self.answered = Counter("lodestar_dispatcher_answered", "Requests the dispatcher answered itself instead "
+                                "of routing them, by reason kind (deadline_exceeded, no_worker).", ["reason"],
+                                registry=r)
+        self.batch_retries = Counter("lodestar_dispatcher_batch_retries", "Batches held uncommitted and retried "
+                                     "after a transient failure (broker or Redis unavailable, no worker).",
+                                     registry=r)
+        self.redis_writes_skipped = Counter("lodestar_dispatcher_redis_writes_skipped", "Non-essential Redis "
+                                            "writes skipped because Redis was out of memory, by write.",
+                                            ["write"], registry=r)
         self.snapshot_version = Gauge("lodestar_dispatcher_snapshot_version", "Version of the model snapshot in "
                                       "use (0: none yet).", registry=r)
         self.snapshot_age = Gauge("lodestar_dispatcher_snapshot_age_seconds", "Seconds since the learner created "
@@ -129,6 +164,14 @@ class DispatcherMetrics:
     def record_dead_letter(self, reason: str) -> None:
         """One message to the DLQ; `reason` is a short kind such as `invalid_message`."""
         self.dlq.labels(reason=kind_label(reason)).inc()
+
+    def record_answered(self, reason: str) -> None:
+        """One request answered by the dispatcher itself; `reason` is a short kind."""
+        self.answered.labels(reason=kind_label(reason)).inc()
+
+    def record_redis_write_skipped(self, write: str) -> None:
+        """One non-essential Redis write skipped (out of memory); `write` is a short kind."""
+        self.redis_writes_skipped.labels(write=kind_label(write)).inc()
 
     def snapshot_loaded(self, version: int, created_at_s: float | None = None) -> None:
         """A model snapshot is in use; `created_at_s` is its creation time (epoch seconds, default now)."""
@@ -160,6 +203,14 @@ class WorkerMetrics:
                                  ["worker", "status"], registry=r)
         for status in ("ok", "error", "rejected"):
             self._requests.labels(worker=worker_id, status=status)  # expose zeros: rate() sees the first one
+        self._answered = Counter("lodestar_worker_answered", "Requests answered without generating, by kind "
+                                 "(replayed, not_replayable, id_conflict, deadline_exceeded).", ["worker", "reason"],
+                                 registry=r)
+        self._dlq = Counter("lodestar_worker_dlq", "Records sent to the dead-letter topic, by stage.",
+                            ["worker", "stage"], registry=r)
+        self._redis_writes_skipped = Counter("lodestar_worker_redis_writes_skipped", "Non-essential Redis writes "
+                                             "skipped (out of memory, or refused), by write.", ["worker", "write"],
+                                             registry=r)
 
     def record_result(self, result: InferenceResult) -> None:
         """Count a final result and observe the latencies it carries (milliseconds in, seconds out)."""
@@ -171,6 +222,18 @@ class WorkerMetrics:
     def record_engine_error(self, kind: str) -> None:
         """One failed engine call; `kind` is a short kind such as `unavailable`, `timeout`, `rejected`."""
         self._engine_errors.labels(worker=self.worker_id, kind=kind_label(kind)).inc()
+
+    def record_answered(self, reason: str) -> None:
+        """One request answered without generating; `reason` is a short kind such as `replayed`."""
+        self._answered.labels(worker=self.worker_id, reason=kind_label(reason)).inc()
+
+    def record_dead_letter(self, stage: str) -> None:
+        """One record to the DLQ; `stage` is the dead letter's stage (`decode`, `serve`, `publish`, `dedupe`)."""
+        self._dlq.labels(worker=self.worker_id, stage=kind_label(stage)).inc()
+
+    def record_redis_write_skipped(self, write: str) -> None:
+        """One non-essential Redis write skipped; `write` is a short kind (`store`, `mark_done`)."""
+        self._redis_writes_skipped.labels(worker=self.worker_id, write=kind_label(write)).inc()
 
 
 class LearnerMetrics:

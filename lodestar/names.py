@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_WORKER_ID = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+WORKER_ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 
 def check_worker_id(worker_id: str) -> str:
     """Validate a worker id (it becomes part of a topic name and Redis keys)."""
-    if not _WORKER_ID.match(worker_id):
-        raise ValueError(f"worker id {worker_id!r} must match {_WORKER_ID.pattern}")
+    if not WORKER_ID_PATTERN.match(worker_id):
+        raise ValueError(f"worker id {worker_id!r} must match {WORKER_ID_PATTERN.pattern}")
     return worker_id
 
 
@@ -37,14 +37,29 @@ class Topics:
     def dlq(self) -> str:
         return f"{self.prefix}dlq"
 
+    @property
+    def worker_topic_prefix(self) -> str:
+        """What every worker's topic name starts with."""
+        return f"{self.prefix}worker."
+
+    @property
+    def worker_group_prefix(self) -> str:
+        """What every worker's consumer group name starts with."""
+        return f"{self.prefix.rstrip('.')}-worker-"
+
+    @property
+    def reply_prefix(self) -> str:
+        """What every per-client reply topic name starts with."""
+        return f"{self.prefix}reply."
+
     def worker(self, worker_id: str) -> str:
         """The topic a worker consumes its routed requests from."""
-        return f"{self.prefix}worker.{check_worker_id(worker_id)}"
+        return f"{self.worker_topic_prefix}{check_worker_id(worker_id)}"
 
     def worker_group(self, worker_id: str) -> str:
         """The consumer group of a worker on its topic (`lodestar-worker-<id>` under the default prefix);
         a dispatcher joins it to take over a dead worker's backlog."""
-        return f"{self.prefix.rstrip('.')}-worker-{check_worker_id(worker_id)}"
+        return f"{self.worker_group_prefix}{check_worker_id(worker_id)}"
 
     def fixed(self) -> list[str]:
         """The topics that exist independently of workers."""

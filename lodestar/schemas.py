@@ -1,7 +1,11 @@
 """Message contracts between services (docs/architecture.md "Contracts"), JSON on the wire.
 
 Every message carries `schema_version`; validation is strict (unknown fields are rejected, types are
-not coerced from strings) so that bad input fails loudly with a readable reason and goes to the DLQ.
+not coerced from strings, numbers are finite: no NaN or Infinity) so that bad input fails loudly with a
+readable reason and goes to the DLQ. Every field coming from outside is bounded here (lengths, counts,
+ranges, character sets): these are the wire contract, the same for every deployment. Bounds that depend
+on the deployment (the model's largest token id, the broker's message size, the allowed reply topics)
+are checked on top of these by lodestar/limits.py.
 """
 
 from __future__ import annotations
@@ -12,15 +16,49 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lodestar.names import WORKER_ID_PATTERN
+
 SCHEMA_VERSION = 1
+
+# Static bounds of the wire contract (docs/architecture.md "Contracts" lists them with their reasons).
+MAX_TOKEN_ID = 2**31 - 1  # token ids are int32 on every engine; the model's own bound is limits.max_token_id
+MAX_INPUT_IDS = 262_144  # tokens in `input_ids` (twice the longest common context, 128k)
+MAX_PROMPT_CHARS = 1_000_000  # characters in `prompt` (the message size limit binds first for most text)
+MAX_NEW_TOKENS = 1_000_000
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string
+MAX_METADATA = 32  # metadata entries per request
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 1024
+ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"  # request and session ids: safe in Kafka keys, Redis keys and logs
+TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"  # Kafka's topic name syntax
+PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31 - 1
+EPOCH_MS_MAX = 4_102_444_800_000.0  # 2100-01-01T00:00:00Z in epoch milliseconds: no later time is sane
+MAX_LATENCY_MS = 86_400_000.0  # one day: latencies beyond it are nonsense
+MAX_FEATURES = 64  # named features in a routing decision
+MAX_NAME_CHARS = 64  # policy, feature, GPU type, finish reason, stage and service names
+MAX_REASON_CHARS = 4096  # error and dead-letter reasons
+MAX_HEADERS = 64  # Kafka headers kept in a dead letter
 
 NonNegFloat = Annotated[float, Field(ge=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Latency = Annotated[float, Field(ge=0, le=MAX_LATENCY_MS)]
+EpochMs = Annotated[float, Field(ge=0, le=EPOCH_MS_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+Identifier = Annotated[str, Field(pattern=ID_PATTERN)]
+Name = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
+Reason = Annotated[str, Field(max_length=MAX_REASON_CHARS)]
 
 
 def now_ms() -> float:
     """Wall-clock time in milliseconds since the epoch."""
     return time.time() * 1000.0
+
+
+def clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters (ending with an ellipsis when cut), for a bounded field."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def new_request_id() -> str:
@@ -31,7 +69,7 @@ def new_request_id() -> str:
 class Message(BaseModel):
     """Base of every wire message: strict, closed, versioned."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False, allow_inf_nan=False)
 
     schema_version: Literal[1] = SCHEMA_VERSION
 
@@ -43,28 +81,37 @@ class Message(BaseModel):
 class SamplingParams(BaseModel):
     """SGLang-style sampling parameters."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    max_new_tokens: int = Field(128, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(128, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: list[str] = Field(default_factory=list)
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=list, max_length=MAX_STOP)
     ignore_eos: bool = False
 
 
 class InferenceRequest(Message):
-    """A client's request, produced to `lodestar.requests`."""
+    """A client's request, produced to `lodestar.requests`.
 
-    request_id: str = Field(default_factory=new_request_id, min_length=1, max_length=256)
-    prompt: str | None = None
-    input_ids: list[NonNegInt] | None = None
+    `deadline_ms` is an absolute time (epoch milliseconds, the clock of `created_at`): a request still
+    unserved then is answered with an `error` result instead of being generated. `priority` is passed to
+    the engine as SGLang's `priority` (used when SGLang runs with `--enable-priority-scheduling`; absent:
+    the engine's default).
+    """
+
+    request_id: Identifier = Field(default_factory=new_request_id)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    input_ids: list[TokenId] | None = Field(None, max_length=MAX_INPUT_IDS)
     sampling: SamplingParams = Field(default_factory=SamplingParams)
-    session_id: str | None = Field(None, max_length=256)
-    reply_to: str | None = Field(None, max_length=249)
-    priority: int = 0
-    deadline_ms: float | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
-    created_at: float = Field(default_factory=now_ms)
+    session_id: Identifier | None = None
+    reply_to: str | None = Field(None, pattern=TOPIC_PATTERN)
+    priority: int | None = Field(None, ge=PRIORITY_MIN, le=PRIORITY_MAX)
+    deadline_ms: EpochMs | None = None
+    metadata: dict[Annotated[str, Field(min_length=1, max_length=MAX_METADATA_KEY_CHARS)],
+                   Annotated[str, Field(max_length=MAX_METADATA_VALUE_CHARS)]] = Field(
+        default_factory=dict, max_length=MAX_METADATA)
+    created_at: EpochMs = Field(default_factory=now_ms)
 
     @model_validator(mode="after")
     def _one_prompt(self) -> InferenceRequest:
@@ -78,23 +125,29 @@ class InferenceRequest(Message):
 class RoutingDecision(Message):
     """What a dispatcher decided for one request, and why."""
 
-    worker_id: str = Field(min_length=1)
-    policy: str
-    model_version: int = Field(0, ge=0)
-    features: dict[str, float] = Field(default_factory=dict)
+    worker_id: str = Field(pattern=WORKER_ID_PATTERN.pattern)
+    policy: Name
+    model_version: int = Field(0, ge=0, le=2**63 - 1)
+    features: dict[Name, float] = Field(default_factory=dict, max_length=MAX_FEATURES)
     predicted_ttft_ms: float | None = None
     explored: bool = False
-    matched_prefix_tokens: NonNegInt = 0
-    dispatcher_id: str = ""
-    decided_at: float = Field(default_factory=now_ms)
-    attempt: NonNegInt = 0
+    matched_prefix_tokens: Count = 0
+    dispatcher_id: str = Field("", max_length=256)
+    decided_at: EpochMs = Field(default_factory=now_ms)
+    attempt: int = Field(0, ge=0, le=10_000)
 
 
 class RoutedRequest(Message):
-    """A request plus its routing decision, produced to `lodestar.worker.<id>`."""
+    """A request plus its routing decision, produced to `lodestar.worker.<id>`.
+
+    `origin` names the request's record on the requests topic (`<partition>@<offset>`), the same in every
+    copy routed from it (re-routes included): a worker tells one more delivery of an answered request (same
+    origin: skipped) from a new use of its request id (another origin: replayed, or refused).
+    """
 
     request: InferenceRequest
     decision: RoutingDecision
+    origin: str = Field("", pattern=r"^([0-9]{1,10}@[0-9]{1,20})?$")
 
 
 Status = Literal["ok", "error", "rejected"]
@@ -103,59 +156,68 @@ Status = Literal["ok", "error", "rejected"]
 class InferenceResult(Message):
     """The one final result of a request, produced to the reply topic."""
 
-    request_id: str
-    worker_id: str
+    request_id: Identifier
+    worker_id: str = Field(max_length=200)  # empty when a dispatcher answered
     status: Status
-    text: str = ""
-    prompt_tokens: NonNegInt = 0
-    cached_tokens: NonNegInt = 0
-    completion_tokens: NonNegInt = 0
-    ttft_ms: NonNegFloat | None = None
-    tpot_ms: NonNegFloat | None = None
-    e2e_ms: NonNegFloat | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    completed_at: float = Field(default_factory=now_ms)
+    text: str = ""  # bounded by limits.max_message_bytes: a longer answer is an `error` result
+    prompt_tokens: Count = 0
+    cached_tokens: Count = 0
+    completion_tokens: Count = 0
+    ttft_ms: Latency | None = None
+    tpot_ms: Latency | None = None
+    e2e_ms: Latency | None = None
+    finish_reason: Name | None = None
+    error: Reason | None = None
+    replayed: bool = False  # a stored result sent again for a request id seen before (docs/architecture.md)
+    completed_at: EpochMs = Field(default_factory=now_ms)
 
 
 class TelemetryEvent(Message):
     """What a worker observed for one routed request; the learner's input."""
 
-    request_id: str
+    request_id: Identifier
     decision: RoutingDecision
-    gpu_type: str
+    gpu_type: Name
     status: Status
-    ttft_ms: NonNegFloat | None = None
-    tpot_ms: NonNegFloat | None = None
-    e2e_ms: NonNegFloat | None = None
-    queue_ms: NonNegFloat | None = None
-    prompt_tokens: NonNegInt = 0
-    cached_tokens: NonNegInt = 0
-    completion_tokens: NonNegInt = 0
-    sent_at: float = 0.0
-    first_token_at: float | None = None
-    finished_at: float = Field(default_factory=now_ms)
+    ttft_ms: Latency | None = None
+    tpot_ms: Latency | None = None
+    e2e_ms: Latency | None = None
+    queue_ms: Latency | None = None
+    prompt_tokens: Count = 0
+    cached_tokens: Count = 0
+    completion_tokens: Count = 0
+    sent_at: EpochMs = 0.0
+    first_token_at: EpochMs | None = None
+    finished_at: EpochMs = Field(default_factory=now_ms)
 
 
 class DeadLetter(Message):
-    """A message that could not be processed, with the reason. Nothing is dropped silently."""
+    """A message that could not be processed, with the reason. Nothing is dropped silently.
 
-    stage: str
-    service: str
-    reason: str
-    topic: str = ""
+    The whole letter fits the broker's message size (lodestar.kafka_io.DeadLetters fits it): a payload
+    too long for it is cut, ends with a marker, and `payload_truncated` and `payload_bytes` (the original
+    size) say so.
+    """
+
+    stage: Name
+    service: Name
+    reason: Reason
+    error_type: str = Field("", max_length=256)  # the exception's type, when an exception was the cause
+    topic: str = Field("", max_length=249)
     partition: int | None = None
     offset: int | None = None
-    key: str | None = None
+    key: str | None = Field(None, max_length=1024)
     payload: str = ""
-    headers: dict[str, str] = Field(default_factory=dict)
-    failed_at: float = Field(default_factory=now_ms)
+    payload_bytes: Count = 0
+    payload_truncated: bool = False
+    headers: dict[str, str] = Field(default_factory=dict, max_length=MAX_HEADERS)
+    failed_at: EpochMs = Field(default_factory=now_ms)
 
 
 class WorkerState(BaseModel):
     """A worker's registry entry and live state, stored as a Redis hash with a TTL."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     worker_id: str
     gpu_type: str

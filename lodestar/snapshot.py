@@ -2,13 +2,14 @@
 
 A snapshot is named float arrays plus JSON metadata. On the wire it is one UTF-8 JSON envelope:
 
-    {"format": "lodestar.snapshot", "format_version": 1,
-     "body": "<JSON text of the snapshot>", "signature": "<hex HMAC-SHA256 of body>"}
+    {"format": "lodestar.snapshot", "format_version": 2, "key_id": "<id of the signing key>",
+     "body": "<JSON text of the snapshot>", "signature": "<hex HMAC-SHA256 of key_id, LF, body>"}
 
 The body holds `version`, `family`, `kind`, `feature_names`, `meta` and `arrays`, each array as
 `{"dtype": "<f8" | "<i8", "shape": [...], "data": "<base64 of little-endian bytes>"}`. `decode`
-checks the signature first (constant-time compare) and only then parses and validates the body, so
-bytes that were not signed with the learner's key never reach the JSON parser's consumers.
+looks the key id up among the keys it accepts (several during a key rotation), checks the signature
+(constant-time compare) and only then parses and validates the body, so bytes that were not signed
+with an accepted key never reach the JSON parser's consumers. The key id is signed with the body.
 What a `kind` means numerically is defined by its evaluator (lodestar/ttft_model.py).
 """
 
@@ -19,18 +20,36 @@ import hashlib
 import hmac
 import json
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 FORMAT = "lodestar.snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the envelope names its signing key (key_id); 1 had none and is refused
+KEY_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_ENVELOPE_KEYS = {"format", "format_version", "key_id", "body", "signature"}
 _DTYPES = {"<f8": np.dtype("<f8"), "<i8": np.dtype("<i8")}
 
 
 class SnapshotError(ValueError):
     """A snapshot could not be decoded: bad signature, bad format or an invalid body."""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """An HMAC key and the id snapshots signed with it carry (lodestar.snapshot_keys checks its strength)."""
+
+    key_id: str
+    secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if not KEY_ID_PATTERN.fullmatch(self.key_id):
+            raise SnapshotError(f"key id {self.key_id!r} is not 1-64 of [A-Za-z0-9._-]")
+        if not self.secret:
+            raise SnapshotError(f"signing key {self.key_id!r} is empty")
 
 
 @dataclass(frozen=True)
@@ -91,19 +110,12 @@ def decode_array(obj: Any, name: str = "array") -> np.ndarray:
     return arr
 
 
-def _key_bytes(key: str | bytes) -> bytes:
-    k = key.encode() if isinstance(key, str) else key
-    if not k:
-        raise SnapshotError("empty HMAC key")
-    return k
+def _signature(key_id: str, body: bytes, secret: bytes) -> str:
+    return hmac.new(secret, key_id.encode() + b"\n" + body, hashlib.sha256).hexdigest()
 
 
-def _signature(body: bytes, key: str | bytes) -> str:
-    return hmac.new(_key_bytes(key), body, hashlib.sha256).hexdigest()
-
-
-def encode(snapshot: Snapshot, key: str | bytes) -> bytes:
-    """Serialize and sign `snapshot` with `key` (settings.learner.hmac_key)."""
+def encode(snapshot: Snapshot, key: SigningKey) -> bytes:
+    """Serialize `snapshot` and sign it with `key` (the learner's current key), naming the key in the envelope."""
     body = {
         "version": int(snapshot.version),
         "family": snapshot.family,
@@ -119,8 +131,9 @@ def encode(snapshot: Snapshot, key: str | bytes) -> bytes:
     envelope = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "key_id": key.key_id,
         "body": body_text,
-        "signature": _signature(body_text.encode(), key),
+        "signature": _signature(key.key_id, body_text.encode(), key.secret),
     }
     return json.dumps(envelope, separators=(",", ":")).encode()
 
@@ -129,8 +142,9 @@ def _reject_constant(token: str) -> float:
     raise SnapshotError(f"non-finite number {token} in snapshot")
 
 
-def decode(raw: bytes | str, key: str | bytes) -> Snapshot:
-    """Verify the signature, then parse and validate; raises SnapshotError with a clear reason."""
+def decode(raw: bytes | str, keys: Mapping[str, bytes]) -> Snapshot:
+    """Verify the signature under the accepted key its envelope names (`keys`: key id -> secret), then parse
+    and validate; raises SnapshotError with a clear reason."""
     try:
         envelope = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -139,13 +153,20 @@ def decode(raw: bytes | str, key: str | bytes) -> Snapshot:
         raise SnapshotError(f"not a {FORMAT} envelope")
     if envelope.get("format_version") != FORMAT_VERSION:
         raise SnapshotError(
-            f"unsupported snapshot format_version {envelope.get('format_version')!r} (expected {FORMAT_VERSION})"
+            f"unsupported snapshot format_version {envelope.get('format_version')!r} (expected {FORMAT_VERSION}; "
+            "a learner of this version republishes in it)"
         )
-    body_text, signature = envelope.get("body"), envelope.get("signature")
-    if not isinstance(body_text, str) or not isinstance(signature, str):
-        raise SnapshotError("snapshot envelope lacks body or signature")
-    if not hmac.compare_digest(_signature(body_text.encode(), key), signature):
-        raise SnapshotError("snapshot signature does not match (wrong key or tampered payload)")
+    if set(envelope) != _ENVELOPE_KEYS:
+        raise SnapshotError(f"snapshot envelope must have exactly {sorted(_ENVELOPE_KEYS)}, got {sorted(envelope)}")
+    key_id, body_text, signature = envelope["key_id"], envelope["body"], envelope["signature"]
+    if not isinstance(key_id, str) or not isinstance(body_text, str) or not isinstance(signature, str):
+        raise SnapshotError("snapshot key_id, body and signature must be strings")
+    secret = keys.get(key_id)
+    if secret is None:
+        raise SnapshotError(f"snapshot signed with key id {key_id[:64]!r}, which is not among the accepted keys "
+                            f"({', '.join(sorted(keys)) or 'none'})")
+    if not hmac.compare_digest(_signature(key_id, body_text.encode(), secret), signature):
+        raise SnapshotError(f"snapshot signature does not match key {key_id!r} (wrong key or tampered payload)")
     try:
         body = json.loads(body_text, parse_constant=_reject_constant)
     except ValueError as exc:

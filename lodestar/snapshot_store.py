@@ -3,21 +3,22 @@
 One hash (`RedisKeys.snapshot`) holds `version` and `payload` (the signed envelope of lodestar.snapshot);
 the write and the announcement on `RedisKeys.snapshot_channel` happen in one Lua script, which also
 refuses a version that is not newer than the stored one, so a stale learner cannot roll the model back.
-Readers verify the signature on every load; a payload that fails is reported, never used.
+Readers verify the signature on every load, under the accepted key the envelope names; a payload that
+fails is reported, never used. The keys come from lodestar.snapshot_keys (checked for strength there).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from lodestar import snapshot as codec
 from lodestar.names import RedisKeys
-from lodestar.snapshot import Snapshot, SnapshotError
+from lodestar.snapshot import SigningKey, Snapshot, SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +46,20 @@ class StaleSnapshotVersion(RuntimeError):
 class SnapshotStore:
     """Read, write and watch the model snapshot in Redis."""
 
-    def __init__(self, client: aioredis.Redis, keys: RedisKeys, hmac_key: str | bytes):
+    def __init__(self, client: aioredis.Redis, keys: RedisKeys, *, signing_key: SigningKey | None = None,
+                 verification_keys: Mapping[str, bytes] | None = None):
+        """`signing_key` to publish (the learner), `verification_keys` (key id -> key) to load and watch."""
         self._r = client
         self._keys = keys
-        self._hmac_key = hmac_key
+        self._signing_key = signing_key
+        self._verification_keys = dict(verification_keys or {})
         self._publish_script = client.register_script(_PUBLISH_IF_NEWER)
 
     async def publish(self, snapshot: Snapshot) -> None:
         """Sign, store and announce `snapshot`; raises StaleSnapshotVersion if it is not newer."""
-        payload = codec.encode(snapshot, self._hmac_key)
+        if self._signing_key is None:
+            raise RuntimeError("this SnapshotStore has no signing key: it cannot publish")
+        payload = codec.encode(snapshot, self._signing_key)
         stored = await self._publish_script(
             keys=[self._keys.snapshot, self._keys.snapshot_channel], args=[snapshot.version, payload]
         )
@@ -70,7 +76,7 @@ class SnapshotStore:
         payload = await self._r.hget(self._keys.snapshot, "payload")
         if payload is None:
             return None
-        return codec.decode(payload, self._hmac_key)
+        return codec.decode(payload, self._verification_keys)
 
     async def watch(
         self,

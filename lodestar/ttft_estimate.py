@@ -16,7 +16,7 @@ they are halfway through outputs as long as this request's, and is pessimistic a
 the router's index matches is still in the engine's cache (the index holds a whole KV pool's worth of
 blocks, the engine shares that pool with its running requests, so on a busy small-memory GPU some matches
 are already evicted: the estimate is the expected TTFT over that risk), and a worker running slower than
-its GPU type. The learned policy corrects it online (dispatcher/policies/learned_prior.py).
+its GPU type. The learned policy corrects it online (dispatcher/policies/learned.py).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import asyncio
 import multiprocessing as mp
 import os
 import random
+import secrets
 import statistics
 import sys
 import time
@@ -35,8 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -45,9 +45,12 @@ from app.namespace import remove_namespace  # noqa: E402
 from lodestar.cluster_view import ClusterView, RequestInfo  # noqa: E402
 from lodestar.features import FEATURE_INDEX, candidate_matrix  # noqa: E402
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions  # noqa: E402
+from lodestar.kafka_io import make_consumer, make_producer  # noqa: E402
 from lodestar.names import RedisKeys, Topics  # noqa: E402
+from lodestar.redis_io import make_redis  # noqa: E402
 from lodestar.schemas import InferenceRequest, WorkerState  # noqa: E402
 from lodestar.settings import Settings  # noqa: E402
+from lodestar.snapshot_keys import signing_key  # noqa: E402
 from lodestar.snapshot_store import SnapshotStore  # noqa: E402
 from lodestar.worker_registry import WorkerRegistry  # noqa: E402
 
@@ -58,19 +61,21 @@ N_SYSTEM_PROMPTS = 24
 
 
 def bench_settings(policy: str) -> Settings:
-    """Settings on fresh topic, key and group names, so nothing else is disturbed."""
+    """Settings on fresh topic, key and group names and a snapshot key of the run's own, so nothing else is
+    disturbed."""
     tag = f"bench{uuid.uuid4().hex[:8]}"
     return Settings(
         kafka={"topic_prefix": f"{tag}."},
         redis={"key_prefix": f"{tag}:"},
         dispatcher={"consumer_group": f"{tag}-dispatchers", "policy": policy, "dispatcher_id": "bench"},
+        snapshot_signing={"key_id": tag, "key": secrets.token_hex(32)},
     )
 
 
 # --------------------------------------------------------------------------- the dispatcher process
 
 
-def _dispatcher_process(settings_json: str, stop: Any, results: Any) -> None:
+def _dispatcher_process(settings: Settings, stop: Any, results: Any) -> None:
     """Child process: run the production Dispatcher with its batch hook timed, until `stop` is set."""
     from dispatcher.routing import BatchPlan
     from dispatcher.service import Dispatcher
@@ -88,7 +93,6 @@ def _dispatcher_process(settings_json: str, stop: Any, results: Any) -> None:
                 self.policies[r.decision.policy] += 1
 
     async def main() -> None:
-        settings = Settings.model_validate_json(settings_json)
         service = TimedDispatcher(settings)
         service.samples = []
         service.cpu = []
@@ -114,8 +118,8 @@ class DispatcherProcess:
         ctx = mp.get_context("spawn")
         self.stop = ctx.Event()
         self.results = ctx.Queue()
-        self.proc = ctx.Process(target=_dispatcher_process, args=(settings.model_dump_json(), self.stop,
-                                                                  self.results))
+        # the settings object itself (a JSON dump would mask its secrets), pickled to our own child process
+        self.proc = ctx.Process(target=_dispatcher_process, args=(settings, self.stop, self.results))
 
     def start(self) -> None:
         self.proc.start()
@@ -134,7 +138,7 @@ class FakeWorkers:
     """Registry entries for `n` workers, heartbeated every second with a changing load."""
 
     def __init__(self, settings: Settings, n: int, seed: int = 0):
-        self.client = aioredis.from_url(settings.redis.url)
+        self.client = make_redis(settings)
         self.registry = WorkerRegistry(self.client, RedisKeys(settings.redis.key_prefix), settings.worker.state_ttl_s)
         self.topics = Topics(settings.kafka.topic_prefix)
         self.ids = [f"w{i:02d}" for i in range(n)]
@@ -204,8 +208,7 @@ async def produce_at_rate(producer: AIOKafkaProducer, topic: str, payloads: list
 
 
 async def committed_total(settings: Settings, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers,
-                                group_id=settings.dispatcher.consumer_group, enable_auto_commit=False)
+    consumer = make_consumer(settings, group_id=settings.dispatcher.consumer_group, client_id="bench-committed")
     await consumer.start()
     try:
         total = 0
@@ -246,9 +249,10 @@ async def publish_trained_snapshot(settings: Settings) -> int:
         ttft = 15.0 + 0.04 * x[FEATURE_INDEX["backlog_tokens_per_speed"]] + 20.0 * x[FEATURE_INDEX["queue_per_speed"]]
         learner.observe(x, float(ttft), float(i))
     snapshot = learner.snapshot(3000.0)
-    client = aioredis.from_url(settings.redis.url)
+    client = make_redis(settings)
     try:
-        await SnapshotStore(client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key).publish(snapshot)
+        await SnapshotStore(client, RedisKeys(settings.redis.key_prefix), signing_key=signing_key(settings)
+                            ).publish(snapshot)
     finally:
         await client.aclose()
     print(f"  published snapshot v{snapshot.version} (river, validated={snapshot.validated})")
@@ -272,8 +276,7 @@ async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: b
     topic = Topics(settings.kafka.topic_prefix).requests
     workers = await setup(settings, n_workers, policy)
     try:
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
-                                    enable_idempotence=True, linger_ms=5)
+        producer = make_producer(settings, client_id="bench-producer", linger_ms=5)
         await producer.start()
         try:
             t0 = time.perf_counter()
@@ -305,8 +308,7 @@ async def overhead_phase(n_workers: int, rate: float, duration: float, policy: s
     try:
         proc = DispatcherProcess(settings)
         proc.start()
-        producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
-                                    enable_idempotence=True, linger_ms=1)
+        producer = make_producer(settings, client_id="bench-producer")
         await producer.start()
         try:
             warm = make_requests(50, seed=99)

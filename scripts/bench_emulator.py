@@ -40,10 +40,11 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from lodestar.hashing import token_block_hashes
+from sim.emulator.emulator import EmulatorConfig
 from sim.engine import Engine, EngineRequest
 
 ROOT = Path(__file__).resolve().parent.parent
-BLOCK_TOKENS = 16
+BLOCK_TOKENS = EmulatorConfig().block_tokens  # the emulator's default page size, for the engine replay
 VOCAB = 120_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

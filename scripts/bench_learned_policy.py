@@ -1,15 +1,15 @@
-"""CPU per routing decision of the learned policies at a given cluster size, as ratios in one run.
+"""CPU per routing decision of the learned policy at a given cluster size, as ratios in one run.
 
-    .venv/bin/python scripts/bench_learned_policy.py [--workers 8,64] [--calls 2000] [--reference REV]
+    .venv/bin/python scripts/bench_learned_policy.py [--workers 8,64,256] [--calls 2000] [--reference REV]
 
 Times `choose` (best of 5 repeats of the mean per call) on random views of a fixed mixed-GPU cluster:
-today's `learned` policy as it is at git revision `--reference` (default: where this branch left main;
-exported with `git archive` into a
-temporary directory and run there in a subprocess, so its own feature code is timed), `learned` on this
-tree, and `learned_prior` with the analytic estimate only (cold start) and with a trained ridge correction.
-Each has a trained 2x64 MLP or ridge snapshot where it uses one. Prints microseconds per decision, the
-ratio to the reference `learned`, and the host load (issue 11: within 1.5x of today's `learned` at 64
-workers).
+the `learned` policy as it is at git revision `--reference` (a 2x64 MLP snapshot; exported with `git
+archive` into a temporary directory and run there in a subprocess, so its own feature code is timed), and
+`learned` on this tree with the analytic estimate only (cold start), with a trained ridge correction of
+the GPU types (the default family), and with a ridge over every feature (the full candidate matrix per
+decision). Prints microseconds per decision, decisions per CPU-second, the ratio to the reference, and the
+host load (issue 11: within 1.5x of the old `learned` at 64 workers; issue 12: >= 5,000 decisions per
+CPU-second at 64 workers).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from lodestar.cluster_view import ClusterView, RequestInfo  # noqa: E402
 from lodestar.features import candidate_matrix  # noqa: E402
 from lodestar.snapshot import Snapshot  # noqa: E402
 
+# The last revision whose `learned` was the 2x64 MLP with epsilon-greedy exploration and a heuristic fallback.
+REFERENCE = "7d48b34"
 GPUS = ("H100", "A100", "L40S", "L4", "A10G", "A30")
 
 
@@ -56,11 +58,17 @@ def views(n: int, count: int, rng: random.Random) -> list[tuple[RequestInfo, Clu
 
 def trained_snapshot(samples: list[tuple[RequestInfo, ClusterView]], family: str, **params: object) -> Snapshot:
     """A validated snapshot of `family` trained on these views' feature rows (targets: noisy, positive)."""
-    from learner.models import make_model
+    try:
+        from learner.models.registry import make_model
+    except ImportError:  # a reference tree from before the model registry
+        from learner.models import make_model as old_make_model
+
+        def make_model(family: str, params: dict[str, object]) -> object:  # type: ignore[misc]
+            return old_make_model(family, **params)
 
     x = np.concatenate([candidate_matrix(r, v) for r, v in samples[:200]])
     y = 50.0 * np.random.default_rng(0).lognormal(0.0, 1.0, len(x))
-    model = make_model(family, **params)
+    model = make_model(family, dict(params))
     model.learn_many(x, y)
     snap = model.to_snapshot(1)
     return replace(snap, meta={**snap.meta, "validated": True})
@@ -71,13 +79,16 @@ def time_policies(n: int, calls: int, reference_only: bool) -> dict[str, float]:
     from dispatcher.policies.learned import LearnedPolicy
 
     sample = views(n, calls, random.Random(n))
-    policies = {"learned": LearnedPolicy(snapshot=trained_snapshot(sample, "mlp"))}
-    if not reference_only:
-        from dispatcher.policies.learned_prior import LearnedPriorPolicy
-
-        policies["learned_prior, estimate only"] = LearnedPriorPolicy()
-        policies["learned_prior, ridge correction"] = LearnedPriorPolicy(
-            snapshot=trained_snapshot(sample, "ridge_residual"))
+    if reference_only:  # the reference tree's `learned`, with a 2x64 MLP snapshot
+        policy = LearnedPolicy()
+        policy.load_snapshot(trained_snapshot(sample, "mlp"))
+        policies = {"learned": policy}
+    else:
+        policies = {"learned, estimate only": LearnedPolicy()}
+        for label, params in (("ridge of GPU types", {}), ("ridge of every feature", {"features": None})):
+            policy = LearnedPolicy()
+            policy.load_snapshot(trained_snapshot(sample, "ridge_residual", **params))
+            policies[f"learned, {label}"] = policy
     return {name: per_call_us(lambda p=policy, s=sample: [p.choose(r, v) for r, v in s], calls)
             for name, policy in policies.items()}
 
@@ -97,18 +108,18 @@ def reference_times(rev: str, workers: list[int], calls: int) -> dict[int, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workers", default="8,64")
+    parser.add_argument("--workers", default="8,64,256")
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--reference", default=None,
-                        help="git revision whose `learned` is the reference (default: merge-base of HEAD and main)")
+                        help="git revision whose `learned` is the reference (default: 7d48b34, the MLP policy "
+                             "with exploration and a heuristic fallback)")
     parser.add_argument("--reference-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     if args.reference_only:
         print(json.dumps({n: time_policies(n, args.calls, True)["learned"] for n in workers}))
         return
-    rev = args.reference or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=SCRIPTS.parent,
-                                           capture_output=True, text=True, check=True).stdout.strip()[:10]
+    rev = args.reference or REFERENCE
     with open("/proc/loadavg") as f:
         print(f"host load (1/5/15 min): {' '.join(f.read().split()[:3])}")
     reference = reference_times(rev, workers, args.calls)
@@ -116,7 +127,8 @@ def main() -> None:
         base = reference[n]
         print(f"{n:3d} workers  {'learned @ ' + rev:34s} {base:8.1f} us/decision   1.00x")
         for name, us in time_policies(n, args.calls, False).items():
-            print(f"{n:3d} workers  {name + ' (this tree)':34s} {us:8.1f} us/decision  {us / base:5.2f}x")
+            print(f"{n:3d} workers  {name:34s} {us:8.1f} us/decision  {us / base:5.2f}x  "
+                  f"{1e6 / us:8.0f} decisions/CPU-s")
     with open("/proc/loadavg") as f:
         print(f"host load after (1/5/15 min): {' '.join(f.read().split()[:3])}")
 

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_policies.py [--workers 8,64] [--calls 5000] [--blocks 256]
 
 Prints microseconds per call (best of 5 repeats: the least disturbed by other load) for every
-registered baseline on random cluster views, then the prefix index on chained hashes sharing
+baseline (every policy that needs no model) on random cluster views, then the prefix index on chained hashes sharing
 prefixes, at a capacity that keeps it evicting.
 """
 
@@ -15,16 +15,10 @@ import time
 
 import numpy as np
 
-import dispatcher.policies.baselines  # noqa: F401  (registers the baselines)
-from dispatcher.policies.base import _REGISTRY
+from dispatcher.policies.registry import heuristic_names, make_policy
 from dispatcher.prefix_index import InMemoryPrefixIndex
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.hashing import trace_block_hashes
-
-BASELINES = [
-    "round_robin", "random", "least_request", "power_of_two", "sglang_cache_aware", "aibrix_prefix_cache",
-    "aibrix_prefix_load", "dynamo_kv_cost", "llmd_weighted", "lmetric", "gpu_speed_queue",
-]
 
 
 def views(n: int, count: int, rng: random.Random) -> list[tuple[RequestInfo, ClusterView]]:
@@ -64,10 +58,10 @@ def main() -> None:
     sizes = [int(x) for x in args.workers.split(",")]
     pools = {n: views(n, args.calls, rng) for n in sizes}
     print(f"{'policy':<22}" + "".join(f"{f'{n} workers (us)':>18}" for n in sizes))
-    for name in BASELINES:
+    for name in heuristic_names():
         row = []
         for n in sizes:
-            policy, pool = _REGISTRY[name](seed=1), pools[n]
+            policy, pool = make_policy(name, seed=1), pools[n]
             row.append(per_call_us(lambda p=policy, pool=pool: [p.choose(r, v) for r, v in pool], len(pool)))
         print(f"{name:<22}" + "".join(f"{x:>18.1f}" for x in row))
 

@@ -9,7 +9,6 @@ failing that, the comment at the end of its line in settings.py.
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import io
 import os
@@ -18,20 +17,16 @@ import tokenize
 from pathlib import Path
 from typing import Any
 
-import annotated_types
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from lodestar import settings as settings_module
+from lodestar.params import bounds_text, type_text
 from lodestar.settings import PROJECT_ROOT, Settings
 
 OUTPUT = PROJECT_ROOT / "docs" / "configuration.md"
 ENV_PREFIX = "LODESTAR_"
 NESTED = "__"
-
-_BOUNDS = ((annotated_types.Ge, "ge", ">="), (annotated_types.Gt, "gt", ">"),
-           (annotated_types.Le, "le", "<="), (annotated_types.Lt, "lt", "<"))
-
 
 def line_comments(cls: type) -> dict[str, str]:
     """Field name -> the comment ending its line in the class source (`name: type = value  # comment`)."""
@@ -48,11 +43,8 @@ def line_comments(cls: type) -> dict[str, str]:
 
 def type_name(field: FieldInfo) -> str:
     """The field's type with its bounds, e.g. `int (>= 1)`."""
-    annotation = field.annotation
-    name = getattr(annotation, "__name__", str(annotation))
-    bounds = [f"{symbol} {getattr(m, attr)}" for m in field.metadata for kind, attr, symbol in _BOUNDS
-              if isinstance(m, kind)]
-    return f"{name} ({', '.join(bounds)})" if bounds else name
+    bounds = bounds_text(field)
+    return f"{type_text(field.annotation)} ({bounds})" if bounds else type_text(field.annotation)
 
 
 def default_text(value: Any) -> str:
@@ -65,6 +57,10 @@ def default_text(value: Any) -> str:
         return f'`"{value}"`' if value == "" else f"`{value}`"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
+    if isinstance(value, SecretStr):
+        return "none" if not value.get_secret_value() else "(set)"
+    if value == {}:
+        return "none"
     return f"`{value}`"
 
 
@@ -79,7 +75,7 @@ def field_rows(model: type[BaseModel], env_prefix: str, yaml_prefix: str) -> lis
     for name, field in model.model_fields.items():
         description = field.description or comments.get(name, "")
         rows.append(f"| `{yaml_prefix}{name}` | `{env_prefix}{name.upper()}` | {_cell(type_name(field))} | "
-                    f"{default_text(field.get_default(call_default_factory=True))} | {_cell(description)} |")
+                    f"{_cell(default_text(field.get_default(call_default_factory=True)))} | {_cell(description)} |")
     return rows
 
 
@@ -119,23 +115,7 @@ def render() -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    """Write the reference, or with --check report whether the committed one is current."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if docs/configuration.md is out of date")
-    args = parser.parse_args()
-    text = render()
-    if args.check:
-        current = OUTPUT.read_text() if OUTPUT.exists() else ""
-        if current != text:
-            print(f"{OUTPUT} is out of date: run scripts/gen_config_reference.py", file=sys.stderr)
-            return 1
-        return 0
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(text)
-    print(f"wrote {OUTPUT}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from docgen import generate  # scripts/ is on the path when this runs as a script
+
+    sys.exit(generate(OUTPUT, render, __doc__))

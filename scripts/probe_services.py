@@ -2,12 +2,14 @@
 """Readiness probes for the services that scripts/services starts (Kafka, Redis).
 
 Used by scripts/services; runs with the project's venv python when there is one, else any python3:
-with aiokafka / redis-py installed it asks through them (Kafka: admin DescribeCluster, Redis: PING),
-without them it speaks just enough of each wire protocol itself, so `scripts/services start` also
+with Lodestar installed it asks through Lodestar's own clients (Kafka: admin DescribeCluster, Redis:
+PING), without it it speaks just enough of each wire protocol itself, so `scripts/services start` also
 works before `make setup`.
 
-    probe_services.py kafka BOOTSTRAP [--timeout S] [--pid PID]   # wait until the broker answers
+    probe_services.py kafka BOOTSTRAP [--timeout S] [--pid PID]   # wait until the broker answers (plaintext)
     probe_services.py redis URL       [--timeout S] [--pid PID]   # wait until PING answers PONG
+    probe_services.py settings-kafka  [--timeout S] [--pid PID]   # the same, connecting and logging in as the
+    probe_services.py settings-redis  [--timeout S] [--pid PID]   #   Lodestar settings say (TLS, SASL, ACL user)
     probe_services.py tcp HOST PORT                                # is anything listening there?
     probe_services.py kafka-cluster-id                             # a fresh id for `StorageTool format`
 
@@ -27,6 +29,7 @@ import struct
 import sys
 import time
 import uuid
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 ATTEMPT_TIMEOUT_S = 5.0
@@ -85,14 +88,10 @@ def kafka_raw_once(bootstrap: str) -> str:
         return f"{n_brokers} broker(s) (raw protocol probe)"
 
 
-async def _kafka_aiokafka_once(bootstrap: str) -> str:
-    from aiokafka.admin import AIOKafkaAdminClient
+async def _kafka_lodestar_once(kafka: Any) -> str:
+    from lodestar.kafka_io import make_admin
 
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap,
-        client_id="lodestar-probe",
-        request_timeout_ms=int(ATTEMPT_TIMEOUT_S * 1000),
-    )
+    admin = make_admin(kafka, client_id="lodestar-probe", request_timeout_ms=int(ATTEMPT_TIMEOUT_S * 1000))
     try:
         await asyncio.wait_for(admin.start(), ATTEMPT_TIMEOUT_S)
         info = await asyncio.wait_for(admin.describe_cluster(), ATTEMPT_TIMEOUT_S)
@@ -101,16 +100,25 @@ async def _kafka_aiokafka_once(bootstrap: str) -> str:
     brokers = info.get("brokers") or []
     if not brokers:
         raise ConnectionError("kafka answers but has no live broker yet")
-    return f"cluster {info.get('cluster_id')}, {len(brokers)} broker(s), controller {info.get('controller_id')}"
+    how = f"{kafka.security_protocol}{f' as {kafka.sasl_username}' if kafka.uses_sasl else ''}"
+    return (f"cluster {info.get('cluster_id')}, {len(brokers)} broker(s), controller {info.get('controller_id')}, "
+            f"{how}")
 
 
 def kafka_once(bootstrap: str) -> str:
     try:
-        import aiokafka  # noqa: F401
+        from lodestar.settings import KafkaSettings
     except ImportError:
         return kafka_raw_once(bootstrap)
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
-    return asyncio.run(_kafka_aiokafka_once(bootstrap))
+    return asyncio.run(_kafka_lodestar_once(KafkaSettings(bootstrap_servers=bootstrap)))
+
+
+def settings_kafka_once(_: str) -> str:
+    from lodestar.settings import Settings
+
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    return asyncio.run(_kafka_lodestar_once(Settings().kafka))
 
 
 def new_kafka_cluster_id() -> str:
@@ -150,19 +158,34 @@ def redis_raw_once(url: str) -> str:
         return "PONG (raw protocol probe)"
 
 
+async def _redis_lodestar_once(redis: Any) -> str:
+    from lodestar.redis_io import make_redis
+
+    client = make_redis(redis, socket_connect_timeout=ATTEMPT_TIMEOUT_S, socket_timeout=ATTEMPT_TIMEOUT_S)
+    try:
+        if not await client.ping():
+            raise ConnectionError("redis PING did not answer PONG")
+        hello = await client.execute_command("HELLO")  # the server's version, without INFO's admin right
+        version = hello.get(b"version", b"?").decode() if isinstance(hello, dict) else "?"
+        user = await client.acl_whoami()
+        user = user.decode() if isinstance(user, bytes) else user
+    finally:
+        await client.aclose()
+    return f"PONG, redis {version}, {'TLS' if redis.uses_tls else 'plaintext'} as user {user}"
+
+
 def redis_once(url: str) -> str:
     try:
-        import redis
+        from lodestar.settings import RedisSettings
     except ImportError:
         return redis_raw_once(url)
-    client = redis.Redis.from_url(url, socket_connect_timeout=ATTEMPT_TIMEOUT_S, socket_timeout=ATTEMPT_TIMEOUT_S)
-    try:
-        if not client.ping():
-            raise ConnectionError("redis PING did not answer PONG")
-        version = client.info("server").get("redis_version", "?")
-    finally:
-        client.close()
-    return f"PONG, redis {version}"
+    return asyncio.run(_redis_lodestar_once(RedisSettings(url=url)))
+
+
+def settings_redis_once(_: str) -> str:
+    from lodestar.settings import Settings
+
+    return asyncio.run(_redis_lodestar_once(Settings().redis))
 
 
 # --------------------------------------------------------------------------- main
@@ -216,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("target", help=helptext)
         p.add_argument("--timeout", type=float, default=0.0, help="keep trying this long (0 = one try)")
         p.add_argument("--pid", type=int, default=None, help="give up early if this process exits")
+    for name in ("settings-kafka", "settings-redis"):
+        p = sub.add_parser(name)
+        p.add_argument("--timeout", type=float, default=0.0, help="keep trying this long (0 = one try)")
+        p.add_argument("--pid", type=int, default=None, help="give up early if this process exits")
     p = sub.add_parser("tcp")
     p.add_argument("host")
     p.add_argument("port", type=int)
@@ -231,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         except OSError:
             return 1
-    check = kafka_once if args.what == "kafka" else redis_once
-    return wait(check, args.target, args.timeout, args.pid)
+    check = {"kafka": kafka_once, "redis": redis_once, "settings-kafka": settings_kafka_once,
+             "settings-redis": settings_redis_once}[args.what]
+    return wait(check, getattr(args, "target", args.what), args.timeout, args.pid)
 
 
 if __name__ == "__main__":

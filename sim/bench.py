@@ -10,7 +10,7 @@ import numpy as np
 
 from sim.cluster import ClusterSpec
 from sim.metrics import summarize
-from sim.policy_factory import build_policy
+from sim.policy_factory import PolicySetup, PolicySpec, build_sim_policy
 from sim.simulator import SimResult, Simulator
 from sim.workloads import Workload
 
@@ -35,26 +35,45 @@ def result_row(result: SimResult, *, policy: str, seed: int, cluster: str, workl
     return row
 
 
-def run_one(cluster: ClusterSpec, workload: Workload, policy: str, seed: int, *, refresh_interval_s: float = 0.1,
-            progress: Callable[[float], None] | None = None, **policy_options: Any) -> RunOutcome:
-    """Simulate `workload` (stream seeded by `seed`) on `cluster` under `policy`."""
-    setup = build_policy(policy, seed=seed, cluster=cluster, **policy_options)
+@dataclass(slots=True)
+class SimRun:
+    """One (policy, seed) simulation as it ended: its results row, the simulator's result (every completed
+    request with its routing decision) and the policy it ran with its telemetry sink (a learner's log)."""
+
+    row: dict[str, Any]
+    result: SimResult
+    setup: PolicySetup
+
+
+def simulate(cluster: ClusterSpec, workload: Workload, spec: PolicySpec, seed: int, *,
+             refresh_interval_s: float = 0.1, progress: Callable[[float], None] | None = None) -> SimRun:
+    """Simulate `workload` (stream seeded by `seed`) on `cluster` under the policy of `spec`: the one way a
+    run is made, by `lodestar bench sim` and by the results campaign alike."""
+    setup = build_sim_policy(spec, seed=seed)
     sim = Simulator(cluster, setup.policy, seed=seed, refresh_interval_s=refresh_interval_s, sink=setup.sink)
     result = sim.run(workload.requests(seed), workload.slowdowns, progress=progress)
-    row = result_row(result, policy=policy, seed=seed, cluster=cluster.name, workload=workload.name)
-    arrival = np.fromiter((r.arrival_s for r in result.records), np.float64, len(result.records))
-    ttft = np.fromiter((r.ttft_s for r in result.records), np.float64, len(result.records))
-    return RunOutcome(row, arrival, ttft)
+    row = result_row(result, policy=spec.label, seed=seed, cluster=cluster.name, workload=workload.name)
+    return SimRun(row, result, setup)
 
 
-def run_benchmark(cluster: ClusterSpec, workload: Workload, policies: Sequence[str], seeds: Sequence[int], *,
+def run_one(cluster: ClusterSpec, workload: Workload, spec: PolicySpec, seed: int, *,
+            refresh_interval_s: float = 0.1, progress: Callable[[float], None] | None = None) -> RunOutcome:
+    """`simulate`, keeping only the results row and the per-request series the bench's plots need."""
+    run = simulate(cluster, workload, spec, seed, refresh_interval_s=refresh_interval_s, progress=progress)
+    records = run.result.records
+    arrival = np.fromiter((r.arrival_s for r in records), np.float64, len(records))
+    ttft = np.fromiter((r.ttft_s for r in records), np.float64, len(records))
+    return RunOutcome(run.row, arrival, ttft)
+
+
+def run_benchmark(cluster: ClusterSpec, workload: Workload, specs: Sequence[PolicySpec], seeds: Sequence[int], *,
                   refresh_interval_s: float = 0.1,
                   on_run: Callable[[str, int], Callable[[float], None] | None] | None = None) -> list[RunOutcome]:
-    """Every policy under every seed. `on_run(policy, seed)` may return a progress callback for that run."""
+    """Every policy under every seed. `on_run(label, seed)` may return a progress callback for that run."""
     outcomes = []
-    for policy in policies:
+    for spec in specs:
         for seed in seeds:
-            progress = on_run(policy, seed) if on_run is not None else None
-            outcomes.append(run_one(cluster, workload, policy, seed, refresh_interval_s=refresh_interval_s,
+            progress = on_run(spec.label, seed) if on_run is not None else None
+            outcomes.append(run_one(cluster, workload, spec, seed, refresh_interval_s=refresh_interval_s,
                                     progress=progress))
     return outcomes

@@ -47,10 +47,12 @@ def mean_by_policy(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any
     return out
 
 
-def pick_baseline(means: Mapping[str, Mapping[str, Any]], candidates: Sequence[str]) -> str | None:
-    """The candidate with the least mean TTFT (the best heuristic), or None if there is none."""
+def pick_baseline(means: Mapping[str, Mapping[str, Any]], candidates: Sequence[str],
+                  key: str = "ttft_mean_ms") -> str | None:
+    """The candidate with the least `key` (by default mean TTFT: the best heuristic), or None if there is none;
+    ties go to the first listed."""
     present = [p for p in candidates if p in means]
-    return min(present, key=lambda p: means[p]["ttft_mean_ms"]) if present else None
+    return min(present, key=lambda p: means[p][key]) if present else None
 
 
 def _ratio(base: float, value: float, lower_is_better: bool) -> float:
@@ -118,11 +120,7 @@ def print_results(console: Console, means: Mapping[str, Mapping[str, Any]], base
 
 def plot_ttft_cdf(ttft_s: Mapping[str, Sequence[np.ndarray]], path: Path, title: str) -> None:
     """One TTFT CDF per policy (all its seeds pooled), log-scaled time axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for policy, runs in ttft_s.items():
         values = np.sort(np.concatenate(runs)) * 1000.0 if runs else np.zeros(0)
@@ -138,11 +136,7 @@ def plot_ttft_cdf(ttft_s: Mapping[str, Sequence[np.ndarray]], path: Path, title:
 def plot_ttft_over_time(series: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]], path: Path, title: str,
                         bins: int = 60) -> None:
     """Mean TTFT per arrival-time bin for each policy (seeds pooled): learning and shifts show here."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     end = max((float(a.max()) for runs in series.values() for a, _ in runs if len(a)), default=0.0)
     edges = np.linspace(0.0, end if end > 0 else 1.0, bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
@@ -163,13 +157,27 @@ def plot_ttft_over_time(series: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
     _save(fig, ax, path, title)
 
 
-def _save(fig: Any, ax: Any, path: Path, title: str) -> None:
-    """Title, grid and legend as every plot here has them; write the PNG and free the figure."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (imported on first use: only plotting needs it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    """Lay the figure out, write it as a PNG (creating its folder) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def _save(fig: Any, ax: Any, path: Path, title: str) -> None:
+    """Title, grid and legend as every plot here has them; write the PNG and free the figure."""
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -34,7 +34,7 @@ import numpy as np
 from dispatcher.policies.base import Policy
 from dispatcher.prefix_index import InMemoryPrefixIndex
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
-from lodestar.features import candidate_matrix
+from lodestar.features import chosen_features
 from lodestar.hardware import relative_speed
 from sim.cluster import ClusterSpec, WorkerSpec
 from sim.engine import Engine, EngineConfig, EngineRequest, QueueFull, RequestTooLarge, StepOutcome
@@ -120,7 +120,9 @@ class Simulator:
         self._recent_ttft = np.zeros(n)
         self._inflight = np.zeros(n)
         self.policy = policy
-        self._bind(policy)
+        bind = getattr(policy, "bind_simulator", None)
+        if bind is not None:
+            bind(self)  # the oracle reads the engines
         # Run state.
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
@@ -164,10 +166,7 @@ class Simulator:
                 break
             self.now = t
             if sink is not None:
-                new_policy = sink.tick(t)
-                if new_policy is not None:
-                    self.policy = new_policy
-                    self._bind(new_policy)
+                sink.tick(t)
             if kind == _STEP_DONE:
                 self._step_done(*payload)
             elif kind == _ARRIVAL:
@@ -198,11 +197,6 @@ class Simulator:
                            matched_prefix_tokens, self._gpu_speed, self.now * 1000.0)
 
     # -- internals ---------------------------------------------------------------------------------
-
-    def _bind(self, policy: Policy) -> None:
-        bind = getattr(policy, "bind_simulator", None)
-        if bind is not None:
-            bind(self)
 
     def _push(self, t: float, kind: int, payload: Any) -> None:
         self._seq += 1
@@ -239,7 +233,7 @@ class Simulator:
         view = self.cluster_view(matched.astype(np.float64))
         decision = self.policy.choose(info, view)
         i = decision.index
-        features = candidate_matrix(info, view)[i] if self.sink is not None else None
+        features = chosen_features(info, view, decision) if self.sink is not None else None
         matched_i = int(min(matched[i], max(req.prompt_len - 1, 0)))
         self.index.insert(self.worker_ids[i], req.block_hashes, now)
         uncached = req.prompt_len - matched_i

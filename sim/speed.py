@@ -14,7 +14,7 @@ import argparse
 import time
 
 from sim.cluster import read_cluster
-from sim.policy_factory import build_policy
+from sim.policy_factory import PolicySpec, build_sim_policy
 from sim.simulator import Simulator
 from sim.workloads import load_workload
 
@@ -35,7 +35,8 @@ def main() -> None:
     requests = list(work.requests(args.seed))
     best_wall = best_cpu = 0.0
     for k in range(args.repeats):
-        sim = Simulator(cluster, build_policy(args.policy, seed=args.seed, cluster=cluster).policy, seed=args.seed)
+        policy = build_sim_policy(PolicySpec.parse(args.policy), seed=args.seed).policy
+        sim = Simulator(cluster, policy, seed=args.seed)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         result = sim.run(requests, work.slowdowns)
         cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0

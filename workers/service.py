@@ -6,22 +6,30 @@ re-route the backlog of a worker that stays dead), and registers in Redis (Worke
 its state every min(load_poll_s, heartbeat_s) while its engine answers load polls.
 
 Each record is handled by `WorkerService.handle_record`, many at once (up to max_concurrency; the
-engine batches): decode (invalid -> DLQ), dedupe by request id (see workers/dedupe.py), stream the
-generation from the engine (workers/sglang_client.py), publish the InferenceResult to the request's
-reply topic and a TelemetryEvent to the telemetry topic, await both acks, then mark the record
-complete. Offsets are committed in order (workers/offsets.py): a partition's commit point only
-passes records whose work is complete, so a crash redelivers exactly the unfinished ones.
+engine batches): decode and check it again (size, schema, token range, allowed reply topic:
+lodestar.limits; refused -> DLQ), dedupe by request id (see workers/dedupe.py: a request id used again
+gets its stored result replayed, or an `error` result), answer a request past its `deadline_ms` with an
+`error` result instead of calling the engine, stream the generation from the engine
+(workers/sglang_client.py), publish the InferenceResult to the request's reply topic and a
+TelemetryEvent to the telemetry topic, await both acks, then mark the record complete. Offsets are
+committed in order (workers/offsets.py): a partition's commit point only passes records whose work is
+complete, so a crash redelivers exactly the unfinished ones.
 
 Engine failures become results, never lost records: 503/connection errors are retried with
-exponential backoff, then an `error` result; a 400 is a `rejected` result. Redis or broker
-failures are retried until they heal (the record stays uncommitted meanwhile).
+exponential backoff, then an `error` result; a 400 is a `rejected` result. Redis or broker failures
+are classified by lodestar.faults: transient ones (unreachable, timeouts) are retried with backoff until
+they heal (the record stays uncommitted meanwhile); one of the record's own (its result too large for
+the broker: an `error` result instead; its reply topic refused or missing; a bug it triggers) sends the
+record to the DLQ with the reason and the record completes: nothing is retried for ever. Storing the
+outcome and marking it done are skipped (logged, counted) when Redis is out of memory.
 
 Observability: each decoded record is handled inside a `serve` span (child of the dispatcher's
 `route` span, from the record's headers) with the request id bound to every log line; the engine call
 is a GenAI child span (an event at the first token, token usage); result and telemetry carry the
 `serve` span's context in their headers (the learner links to it). `self.metrics`
 (lodestar.metrics.WorkerMetrics) observes TTFT/TPOT/E2E, requests in flight, results by status and
-engine errors by kind (docs/observability.md).
+engine errors by kind (docs/observability.md). `self.health` (lodestar.health) is ready while the engine
+answers and the worker is a member of its group, and not once it drains.
 
 SIGTERM/SIGINT drain: the state is published with draining=true (dispatchers stop routing here),
 fetching stops, in-flight requests finish and are committed, the worker deregisters and exits.
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -45,23 +54,31 @@ from opentelemetry import trace
 from redis.exceptions import RedisError
 
 from lodestar import tracing
-from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
-from lodestar.kafka_io import dead_letter_for, make_consumer, make_producer, send_dead_letter
+from lodestar.faults import Backoff, describe, is_redis_oom, retry_transient
+from lodestar.health import GroupJoined, Health
+from lodestar.kafka_admin import fixed_topic_partitions
+from lodestar.kafka_io import DeadLetters, make_consumer, make_producer
+from lodestar.lifecycle import service_lifecycle
+from lodestar.limits import Limits, OversizedMessage, deadline_passed
 from lodestar.logs import bind_request_id
 from lodestar.metrics import WorkerMetrics
 from lodestar.names import RedisKeys, Topics, check_worker_id
+from lodestar.redis_io import make_redis
 from lodestar.schemas import (
+    MAX_NAME_CHARS,
+    MAX_REASON_CHARS,
+    InferenceRequest,
     InferenceResult,
     InvalidMessage,
     RoutedRequest,
     Status,
     TelemetryEvent,
-    decode,
+    clip,
     now_ms,
 )
 from lodestar.settings import Settings
 from lodestar.worker_registry import WorkerRegistry
-from workers.dedupe import Claim, CompletedRequest, RequestLedger
+from workers.dedupe import Claim, CompletedRequest, RequestLedger, request_digest
 from workers.live_state import LiveState, estimate_uncached_tokens
 from workers.offsets import OffsetTracker
 from workers.sglang_client import (
@@ -117,23 +134,23 @@ class WorkerService:
             w.sglang_url,
             request_timeout_s=w.request_timeout_s,
             retry=RetryPolicy(w.retry_attempts, w.retry_backoff_s),
+            api_key=w.engine_api_key.get_secret_value() or None,
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id)
+        self.health = Health("engine", "group")
         self.tracer = tracing.get_tracer(SERVICE)
         # Every in-flight request talks to Redis: share a bounded pool and queue for a connection
         # rather than fail when max_concurrency exceeds it.
-        self._redis = redis_client or aioredis.Redis(
-            connection_pool=aioredis.BlockingConnectionPool.from_url(
-                settings.redis.url, max_connections=REDIS_CONNECTIONS, timeout=None
-            )
-        )
+        self._redis = redis_client or make_redis(settings, pool_size=REDIS_CONNECTIONS)
         keys = RedisKeys(settings.redis.key_prefix)
         self.registry = WorkerRegistry(self._redis, keys, w.state_ttl_s)
         self.ledger = RequestLedger(
             self._redis, keys, owner=f"{self.worker_id}/{self.instance}", lease_s=w.state_ttl_s,
-            done_ttl_s=w.dedupe_ttl_s,
+            done_ttl_s=w.dedupe_ttl_s, max_stored_text_bytes=w.max_stored_text_bytes,
         )
+        self.limits = Limits(settings)
+        self.backoff = Backoff(w.retry_backoff_s, INFRA_BACKOFF_MAX_S)
         self.offsets: OffsetTracker[TopicPartition] = OffsetTracker()
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -153,29 +170,38 @@ class WorkerService:
         if self._draining.is_set():
             return
         log.info("worker %s draining: %d in flight", self.worker_id, len(self._tasks))
+        self.health.set("group", False, "draining: takes no more work")
         self.state.draining = True
         self._draining.set()
         self._slot_free.set()
 
     async def run(self) -> None:
         """Serve until drained (returns) or cancelled (in-flight work is abandoned to redelivery)."""
-        k = self.settings.kafka
-        await ensure_topics(self.settings, {**fixed_topic_partitions(self.settings), self.topic: k.worker_partitions})
-        self._producer = make_producer(self.settings, client_id=f"worker-{self.worker_id}")
-        self._consumer = make_consumer(
+        topics = {**fixed_topic_partitions(self.settings), self.topic: self.settings.kafka.worker_partitions}
+        self._producer = producer = make_producer(self.settings, client_id=f"worker-{self.worker_id}")
+        self._consumer = consumer = make_consumer(
             self.settings, group_id=self.group_id, client_id=f"worker-{self.worker_id}",
             max_poll_records=self.settings.worker.max_concurrency,
         )
-        background: list[asyncio.Task[None]] = []
         drained = False
-        try:
-            await self._producer.start()
-            await self._consumer.start()
+
+        async def leave() -> None:
+            """Once the heartbeat has stopped: abandon what is still in flight (unless drained), deregister."""
+            if not drained:
+                await self._abandon_in_flight()
+            with contextlib.suppress(RedisError, OSError):
+                await self.registry.deregister(self.worker_id)
+
+        closers = [self.engine.aclose, functools.partial(self._redis.aclose, close_connection_pool=True)]
+        async with service_lifecycle(self.settings, topics, producer=producer, consumers=[consumer],
+                                     closers=closers) as scope:
+            scope.on_stop(leave)
             await self._wait_for_engine()
             # Join the group only now: a worker whose engine never answers leaves its backlog to takeover.
-            self._consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
+            consumer.subscribe([self.topic], listener=_CommitOnRevoke(self))
             await self._publish_state()
-            background = [asyncio.create_task(self._state_loop()), asyncio.create_task(self._commit_loop())]
+            scope.spawn(self._state_loop())
+            scope.spawn(self._commit_loop())
             log.info("worker %s serving %s (group %s, gpu %s)", self.worker_id, self.topic, self.group_id,
                      self.state.gpu_type)
             await self._fetch_loop()
@@ -184,13 +210,7 @@ class WorkerService:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
             await self._commit()
             drained = True
-        finally:
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            if not drained:
-                await self._abandon_in_flight()
-            await self._shutdown()
+        log.info("worker %s stopped", self.worker_id)
 
     async def _wait_for_engine(self) -> None:
         """Register only once the engine answers: until then nothing should be routed here."""
@@ -200,6 +220,7 @@ class WorkerService:
             try:
                 self.state.engine = await self.engine.load()
                 self._engine_ok_at = time.monotonic()
+                self.health.set("engine", True, "the engine answers load polls")
                 return
             except EngineError as exc:
                 if time.monotonic() - warned_at > 5.0:
@@ -212,17 +233,6 @@ class WorkerService:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
-    async def _shutdown(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self.registry.deregister(self.worker_id)
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-        await self.engine.aclose()
-        await self._redis.aclose(close_connection_pool=True)
-        log.info("worker %s stopped", self.worker_id)
 
     # ---- consuming -------------------------------------------------------------------------------
 
@@ -268,10 +278,10 @@ class WorkerService:
             await self.handle_record(record)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug must not stall the partition: the record goes to the DLQ
+        except Exception as exc:  # the record's own failure (transient ones are retried inside): to the DLQ
             log.exception("worker %s failed on %s[%d]@%d", self.worker_id, record.topic, record.partition,
                           record.offset)
-            await self._dead_letter(record, "handle", f"internal error: {exc!r}")
+            await self._dead_letter(record, "serve", exc)
         self._complete(record)
 
     async def handle_record(self, record: ConsumerRecord) -> None:
@@ -279,25 +289,26 @@ class WorkerService:
         id on every log line) dedupe, serve, publish."""
         try:
             routed = self._decode(record)
-        except InvalidMessage as exc:
-            await self._dead_letter(record, "decode", exc.reason)
+        except Exception as exc:  # whatever refuses a record at decoding is the record's own fault
+            await self._dead_letter(record, "decode", exc)
             return
         rid = routed.request.request_id
         span = tracing.start_process_span(self.tracer, tracing.OP_SERVE, record, request_id=rid, group=self.group_id)
         with trace.use_span(span, end_on_exit=True), bind_request_id(rid):
-            await self._handle_once(routed)
+            await self._handle_once(routed, record)
 
-    async def _handle_once(self, routed: RoutedRequest) -> None:
-        """Serve `routed` unless the same request id is being served in this process already."""
+    async def _handle_once(self, routed: RoutedRequest, record: ConsumerRecord) -> None:
+        """Serve `routed`, after any handling of the same request id in this process has finished (the id
+        is then done: this record gets the replay, or the conflict, that any later use gets)."""
         rid = routed.request.request_id
         earlier = self._active.get(rid)
-        if earlier is not None:  # the same id is being served here already: its outcome is ours too
-            await asyncio.shield(earlier)
-            return
+        if earlier is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(earlier)
         handled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._active[rid] = handled
         try:
-            await self._serve(routed)
+            await self._serve(routed, record)
             handled.set_result(None)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
@@ -306,22 +317,18 @@ class WorkerService:
                 handled.set_exception(exc)
             raise
         finally:
-            self._active.pop(rid, None)
+            if self._active.get(rid) is handled:
+                del self._active[rid]
             if handled.done() and not handled.cancelled():
                 handled.exception()  # mark retrieved: waiters may not exist
 
     def _decode(self, record: ConsumerRecord) -> RoutedRequest:
-        if not isinstance(record.value, bytes | bytearray) or not record.value:
-            raise InvalidMessage("empty message")
-        routed = decode(RoutedRequest, record.value)
+        routed = self.limits.decode(RoutedRequest, record.value)
         if routed.decision.worker_id != self.worker_id:
             raise InvalidMessage(
                 f"routed to worker {routed.decision.worker_id!r} but found on {self.topic!r}"
             )
-        reply = routed.request.reply_to
-        t = self.topics
-        if reply is not None and (reply in (t.requests, t.telemetry, t.dlq) or reply.startswith(f"{t.prefix}worker.")):
-            raise InvalidMessage(f"reply_to {reply!r} is a Lodestar system topic")
+        self.limits.check_request(routed.request)  # token ids in range, reply topic allowed
         return routed
 
     def _complete(self, record: ConsumerRecord) -> None:
@@ -330,34 +337,75 @@ class WorkerService:
 
     # ---- serving ---------------------------------------------------------------------------------
 
-    async def _serve(self, routed: RoutedRequest) -> None:
-        rid = routed.request.request_id
+    async def _serve(self, routed: RoutedRequest, record: ConsumerRecord) -> None:
+        request = routed.request
+        rid = request.request_id
         claim = await self._claim(rid)
-        if claim.state == "done":
-            log.info("worker %s: request %s already answered; skipping the redelivery", self.worker_id, rid)
-            trace.get_current_span().set_attribute(tracing.ATTR_STATUS, "already_answered")
-            return
+        digest = request_digest(request)
+        stored = claim.stored
         try:
-            if claim.stored is not None:
+            if claim.state == "done" and claim.is_redelivery(routed.origin, digest):
+                log.info("worker %s: request %s already answered; skipping the redelivery", self.worker_id, rid)
+                trace.get_current_span().set_attribute(tracing.ATTR_STATUS, "already_answered")
+                return
+            if not claim.same_request(digest):
+                reason = (f"request id {rid!r} was already used by a different request within the dedupe window "
+                          f"(worker.dedupe_ttl_s={self.settings.worker.dedupe_ttl_s} s)")
+                await self._answer(request, self._result(request, "error", reason), "id_conflict")
+                await self._dead_letter(record, "dedupe", reason)
+                return
+            if claim.state == "done":
+                await self._replay(request, stored)
+                return
+            if stored is not None and stored.text_kept:
                 log.info("worker %s: request %s was finished by a predecessor; publishing it", self.worker_id, rid)
-                completed = claim.stored
+                completed = stored
             else:
-                completed = await self._generate(routed)
-                await self._infra_retry(lambda: self.ledger.store(completed), "store the outcome")
-            await self._infra_retry(lambda: self._publish(completed), "publish result and telemetry")
-            await self._infra_retry(lambda: self.ledger.mark_done(rid), "mark the request done")
+                expired = deadline_passed(request, now_ms())
+                completed = await (self._generate(routed, digest) if expired is None
+                                   else self._expired(routed, digest, expired))
+                await self._store(completed)
+            await self._publish_completed(completed, record)
+            await self._write_inessential(lambda: self.ledger.mark_done(rid, routed.origin, digest), "mark_done")
             self._claimed.discard(rid)
         finally:
-            if rid in self._claimed:  # not finished (stopped, or a bug): let a redelivery take it at once
+            if rid in self._claimed:  # not finished (a conflict, stopped, or a bug): a redelivery takes it at once
                 self._claimed.discard(rid)
                 with contextlib.suppress(RedisError, OSError):
                     await self.ledger.release(rid)
+
+    async def _replay(self, request: InferenceRequest, stored: CompletedRequest | None) -> None:
+        """Answer a request whose id is done: its stored result again, marked `replayed`, to this request's
+        reply topic; or an `error` result saying why it cannot be replayed."""
+        rid = request.request_id
+        if stored is not None and stored.text_kept:
+            log.info("worker %s: request %s was answered before; replaying its result", self.worker_id, rid)
+            await self._answer(request, stored.result.model_copy(update={"replayed": True}), "replayed")
+            return
+        if stored is None:
+            reason = (f"request id {rid!r} was already answered within the dedupe window and its result is no "
+                      "longer stored")
+        else:
+            reason = (f"request id {rid!r} was already answered within the dedupe window; its text "
+                      f"({stored.text_bytes} bytes) exceeded worker.max_stored_text_bytes and was not kept")
+        await self._answer(request, self._result(request, "error", reason), "not_replayable")
+
+    async def _answer(self, request: InferenceRequest, result: InferenceResult, kind: str) -> None:
+        """Publish a result (no telemetry: nothing was served) to the request's reply topic."""
+        trace.get_current_span().set_attribute(tracing.ATTR_STATUS, kind)
+        completed = CompletedRequest(reply_topic=self.limits.reply_topic(request), result=result, telemetry=None)
+        await self._retry(lambda: self._publish(completed), "publish an answer")
+        self.metrics.record_answered(kind)
+
+    def _result(self, request: InferenceRequest, status: Status, error: str) -> InferenceResult:
+        return InferenceResult(request_id=request.request_id, worker_id=self.worker_id, status=status,
+                               error=clip(error, MAX_REASON_CHARS))
 
     async def _claim(self, rid: str) -> Claim:
         """Own the request id, or learn it is done; waits while another live worker holds it."""
         waited = False
         while True:
-            claim = await self._infra_retry(lambda: self.ledger.claim(rid), "claim the request")
+            claim = await self._retry(lambda: self.ledger.claim(rid), "claim the request")
             if claim.state == "claimed":
                 self._claimed.add(rid)
             if claim.state != "held":
@@ -367,7 +415,18 @@ class WorkerService:
                 waited = True
             await asyncio.sleep(CLAIM_POLL_S)
 
-    async def _generate(self, routed: RoutedRequest) -> CompletedRequest:
+    async def _expired(self, routed: RoutedRequest, digest: str, reason: str) -> CompletedRequest:
+        """The outcome of a request whose deadline passed before it reached the engine: not generated."""
+        request = routed.request
+        log.info("worker %s: request %s not served: %s", self.worker_id, request.request_id, reason)
+        self.metrics.record_answered("deadline_exceeded")
+        result = self._result(request, "error", reason)
+        telemetry = TelemetryEvent(request_id=request.request_id, decision=routed.decision,
+                                   gpu_type=self.state.gpu_type, status="error", sent_at=now_ms())
+        return CompletedRequest(reply_topic=self.limits.reply_topic(request), result=result, telemetry=telemetry,
+                                request_digest=digest)
+
+    async def _generate(self, routed: RoutedRequest, digest: str) -> CompletedRequest:
         """Run the request on the engine and build its result and telemetry (errors included)."""
         request, decision = routed.request, routed.decision
         rid = request.request_id
@@ -388,7 +447,8 @@ class WorkerService:
             try:
                 gen = await self.engine.generate(request, on_first_token=on_first_token)
             except EngineError as exc:
-                status, error = ("rejected" if isinstance(exc, EngineRejected) else "error"), str(exc)
+                status, error = ("rejected" if isinstance(exc, EngineRejected) else "error"), clip(str(exc),
+                                                                                                  MAX_REASON_CHARS)
                 kind = engine_error_kind(exc)
                 tracing.record_error(gen_span, kind, error)
                 self.metrics.record_engine_error(kind)
@@ -413,7 +473,7 @@ class WorkerService:
             ttft_ms=gen.ttft_ms if gen else None,
             tpot_ms=gen.tpot_ms if gen else None,
             e2e_ms=e2e_ms,
-            finish_reason=gen.finish_reason if gen else None,
+            finish_reason=clip(gen.finish_reason, MAX_NAME_CHARS) if gen and gen.finish_reason else None,
             error=error,
         )
         telemetry = TelemetryEvent(
@@ -432,41 +492,68 @@ class WorkerService:
             first_token_at=gen.first_token_at_ms if gen else None,
             finished_at=now_ms(),
         )
-        reply_topic = request.reply_to or self.topics.results
-        return CompletedRequest(reply_topic=reply_topic, result=result, telemetry=telemetry)
+        return CompletedRequest(reply_topic=self.limits.reply_topic(request), result=result, telemetry=telemetry,
+                                request_digest=digest)
+
+    async def _store(self, completed: CompletedRequest) -> None:
+        """Store the outcome before publishing it, so that a successor publishes it without generating
+        again and a later use of the id is replayed: useful, not essential (see `_write_inessential`)."""
+        await self._write_inessential(lambda: self.ledger.store(completed), "store")
+
+    async def _write_inessential(self, write: Callable[[], Awaitable[object]], kind: str) -> None:
+        """A Redis write the request can be answered without: retried while Redis is unreachable, skipped
+        (logged and counted) when Redis refuses it for good or is out of memory."""
+        try:
+            await self._retry(write, f"write {kind} to Redis", give_up=is_redis_oom)
+        except Exception as exc:
+            log.log(logging.WARNING if isinstance(exc, RedisError) else logging.ERROR,
+                    "worker %s: skipped a Redis write (%s): %s", self.worker_id, kind, describe(exc, 300),
+                    exc_info=not isinstance(exc, RedisError))
+            self.metrics.record_redis_write_skipped(kind)
+
+    async def _publish_completed(self, completed: CompletedRequest, record: ConsumerRecord) -> None:
+        """Publish result and telemetry. A result too large for the broker is replaced by an `error` result
+        saying so, and the record is dead-lettered; any other failure of the record's own is dead-lettered."""
+        try:
+            await self._retry(lambda: self._publish(completed), "publish result and telemetry")
+        except OversizedMessage as exc:
+            short = completed.result.model_copy(update={"status": "error", "text": "", "error": str(exc)})
+            await self._retry(lambda: self._publish(completed.model_copy(update={"result": short})),
+                              "publish an error result")
+            await self._dead_letter(record, "publish", exc)
+        except Exception as exc:
+            await self._dead_letter(record, "publish", exc)
 
     async def _publish(self, completed: CompletedRequest) -> None:
-        """Send result and telemetry, both carrying the current (`serve`) span's context, and wait for the
-        broker to acknowledge both."""
+        """Send the result (and the telemetry, if any), both carrying the current (`serve`) span's context,
+        and wait for the broker to acknowledge both. OversizedMessage if the result does not fit a record."""
         assert self._producer is not None
         rid = completed.result.request_id
         headers = tracing.inject_headers()
-        await asyncio.gather(
-            self._producer.send_and_wait(completed.reply_topic, completed.result.to_bytes(), key=rid.encode(),
-                                         headers=headers),
-            self._producer.send_and_wait(
-                self.topics.telemetry, completed.telemetry.to_bytes(), key=self.worker_id.encode(), headers=headers
-            ),
-        )
+        key = rid.encode()
+        payload = self.limits.check_size(completed.result.to_bytes(), "the result", key=key, headers=headers)
+        sends = [self._producer.send_and_wait(completed.reply_topic, payload, key=key, headers=headers)]
+        if completed.telemetry is not None:
+            sends.append(self._producer.send_and_wait(self.topics.telemetry, completed.telemetry.to_bytes(),
+                                                      key=self.worker_id.encode(), headers=headers))
+        await asyncio.gather(*sends)
         trace.get_current_span().set_attribute(tracing.ATTR_STATUS, completed.result.status)
         self.metrics.record_result(completed.result)
 
-    async def _dead_letter(self, record: ConsumerRecord, stage: str, reason: str) -> None:
+    async def _dead_letter(self, record: ConsumerRecord, stage: str, failure: BaseException | str) -> None:
+        """Dead-letter `record` (retried until the dead-letter topic takes it: the record stays uncommitted)."""
         assert self._producer is not None
-        producer = self._producer
-        letter = dead_letter_for(record, stage=stage, service=SERVICE, reason=reason)
-        await self._infra_retry(lambda: send_dead_letter(producer, self.topics, letter), "send a dead letter")
+        dead_letters = DeadLetters(self._producer, self.topics, SERVICE, self.limits.max_message_bytes)
+        letter = dead_letters.letter(record, stage, failure)
+        await self._retry(lambda: dead_letters.send([letter]), "send a dead letter")
+        self.metrics.record_dead_letter(stage)
 
-    async def _infra_retry(self, action: Callable[[], Awaitable[T]], what: str) -> T:
-        """Retry an action on Redis or the broker until it succeeds: the record stays uncommitted meanwhile."""
-        delay = self.settings.worker.retry_backoff_s
-        while True:
-            try:
-                return await action()
-            except (RedisError, KafkaError, OSError) as exc:
-                log.warning("worker %s could not %s (%r); retrying in %.1fs", self.worker_id, what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, INFRA_BACKOFF_MAX_S)
+    async def _retry(self, action: Callable[[], Awaitable[T]], what: str, *,
+                     give_up: Callable[[Exception], bool] | None = None) -> T:
+        """Run an action on Redis or the broker until it succeeds, retrying transient failures with backoff
+        (the record stays uncommitted meanwhile); a failure of the record's own, or one `give_up` names, is
+        raised at once."""
+        return await retry_transient(action, what=what, backoff=self.backoff, give_up=give_up)
 
     # ---- state and commits -----------------------------------------------------------------------
 
@@ -489,6 +576,8 @@ class WorkerService:
                 except EngineError as exc:
                     log.warning("worker %s: engine load unavailable: %s", self.worker_id, exc)
             engine_alive = time.monotonic() - self._engine_ok_at <= w.state_ttl_s
+            self.health.set("engine", engine_alive, "the engine answers load polls" if engine_alive else
+                            f"the engine has not answered for more than {w.state_ttl_s:g} s")
             try:
                 # An engine silent for longer than the state TTL stops the heartbeat: the entry expires
                 # and dispatchers stop routing here until the engine answers again.
@@ -525,6 +614,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
 
     def __init__(self, service: WorkerService):
         self._service = service
+        self._joined = GroupJoined(service.health, service.group_id)
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self._service._commit()
@@ -532,3 +622,5 @@ class _CommitOnRevoke(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         log.info("worker %s assigned %s", self._service.worker_id, sorted(map(str, assigned)))
+        if not self._service.state.draining:
+            await self._joined.on_partitions_assigned(assigned)

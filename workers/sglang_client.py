@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,13 @@ class EngineUnavailable(EngineError):
     """The engine is overloaded or unreachable (503, connection failure): worth retrying."""
 
     retryable = True
+
+
+class EngineUnauthorized(EngineError):
+    """The engine refused this worker's API key (HTTP 401/403): a configuration error, never retried."""
+
+
+UNAUTHORIZED_STATUS = frozenset({401, 403})
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,16 @@ class StreamMeter:
 
 
 def _int(value: Any) -> int:
-    return int(value) if isinstance(value, int | float) and value >= 0 else 0
+    return int(value) if isinstance(value, int | float) and math.isfinite(value) and value >= 0 else 0
+
+
+def _fraction(value: Any) -> float:
+    """A usage fraction as the engine reports it; anything not a finite number counts as 0."""
+    try:
+        number = float(value or 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def finish_reason_type(reason: Any) -> str | None:
@@ -204,12 +221,15 @@ async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:
 
 
 def generate_payload(request: InferenceRequest) -> dict[str, Any]:
-    """The `/generate` body for a request: input_ids if it has them, else text; streaming on."""
+    """The `/generate` body for a request: input_ids if it has them, else text; streaming on; the request's
+    `priority` when it has one (SGLang schedules by it when run with `--enable-priority-scheduling`)."""
     body: dict[str, Any] = {"sampling_params": request.sampling.model_dump(), "stream": True}
     if request.input_ids:
         body["input_ids"] = list(request.input_ids)
     else:
         body["text"] = request.prompt
+    if request.priority is not None:
+        body["priority"] = request.priority
     return body
 
 
@@ -233,7 +253,7 @@ def parse_v1_loads(body: Any) -> EngineLoad:
     return EngineLoad(
         running=sum(_int(d.get("num_running_reqs")) for d in ranks),
         waiting=sum(_int(d.get("num_waiting_reqs")) for d in ranks),
-        kv_usage=max((float(d.get("token_usage") or 0.0) for d in ranks), default=0.0),
+        kv_usage=max((_fraction(d.get("token_usage")) for d in ranks), default=0.0),
         max_kv_tokens=sum(_int(d.get("max_total_num_tokens")) for d in ranks),
         source="/v1/loads",
     )
@@ -280,7 +300,7 @@ def parse_metrics(text: str) -> EngineLoad:
     return EngineLoad(
         running=int(sum(r.get("num_running_reqs", 0.0) for r in ranks)),
         waiting=int(sum(r.get("num_queue_reqs", 0.0) for r in ranks)),
-        kv_usage=max((r.get("token_usage", 0.0) for r in ranks), default=0.0),
+        kv_usage=max((_fraction(r.get("token_usage")) for r in ranks), default=0.0),
         max_kv_tokens=int(sum(r.get("max_total_num_tokens", 0.0) for r in ranks)),
         source="/metrics",
     )
@@ -296,6 +316,7 @@ class SGLangClient:
         request_timeout_s: float,
         retry: RetryPolicy,
         load_timeout_s: float = 2.0,
+        api_key: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.perf_counter,
         sleep: Callable[[float], Any] = asyncio.sleep,
@@ -304,6 +325,8 @@ class SGLangClient:
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(request_timeout_s, connect=min(5.0, request_timeout_s)),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            # SGLang's --api-key: every API route wants it as a Bearer token (/health and /metrics do not)
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
             transport=transport,
         )
         self._retry = retry
@@ -368,6 +391,11 @@ class SGLangClient:
         for path in list(self._load_order):
             try:
                 load = await self._load_from(path)
+            except httpx.HTTPStatusError as exc:
+                if exc.response.status_code in UNAUTHORIZED_STATUS:  # not a missing endpoint: do not fall back
+                    raise _status_error(exc.response.status_code, exc.response.text[:200]) from exc
+                failures.append(f"{path}: {exc!r}")
+                continue
             except (httpx.HTTPError, ValueError) as exc:
                 failures.append(f"{path}: {exc!r}")
                 continue
@@ -390,6 +418,8 @@ class SGLangClient:
 
 def _status_error(status: int, body: str) -> EngineError:
     message = f"engine answered HTTP {status}: {body}"
+    if status in UNAUTHORIZED_STATUS:
+        return EngineUnauthorized(f"{message} (worker.engine_api_key must be the engine's --api-key)", status)
     if status in RETRYABLE_STATUS:
         return EngineUnavailable(message, status)
     if status in REJECTED_STATUS:

@@ -14,16 +14,17 @@ from lodestar.settings import Settings, load_settings
 
 
 def dispatcher(
-    policy: str | None = typer.Option(None, help="Routing policy name (any registered one, or `learned`)."),
+    policy: str | None = typer.Option(None, help="Routing policy (`lodestar bench policies` lists them; their "
+                                                 "parameters: setting dispatcher.policy_params)."),
     dispatcher_id: str | None = typer.Option(None, "--id", help="Id recorded in decisions (default host-pid)."),
     bootstrap_servers: str | None = typer.Option(None, help="Kafka bootstrap servers (overrides settings)."),
     redis_url: str | None = typer.Option(None, help="Redis URL (overrides settings)."),
 ) -> None:
     """Consume requests in batches, route each to a live worker, publish, commit. SIGTERM/SIGINT stop it."""
+    from dispatcher.policies.registry import check_params_by_policy, policy_class, policy_names
+
     section: dict[str, Any] = {}
     if policy:
-        from dispatcher.policies import policy_names
-
         if policy not in policy_names():
             raise typer.BadParameter(f"unknown policy {policy!r}; known: {', '.join(policy_names())}",
                                      param_hint="--policy")
@@ -33,6 +34,12 @@ def dispatcher(
     overrides: dict[str, Any] = {"dispatcher": section} if section else {}
     overrides.update(connection_overrides(bootstrap_servers, redis_url))
     settings = load_settings(**overrides)
+    try:  # the settings' policy and every policy's parameters, before anything connects
+        policy_class(settings.dispatcher.policy)
+        check_params_by_policy(settings.dispatcher.policy_params)
+    except (KeyError, ValueError) as err:
+        typer.echo(f"lodestar dispatcher: {err}", err=True)
+        raise typer.Exit(2) from None
     setup_logging("dispatcher", settings.telemetry)
     asyncio.run(_serve(settings))
 
@@ -45,10 +52,11 @@ async def _serve(settings: Settings) -> None:
     dispatcher_id = settings.dispatcher.dispatcher_id or default_dispatcher_id()
     provider = setup_tracing("dispatcher", settings.telemetry, instance_id=dispatcher_id)
     metrics = DispatcherMetrics()
-    server = start_metrics_server(metrics.registry, settings.dispatcher.metrics_port, settings.telemetry.metrics_host)
+    service = Dispatcher(settings, dispatcher_id=dispatcher_id, metrics=metrics)
+    server = start_metrics_server(metrics.registry, settings.dispatcher.metrics_port, settings.telemetry.metrics_host,
+                                  health=service.health)
     try:
         stop = asyncio.Event()
-        service = Dispatcher(settings, dispatcher_id=dispatcher_id, metrics=metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

@@ -23,8 +23,22 @@ def emulator(
         None, min=1, help="Reject new requests with 503 once this many wait (SGLang --max-queued-requests)."),
     max_running_requests: int | None = typer.Option(
         None, min=1, help="Cap on the running batch (default: derived from KV capacity, as SGLang does)."),
-    seed: int = typer.Option(0, help="Seed of the engine model."),
-    block_tokens: int = typer.Option(16, min=1, help="Prefix-cache block (page) size in tokens."),
+    seed: int = typer.Option(0, help="Seed of the engine model and of the synthetic logprobs."),
+    block_tokens: int = typer.Option(
+        1, "--page-size", "--block-tokens", min=1,
+        help="Prefix-cache page size in tokens (SGLang --page-size; 1, SGLang's default, caches any prefix)."),
+    context_length: int | None = typer.Option(
+        None, min=2, help="Longest prompt + completion (SGLang --context-length; default: the model's)."),
+    chunked_prefill_size: int | None = typer.Option(
+        None, help="Prefill chunk in tokens, <= 0 disables chunking (default: SGLang's for the GPU)."),
+    decode_log_interval: int = typer.Option(
+        40, min=1, help="Decode iterations between 'Decode batch' log lines and gen_throughput updates."),
+    api_key: str | None = typer.Option(
+        None, envvar="LODESTAR_EMULATOR_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every route but /health* and /metrics (SGLang --api-key); "
+             "the environment variable keeps it off the command line."),
+    max_payload_size: int = typer.Option(
+        64 * 1024 * 1024, min=1, help="Largest request body in bytes; larger ones get 413."),
     served_model_name: str | None = typer.Option(None, help="Model name to report (default: the HF path)."),
     log_level: str = typer.Option("info", help="Log level of the server (uvicorn) and of the emulator's own lines."),
 ) -> None:
@@ -40,6 +54,8 @@ def emulator(
     config = EmulatorConfig(
         gpu=gpu, model=model, host=host, port=port, time_scale=time_scale,
         max_queued_requests=max_queued_requests, max_running_requests=max_running_requests, seed=seed,
-        block_tokens=block_tokens, served_model_name=served_model_name,
+        block_tokens=block_tokens, served_model_name=served_model_name, context_length=context_length,
+        chunked_prefill_size=chunked_prefill_size, decode_log_interval=decode_log_interval, api_key=api_key or None,
+        max_payload_size=max_payload_size,
     )
     serve(config, log_level=log_level)

@@ -15,7 +15,8 @@ from lodestar.settings import Settings, load_settings
 
 
 def learner(
-    model: str | None = typer.Option(None, help="Model family: mlp or river (default from settings)."),
+    model: str | None = typer.Option(None, help="Model family, a module of learner/models/ (default from "
+                                                "settings: learner.model)."),
     checkpoint_path: Path | None = typer.Option(None, help="Where the learner's state is saved (JSON)."),
     bootstrap_servers: str | None = typer.Option(None, help="Kafka bootstrap servers (overrides settings)."),
     redis_url: str | None = typer.Option(None, help="Redis URL (overrides settings)."),
@@ -23,10 +24,10 @@ def learner(
     """Consume telemetry, learn, publish signed snapshots, checkpoint. SIGTERM/SIGINT checkpoint and stop."""
     section: dict[str, Any] = {}
     if model:
-        from learner.trainer import LEARNER_MODELS
+        from learner.models.registry import model_families
 
-        if model not in LEARNER_MODELS:
-            raise typer.BadParameter(f"unknown model {model!r}; known: {', '.join(LEARNER_MODELS)}",
+        if model not in model_families():
+            raise typer.BadParameter(f"unknown model {model!r}; known: {', '.join(model_families())}",
                                      param_hint="--model")
         section["model"] = model
     if checkpoint_path:
@@ -45,10 +46,11 @@ async def _serve(settings: Settings) -> None:
 
     provider = setup_tracing("learner", settings.telemetry)
     metrics = LearnerMetrics()
-    server = start_metrics_server(metrics.registry, settings.learner.metrics_port, settings.telemetry.metrics_host)
+    service = LearnerService(settings, metrics=metrics)
+    server = start_metrics_server(metrics.registry, settings.learner.metrics_port, settings.telemetry.metrics_host,
+                                  health=service.health)
     try:
         stop = asyncio.Event()
-        service = LearnerService(settings, metrics=metrics)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)

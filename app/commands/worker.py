@@ -43,9 +43,10 @@ async def _serve(settings: Settings) -> None:
     worker_id = settings.worker.worker_id
     provider = setup_tracing("worker", settings.telemetry, instance_id=worker_id)
     metrics = WorkerMetrics(worker_id)
-    server = start_metrics_server(metrics.registry, settings.worker.metrics_port, settings.telemetry.metrics_host)
+    service = WorkerService(settings, metrics=metrics)
+    server = start_metrics_server(metrics.registry, settings.worker.metrics_port, settings.telemetry.metrics_host,
+                                  health=service.health)
     try:
-        service = WorkerService(settings, metrics=metrics)
         run = asyncio.create_task(service.run())
         loop = asyncio.get_running_loop()
 

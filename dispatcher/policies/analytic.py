@@ -1,13 +1,14 @@
 """`analytic`: the least TTFT estimated from the calibrated engine model (lodestar.ttft_estimate), no learning.
 
-What the learned policy starts from on a cluster it has never seen; also a baseline in its own right.
+What the `learned` policy routes with until a learned correction beats it on held-out data (its decisions
+are then labelled `learned/analytic`); on its own, the no-learning option: no learner, no snapshot, no
+per-worker correction, the same decision for the same view.
 """
 
 from __future__ import annotations
 
 import random
 
-from dispatcher.policies.base import register
 from dispatcher.policies.baselines.common import argmin_random_tie, decide, require_workers
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.ttft_estimate import estimate_ttft_ms
@@ -15,13 +16,12 @@ from lodestar.ttft_estimate import estimate_ttft_ms
 NAME = "analytic"
 
 
-@register(NAME)
 class AnalyticTTFT:
     """Least estimated TTFT, random among equals. Scores: minus the estimate (ms)."""
 
     name = NAME
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0):  # no parameters: the coefficients come from the engine model
         self._rng = random.Random(seed)
 
     def choose(self, request: RequestInfo, view: ClusterView) -> Decision:

@@ -1,11 +1,17 @@
-"""The policy interface and the registry of policies by name."""
+"""The policy interface: what every routing policy is, and nothing about which policies exist.
+
+A policy is a class in a module of this package (`dispatcher.policies.registry` finds it there) with a
+`name` and a `choose` method. Its constructor takes the run's `seed` and declares its tunable parameters
+with their bounds and meaning (`Annotated[float, Field(ge=0, description=...)] = default`), which settings
+and the command line are validated against (lodestar/params.py) and docs/policies.md is generated from.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.snapshot import Snapshot
 
 
 @runtime_checkable
@@ -19,41 +25,15 @@ class Policy(Protocol):
         ...
 
 
-PolicyFactory = Callable[..., Policy]
-_REGISTRY: dict[str, PolicyFactory] = {}
+@runtime_checkable
+class SnapshotPolicy(Protocol):
+    """A policy that evaluates a model snapshot (the `learned` policy): it follows the learner, and routes with
+    a fallback heuristic while it has no usable model."""
 
+    def fallback_name(self) -> str:
+        """The name of the heuristic that routes while there is no usable model."""
+        ...
 
-def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Class decorator: make a policy constructible by `make_policy(name)`."""
-
-    def deco(factory: PolicyFactory) -> PolicyFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"policy {name!r} registered twice")
-        _REGISTRY[name] = factory
-        return factory
-
-    return deco
-
-
-def _load_builtin() -> None:
-    # Importing the modules runs their @register decorators.
-    import dispatcher.policies.analytic  # noqa: F401
-    import dispatcher.policies.baselines  # noqa: F401
-    import dispatcher.policies.learned  # noqa: F401
-    import dispatcher.policies.learned_prior  # noqa: F401
-
-
-def policy_names() -> list[str]:
-    """Names of every registered policy."""
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def make_policy(name: str, **kwargs: Any) -> Policy:
-    """Build the policy called `name`; keyword arguments go to its constructor."""
-    _load_builtin()
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown policy {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
-    return factory(**kwargs)
+    def load_snapshot(self, snapshot: Snapshot) -> None:
+        """Swap in a new model; raises SnapshotError if it cannot be evaluated."""
+        ...

@@ -3,6 +3,11 @@
 A model learns from feature rows in lodestar.features.FEATURE_NAMES order and the observed TTFT in
 ms, predicts TTFT in ms, exports itself as a `dense` snapshot (lodestar/ttft_model.py evaluates it with
 numpy in the dispatcher) and saves its full state as plain JSON-able data (never pickle).
+
+A model family is a class in a module of this package with a `family` name and this interface; the
+registry (`learner.models.registry`) finds it there. Its constructor takes an optional `layout`, maybe
+the run's `seed`, and declares its hyperparameters with their bounds and meaning
+(`Annotated[float, Field(gt=0, description=...)] = default`, see lodestar/params.py).
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ class OnlineTTFTModel(Protocol):
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume learning identically, as JSON-able data."""
+        ...
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> OnlineTTFTModel:
+        """The model `state_dict()` saved, predicting and learning on exactly as it would have."""
         ...
 
 

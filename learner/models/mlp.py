@@ -5,23 +5,19 @@ mini-batch Adam, warm-started across retrains. The input and target standardizat
 training call from that call's data; the network is reparametrized so that its function is unchanged
 by the refit (first layer absorbs the new input scale, last layer the new target scale), so fine-tuning
 continues from where it was instead of from a function that just moved.
-
-With `residual_feature` (e.g. `ttft_estimate_ms`, the analytic prior) the network regresses the log ratio
-log1p(TTFT) - log1p(that feature) instead, so an untrained or uncertain network stays near the feature, and
-the snapshot tells the evaluator to add the feature back (meta.target.base_feature).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from functools import cache
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 from threadpoolctl import ThreadpoolController
 
 from learner.models.base import InputLayout
-from lodestar.features import column_indices
 from lodestar.snapshot import Snapshot, decode_array, encode_array
 from lodestar.ttft_model import KIND_DENSE, forward_target, inverse_target, transform_inputs
 
@@ -44,12 +40,20 @@ class MLPModel:
     family = "mlp"
     incremental = False
 
-    def __init__(self, layout: InputLayout | None = None, hidden: tuple[int, ...] = (64, 64),
-                 lr: float = 2e-3, epochs: int = 4, min_steps: int = 300, batch_size: int = 128,
-                 l2: float = 1e-5, residual_feature: str | None = None, seed: int = 0):
+    def __init__(
+        self,
+        layout: InputLayout | None = None,
+        hidden: Annotated[tuple[Annotated[int, Field(ge=1)], ...], Field(
+            min_length=1, description="width of each hidden ReLU layer")] = (64, 64),
+        lr: Annotated[float, Field(gt=0, description="Adam learning rate")] = 2e-3,
+        epochs: Annotated[int, Field(ge=1, description="passes over the training set per retrain")] = 4,
+        min_steps: Annotated[int, Field(ge=0, description="at least this many Adam steps per retrain (more "
+                                                          "passes on small sets)")] = 300,
+        batch_size: Annotated[int, Field(ge=1, description="samples per Adam step")] = 128,
+        l2: Annotated[float, Field(ge=0, description="L2 penalty on the weights")] = 1e-5,
+        seed: int = 0,
+    ):
         self.layout = layout or InputLayout()
-        self.residual_feature = residual_feature
-        self._base_column = None if residual_feature is None else int(column_indices((residual_feature,))[0])
         self.hidden = tuple(int(h) for h in hidden)
         self.lr = lr
         self.epochs = epochs
@@ -102,13 +106,7 @@ class MLPModel:
         """Predicted TTFT in ms per row."""
         with single_threaded_blas():
             out, _ = self._forward((self._inputs(x) - self.x_center) * self.x_inv_scale)
-        return inverse_target(out * self.y_scale + self.y_center + self._base(x), TARGET)
-
-    def _base(self, x: np.ndarray) -> np.ndarray | float:
-        """What the network's output is added to, in target space: 0, or log1p of the residual feature."""
-        if self._base_column is None:
-            return 0.0
-        return forward_target(np.atleast_2d(x)[:, self._base_column], TARGET)
+        return inverse_target(out * self.y_scale + self.y_center, TARGET)
 
     def _refit_standardization(self, z: np.ndarray, t: np.ndarray) -> None:
         """New input/target standardization from this data, absorbing the change into the weights."""
@@ -132,7 +130,7 @@ class MLPModel:
     def learn_many(self, x_rows: np.ndarray, ttft_ms: np.ndarray) -> None:
         """Fine-tune for `epochs` passes of shuffled mini-batches (at least `min_steps` steps) over this set."""
         z = self._inputs(x_rows)
-        t = (forward_target(ttft_ms, TARGET) - self._base(x_rows)).astype(np.float64)
+        t = forward_target(ttft_ms, TARGET).astype(np.float64)
         if len(t) == 0:
             return
         self._refit_standardization(z, t)
@@ -153,11 +151,10 @@ class MLPModel:
     def learn_one(self, x_row: np.ndarray, ttft_ms: float) -> None:
         """One Adam step on one sample (the trainer normally uses learn_many on replayed data)."""
         z = self._inputs(x_row)
-        t = forward_target(np.array([ttft_ms]), TARGET) - self._base(x_row)
         if not self.trained:
-            self._refit_standardization(z, t)
+            self._refit_standardization(z, forward_target(np.array([ttft_ms]), TARGET))
         h = (z - self.x_center) * self.x_inv_scale
-        y = (t - self.y_center) / self.y_scale
+        y = (forward_target(np.array([ttft_ms]), TARGET) - self.y_center) / self.y_scale
         self._adam_step(h, y)
         self.n_learned += 1
 
@@ -192,8 +189,6 @@ class MLPModel:
             "log1p_features": list(self.layout.log1p_features),
             "target": {"transform": TARGET, "center": self.y_center, "scale": self.y_scale},
         }
-        if self.residual_feature is not None:
-            meta["target"]["base_feature"] = self.residual_feature
         return Snapshot(version, self.family, KIND_DENSE, self.layout.feature_names, arrays, meta)
 
     def state_dict(self) -> dict[str, Any]:
@@ -202,7 +197,7 @@ class MLPModel:
             "layout": self.layout.to_dict(),
             "params": {"hidden": list(self.hidden), "lr": self.lr, "epochs": self.epochs,
                        "min_steps": self.min_steps, "batch_size": self.batch_size, "l2": self.l2,
-                       "residual_feature": self.residual_feature, "seed": self.seed},
+                       "seed": self.seed},
             "n_learned": self.n_learned,
             "rng": self.rng.bit_generator.state,
             "weights": [encode_array(w) for w in self.weights],

@@ -1,6 +1,6 @@
 """Ridge regression of the analytic prior's log error: TTFT = prior x exp(w . z(x) + b).
 
-The correction the `learned_prior` policy applies to the calibrated engine model's estimate
+The correction the `learned` policy applies to the calibrated engine model's estimate
 (`ttft_estimate_ms`): a linear model, in log space, of log1p(TTFT) - log1p(prior) on the standardized
 transformed features (log1p of the heavy-tailed ones, the prior among them, so a scale-dependent error is
 a slope). A few dozen parameters fitted in closed form: it cannot overfit the noise of single TTFTs the
@@ -15,16 +15,25 @@ names the prior as its base feature (lodestar/ttft_model.py adds it back).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import AfterValidator, Field
 
 from learner.models.base import InputLayout
-from lodestar.features import HEAVY_TAILED, column_indices
+from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, HEAVY_TAILED, column_indices
 from lodestar.snapshot import Snapshot, decode_array, encode_array
 from lodestar.ttft_model import KIND_DENSE, forward_target, inverse_target, transform_inputs
 
 TARGET = "log1p"
+# The default inputs of the correction: the GPU type's public figures (a bias per GPU type).
+GPU_TYPE_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw")
+
+
+def _known_feature(name: str) -> str:
+    if name not in FEATURE_INDEX:
+        raise ValueError(f"unknown feature {name!r}")
+    return name
 
 
 class RidgeResidualModel:
@@ -33,8 +42,18 @@ class RidgeResidualModel:
     family = "ridge_residual"
     incremental = False
 
-    def __init__(self, layout: InputLayout | None = None, residual_feature: str = "ttft_estimate_ms",
-                 l2: float = 0.01, features: tuple[str, ...] | list[str] | None = None, seed: int = 0):
+    def __init__(
+        self,
+        layout: InputLayout | None = None,
+        residual_feature: Annotated[str, AfterValidator(_known_feature), Field(
+            description="the prior whose log error is modelled (a feature name)")] = ESTIMATE_FEATURE,
+        l2: Annotated[float, Field(gt=0, description="ridge penalty, relative to the sample count")] = 0.01,
+        features: Annotated[tuple[Annotated[str, AfterValidator(_known_feature)], ...] | None, Field(description=(
+            "the features the correction reads (none: every feature). The default is the GPU type's figures "
+            "only: a per-GPU-type bias of the prior. A correction that reads the prior itself or a load "
+            "feature re-ranks the candidates badly (docs/learning.md)"))] = GPU_TYPE_FEATURES,
+        seed: int = 0,
+    ):
         if l2 <= 0:
             raise ValueError("l2 must be positive")
         if features is not None:
@@ -138,7 +157,8 @@ class RidgeResidualModel:
         return {
             "family": self.family,
             "layout": self.layout.to_dict(),
-            "params": {"residual_feature": self.residual_feature, "l2": self.l2, "seed": self.seed},
+            "params": {"residual_feature": self.residual_feature, "l2": self.l2, "features": None,  # the layout says
+                       "seed": self.seed},
             "n_learned": self.n_learned,
             "x_center": encode_array(self.x_center),
             "x_inv_scale": encode_array(self.x_inv_scale),

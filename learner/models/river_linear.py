@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import Field
 from river import linear_model, optim, preprocessing, utils
 
 from learner.models.base import InputLayout
@@ -29,8 +30,13 @@ class RiverLinearModel:
     family = "river"
     incremental = True
 
-    def __init__(self, layout: InputLayout | None = None, lr: float = 0.01, intercept_lr: float = 0.05,
-                 l2: float = 0.0):
+    def __init__(
+        self,
+        layout: InputLayout | None = None,
+        lr: Annotated[float, Field(gt=0, description="Adam learning rate of the weights")] = 0.01,
+        intercept_lr: Annotated[float, Field(ge=0, description="learning rate of the intercept")] = 0.05,
+        l2: Annotated[float, Field(ge=0, description="L2 penalty on the weights")] = 0.0,
+    ):
         self.layout = layout or InputLayout()
         self.lr = lr
         self.intercept_lr = intercept_lr

@@ -32,6 +32,7 @@ SCHEDULER_GAUGES: dict[str, str] = {
     "num_retracted_reqs": "The number of retracted requests.",
     "utilization": "The utilization.",
     "num_grammar_queue_reqs": "The number of requests in the grammar waiting queue.",
+    "spec_accept_length": "The average acceptance length of speculative decoding.",
 }
 
 

@@ -17,6 +17,13 @@ class BadRequest(Exception):
     """A request SGLang's request models would reject before it reaches the engine (HTTP 400)."""
 
 
+class PayloadTooLarge(Exception):
+    """A request body over the server's --max-payload-size (HTTP 413)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Payload Too Large: the request body is larger than {limit} bytes (--max-payload-size).")
+
+
 def dumps(obj: Any) -> bytes:
     """Compact JSON, as SGLang's orjson responses are."""
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
@@ -59,8 +66,17 @@ async def events(*chunks: bytes) -> AsyncIterator[bytes]:
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, or BadRequest with a validation-style message."""
-    body = await request.body()
+    """The request body as a JSON object, or BadRequest with a validation-style message; PayloadTooLarge
+    past the app's `max_payload_size` (read as it arrives: a body without Content-Length is bounded too)."""
+    limit: int | None = getattr(request.app.state, "max_payload_size", None)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise PayloadTooLarge(limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
     try:
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

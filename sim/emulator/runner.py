@@ -43,11 +43,12 @@ class RequestState:
 
     rid: str
     prompt_tokens: int
-    stop_at: tuple[int, str | int] | None  # (tokens, matched) when a stop string or token ends it
+    stop_at: tuple[int, str | int] | None  # (tokens, matched) when a stop string, regex or token ends it
     log_metrics: bool
     created_wall: float
     arrival_emu: float
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    group: asyncio.Event | None = None  # also set on every change, for a handler following several states
     completion_tokens: int = 0
     cached_tokens: int = 0
     retractions: int = 0
@@ -61,6 +62,12 @@ class RequestState:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def notify(self) -> None:
+        """Wake whoever follows this state."""
+        self.changed.set()
+        if self.group is not None:
+            self.group.set()
 
     async def wait_finished(self) -> None:
         """Return once the request has finished (or was aborted)."""
@@ -95,6 +102,7 @@ class EngineRunner:
         self.lag_s = 0.0  # emulated seconds the latest step started behind the wall clock
         self.max_lag_s = 0.0
         self.steps = 0
+        self._decode_iterations = 0  # since the last decode log line
         self.error: BaseException | None = None
         self._start_wall = time.perf_counter()
         self._clock = 0.0  # emulated end of the latest step
@@ -140,14 +148,15 @@ class EngineRunner:
 
     def submit(self, rid: str, input_ids: list[int], max_new_tokens: int,
                stop_at: tuple[int, str | int] | None, log_metrics: bool = True,
-               received_wall: float | None = None) -> RequestState:
+               received_wall: float | None = None, cache_salt: str | None = None) -> RequestState:
         """Queue a request in the engine.
 
-        `stop_at` is where a stop string or token ends the generation early (the engine, like SGLang,
-        does not know that in advance and budgets KV for `max_new_tokens`). Raises
-        `sim.engine.QueueFull`, `sim.engine.RequestTooLarge` (a ValueError) or `DuplicateRequestId`.
-        `received_wall` is when the HTTP request came in: the request arrives in the engine then, so
-        the time spent parsing and validating it is absorbed rather than added to its latency."""
+        `stop_at` is where a stop string, regex or token ends the generation early (the engine, like
+        SGLang, does not know that in advance and budgets KV for `max_new_tokens`); `max_new_tokens` 0
+        is a prefill-only request. Raises `sim.engine.QueueFull`, `sim.engine.RequestTooLarge` (a
+        ValueError) or `DuplicateRequestId`. `received_wall` is when the HTTP request came in: the
+        request arrives in the engine then, so the time spent parsing and validating it is absorbed
+        rather than added to its latency. Requests with different `cache_salt`s share no cached prefix."""
         if rid in self.states:
             raise DuplicateRequestId(f"Duplicate request ID detected: {rid}")
         if self.error is not None:
@@ -157,9 +166,9 @@ class EngineRunner:
         req = EngineRequest(
             rid=rid,
             prompt_len=len(input_ids),
-            block_hashes=tuple(token_block_hashes(input_ids, self.block_tokens)),
+            block_hashes=tuple(token_block_hashes(input_ids, self.block_tokens, cache_salt)),
             block_tokens=self.block_tokens,
-            max_new_tokens=max(1, max_new_tokens),
+            max_new_tokens=max_new_tokens,
             arrival_s=arrival,
             stop_after=stop_at[0] if stop_at is not None else None,
         )
@@ -216,6 +225,8 @@ class EngineRunner:
                 self.steps += 1
                 await self._sleep_until(self.wall_at(end))
                 self._deliver(outcome, end)
+                if logger.isEnabledFor(logging.INFO):
+                    self._log_step(outcome)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the engine model failed: fail loudly, answer what is in flight
@@ -237,6 +248,24 @@ class EngineRunner:
         await asyncio.sleep(delay)
         late = min(max(time.perf_counter() - target, 0.0), MAX_LATENESS_S)
         self._wake_lateness += LATENESS_WEIGHT * (late - self._wake_lateness)
+
+    def _log_step(self, outcome: StepOutcome) -> None:
+        """SGLang's batch log lines: every prefill batch, and every decode_log_interval decode iterations."""
+        if outcome.kind == "decode":
+            self._decode_iterations += outcome.iterations
+            if self._decode_iterations < self.engine.cfg.decode_log_interval:
+                return
+            self._decode_iterations = 0
+            load = self.engine.load()
+            logger.info("Decode batch. #running-req: %d, #token: %d, token usage: %.2f, gen throughput (token/s): "
+                        "%.2f, #queue-req: %d", load.running, load.used_kv_tokens, load.token_usage,
+                        load.gen_throughput, load.waiting)
+        elif outcome.kind in ("prefill", "mixed"):
+            load = self.engine.load()
+            logger.info("Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
+                        "#running-req: %d, #queue-req: %d", len(outcome.first_tokens), outcome.prefill_tokens,
+                        sum(ft.cached_tokens for ft in outcome.first_tokens), load.token_usage, load.running,
+                        load.waiting)
 
     def _deliver(self, outcome: StepOutcome, end_emu: float) -> None:
         wall = time.perf_counter()
@@ -266,7 +295,7 @@ class EngineRunner:
             if previous > 0 and state.log_metrics and state.last_token_wall is not None:
                 metrics.on_decode(wall - state.last_token_wall, n)
             state.last_token_wall = wall
-            state.changed.set()
+            state.notify()
         for rid in outcome.retracted:
             state = states.get(rid)
             if state is not None:
@@ -298,4 +327,4 @@ class EngineRunner:
         state.finished_wall = wall
         state.finished_emu = emu
         self.states.pop(state.rid, None)
-        state.changed.set()
+        state.notify()

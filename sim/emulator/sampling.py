@@ -1,9 +1,10 @@
 """SGLang's `sampling_params`: the accepted keys, their defaults and SGLang's validation messages.
 
 The emulator does not sample, but it must accept and reject exactly what SGLang does, and the
-length-related parameters (max_new_tokens, min_new_tokens, stop, stop_token_ids) decide how long the
-emulated generation runs. Errors are `ValueError`s whose text is SGLang's, which the server turns into
-SGLang's 400 responses.
+length-related parameters (max_new_tokens, min_new_tokens, stop, stop_token_ids, stop_regex) decide how
+long the emulated generation runs. Errors are `ValueError`s whose text is SGLang's, which the server
+turns into SGLang's 400 responses. Where SGLang sets no bound the emulator sets one (MAX_N,
+MAX_STOP_ITEMS, MAX_STOP_CHARS), so that one request cannot ask for unbounded work.
 """
 
 from __future__ import annotations
@@ -11,7 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import regex
+
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's SamplingParams default
+MAX_N = 128  # parallel samples per prompt (SGLang has no limit)
+MAX_STOP_ITEMS = 64  # stop strings, stop regexes and stop token ids, each (SGLang has no limit)
+MAX_STOP_CHARS = 1024  # length of one stop string or stop regex (SGLang has no limit)
 
 _NUMBER_DEFAULTS: dict[str, float] = {
     "temperature": 1.0,
@@ -40,7 +46,9 @@ class SamplingParams:
     min_new_tokens: int
     stop: tuple[str, ...]
     stop_token_ids: tuple[int, ...]
+    stop_regex: tuple[str, ...]
     no_stop_trim: bool
+    n: int
 
 
 def _number(params: dict[str, Any], key: str) -> float:
@@ -97,24 +105,40 @@ def parse_sampling_params(raw: Any, default_max_new_tokens: int = DEFAULT_MAX_NE
     if not 0 <= min_new <= max_new:
         raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {min_new}.")
     n = _int_or_none(raw, "n")
-    if n is not None and n != 1:
-        raise ValueError("The emulator supports n=1 only.")
-    stop = raw.get("stop")
-    if stop is None:
-        stops: tuple[str, ...] = ()
-    elif isinstance(stop, str):
-        stops = (stop,)
-    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        stops = tuple(stop)
-    else:
-        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}.")
+    n = 1 if n is None else n
+    if not 1 <= n <= MAX_N:
+        raise ValueError(f"n must be in [1, {MAX_N}], got {n}.")
+    stops = _strings(raw.get("stop"), "stop")
+    stop_regex = _strings(raw.get("stop_regex"), "stop_regex")
+    for pattern in stop_regex:
+        try:
+            regex.compile(pattern)
+        except regex.error as exc:
+            raise ValueError(f"stop_regex {pattern!r} is not a valid regular expression: {exc}.") from None
     stop_ids = raw.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise ValueError(f"stop_token_ids must be a list of integers, got {stop_ids!r}.")
+    if len(stop_ids) > MAX_STOP_ITEMS:
+        raise ValueError(f"stop_token_ids may hold at most {MAX_STOP_ITEMS} ids.")
     return SamplingParams(
         max_new_tokens=max_new,
         min_new_tokens=min_new,
         stop=stops,
         stop_token_ids=tuple(stop_ids),
+        stop_regex=stop_regex,
         no_stop_trim=bool(raw.get("no_stop_trim", False)),
+        n=n,
     )
+
+
+def _strings(value: Any, key: str) -> tuple[str, ...]:
+    """A string or a list of strings (`stop`, `stop_regex`), bounded in count and length."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise ValueError(f"{key} must be a string or a list of strings, got {value!r}.")
+    if len(value) > MAX_STOP_ITEMS or any(len(s) > MAX_STOP_CHARS for s in value):
+        raise ValueError(f"{key} may hold at most {MAX_STOP_ITEMS} entries of at most {MAX_STOP_CHARS} characters.")
+    return tuple(value)

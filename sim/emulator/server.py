@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hmac
 import logging
 import time
 import uuid
@@ -22,16 +23,20 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lodestar.hardware import model as model_spec
-from sim.emulator import openai_api
-from sim.emulator.emulator import QUEUE_FULL_MESSAGE, Emulator, EmulatorConfig
+from sim.emulator import openai_api, openai_responses, openai_score
+from sim.emulator.emulator import QUEUE_FULL_MESSAGE, Emulator, EmulatorConfig, Generation, PreparedRequest, Sample
+from sim.emulator.native_input import parse_generate_body
 from sim.emulator.responses import (
     SSE_DONE,
     BadRequest,
+    PayloadTooLarge,
     error_response,
     event_stream,
     events,
@@ -41,7 +46,6 @@ from sim.emulator.responses import (
     sse,
     wait_unless_disconnected,
 )
-from sim.emulator.runner import RequestState
 from sim.engine import QueueFull
 
 SGLANG_VERSION = "0.5.5"  # the SGLang release whose API the emulator speaks
@@ -50,6 +54,7 @@ GC_GEN0_THRESHOLD = 20_000  # allocations between young-generation collections (
 HEALTH_CHECK_TIMEOUT_S = 20.0
 logger = logging.getLogger(__name__)
 LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
+OPEN_PATHS = ("/health", "/metrics")  # answered without the API key, as SGLang does
 
 
 def create_app(emulator: Emulator) -> Starlette:
@@ -78,10 +83,16 @@ def create_app(emulator: Emulator) -> Starlette:
         Route("/abort_request", native.abort_request, methods=["POST"]),
         Route("/metrics", native.metrics, methods=["GET"]),
         *openai_api.routes(emulator),
+        *openai_responses.routes(emulator),
+        *openai_score.routes(emulator),
     ]
+    config = emulator.config
     app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={HTTPException: _http_exception, BadRequest: _bad_request})
+                    middleware=[Middleware(_Guard, api_key=config.api_key, max_payload_size=config.max_payload_size)],
+                    exception_handlers={HTTPException: _http_exception, BadRequest: _bad_request,
+                                        PayloadTooLarge: _too_large})
     app.state.emulator = emulator
+    app.state.max_payload_size = config.max_payload_size
     return app
 
 
@@ -94,6 +105,45 @@ async def _bad_request(_: Request, exc: Exception) -> Response:
     return error_response(str(exc), "Bad Request", 400)
 
 
+async def _too_large(_: Request, exc: Exception) -> Response:
+    assert isinstance(exc, PayloadTooLarge)
+    return error_response(str(exc), "Payload Too Large", 413)
+
+
+def _bearer_matches(authorization: bytes, key: bytes) -> bool:
+    """`Bearer <key>`, the scheme in any case (RFC 6750, as SGLang's middleware reads it), compared in constant time."""
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
+class _Guard:
+    """In front of every route, as SGLang's middlewares: with an API key, a request without
+    `Authorization: Bearer <key>` gets 401 (except /health* and /metrics); a body whose Content-Length
+    exceeds max_payload_size gets 413 before it is read (read_json_object bounds bodies without one)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, max_payload_size: int) -> None:
+        self.app = app
+        self.expected = api_key.encode() if api_key else None
+        self.max_payload_size = max_payload_size
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        path = scope["path"]
+        if (self.expected is not None and scope["method"] != "OPTIONS" and not path.startswith(OPEN_PATHS)
+                and not _bearer_matches(headers.get(b"authorization", b""), self.expected)):
+            await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+            return
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_payload_size:
+            response = await _too_large(Request(scope), PayloadTooLarge(self.max_payload_size))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 class _NativeRoutes:
     """Handlers of SGLang's native API for one emulator."""
 
@@ -103,29 +153,67 @@ class _NativeRoutes:
     # ---- generation -------------------------------------------------------------------------
 
     async def generate(self, request: Request) -> Response:
-        """POST /generate: `text` or `input_ids`, `sampling_params`, `stream`, optional `rid`, `log_metrics`."""
+        """POST /generate: one prompt or a batch (`text` / `input_ids`), `sampling_params` (with `n`),
+        logprob options, `stream`, optional `rid`, `log_metrics`, `cache_salt`."""
         received = time.perf_counter()
         body = await read_json_object(request)
         emu = self.emu
         stream = bool(body.get("stream", False))
-        rid = body.get("rid") or uuid.uuid4().hex
-        if not isinstance(rid, str):
-            return native_error("Batched requests are not supported by the emulator.")
+        log_metrics = body.get("log_metrics") is not False
         try:
-            prepared = emu.prepare(body.get("text"), body.get("input_ids"), body.get("sampling_params"))
-            state = emu.submit(rid, prepared, log_metrics=body.get("log_metrics") is not False,
-                               received_wall=received)
+            inp = parse_generate_body(body, emu.card.vocab)
+            texts = inp.texts or [None] * inp.size
+            ids = inp.input_ids or [None] * inp.size
+            prepared = [emu.prepare(t, i, sp, lp, inp.cache_salt)
+                        for t, i, sp, lp in zip(texts, ids, inp.sampling_params, inp.logprobs, strict=True)]
+        except ValueError as exc:
+            return self._bad_request(str(exc), stream)
+        if not inp.batch and prepared[0].n == 1:
+            rid = inp.rids[0] if inp.rids else uuid.uuid4().hex
+            return await self._generate_one(request, received, rid, prepared[0], stream, log_metrics)
+        try:
+            gen = await emu.generate(prepared, inp.rids if prepared[0].n == 1 else None, log_metrics, received)
+        except QueueFull:
+            if stream:
+                return event_stream(events(sse(emu.reject(uuid.uuid4().hex, len(prepared[0].input_ids))), SSE_DONE))
+            emu.metrics.on_abort()
+            return error_response(QUEUE_FULL_MESSAGE, "503", 503)
+        except ValueError as exc:
+            return self._bad_request(str(exc), stream)
+        if stream:
+            return event_stream(self._stream_many(gen))
+        if not await wait_unless_disconnected(request, gen.wait):
+            gen.abort("Request is disconnected from the client side.")
+            return Response(status_code=499)
+        for s in gen.samples:
+            reason = s.state.finish_reason or {}
+            if reason.get("type") == "abort" and reason.get("status_code"):
+                code = int(reason["status_code"])
+                return error_response(str(reason.get("message")), str(code), code)
+        return Response(b"[" + b",".join(emu.output_json(s) for s in gen.samples) + b"]",
+                        media_type="application/json")
+
+    @staticmethod
+    def _bad_request(message: str, stream: bool) -> Response:
+        if stream:  # SGLang reports stream errors in-band
+            return event_stream(events(sse({"error": {"message": message}}), SSE_DONE))
+        return native_error(message)
+
+    async def _generate_one(self, request: Request, received: float, rid: str, prepared: PreparedRequest,
+                            stream: bool, log_metrics: bool) -> Response:
+        emu = self.emu
+        try:
+            state = emu.submit(rid, prepared, log_metrics=log_metrics, received_wall=received)
         except QueueFull:
             if stream:
                 return event_stream(events(sse(emu.reject(rid, len(prepared.input_ids))), SSE_DONE))
             emu.metrics.on_abort()
             return error_response(QUEUE_FULL_MESSAGE, "503", 503)
         except ValueError as exc:
-            if stream:
-                return event_stream(events(sse({"error": {"message": str(exc)}}), SSE_DONE))
-            return native_error(str(exc))
+            return self._bad_request(str(exc), stream)
+        sample = Sample(0, prepared, state)
         if stream:
-            return event_stream(self._stream(state, prepared.no_stop_trim))
+            return event_stream(self._stream(sample))
         if not await wait_unless_disconnected(request, state.wait_finished):
             emu.runner.abort(rid, "Request is disconnected from the client side.")
             return Response(status_code=499)
@@ -133,17 +221,29 @@ class _NativeRoutes:
         if reason.get("type") == "abort" and reason.get("status_code"):
             code = int(reason["status_code"])
             return error_response(str(reason.get("message")), str(code), code)
-        return Response(emu.output_json(state, prepared.no_stop_trim), media_type="application/json")
+        return Response(emu.output_json(sample), media_type="application/json")
 
-    async def _stream(self, state: RequestState, no_stop_trim: bool) -> AsyncIterator[bytes]:
+    async def _stream(self, sample: Sample) -> AsyncIterator[bytes]:
         emu = self.emu
+        state = sample.state
         try:
-            async for current in emu.updates(state):
-                yield b"data: " + emu.output_json(current, no_stop_trim) + b"\n\n"
+            async for _ in emu.updates(state):
+                yield b"data: " + emu.output_json(sample) + b"\n\n"
             yield SSE_DONE
         finally:
             if not state.finished:  # the client went away mid-stream
                 emu.runner.abort(state.rid, "Request is disconnected from the client side.")
+
+    async def _stream_many(self, gen: Generation) -> AsyncIterator[bytes]:
+        """Each sample's cumulative output as it changes, tagged with its `index` in the request."""
+        emu = self.emu
+        try:
+            async for sample in gen.updates():
+                yield b"data: " + emu.output_json(sample, index=True) + b"\n\n"
+            yield SSE_DONE
+        finally:
+            if not gen.finished:
+                gen.abort("Request is disconnected from the client side.")
 
     async def abort_request(self, request: Request) -> Response:
         """POST /abort_request: `{"rid": ..., "abort_all": false}`."""
@@ -379,7 +479,10 @@ async def _warm_up(server: uvicorn.Server, emulator: Emulator) -> None:
         await asyncio.sleep(0.01)
     host = "127.0.0.1" if emulator.config.host in ("0.0.0.0", "") else emulator.config.host
     body = {"text": WARMUP_TEXT, "sampling_params": {"max_new_tokens": 8, "temperature": 0}, "log_metrics": False}
-    async with httpx.AsyncClient(base_url=f"http://{host}:{emulator.config.port}", timeout=60) as client:
+    key = emulator.config.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with httpx.AsyncClient(base_url=f"http://{host}:{emulator.config.port}", timeout=60,
+                                 headers=headers) as client:
         for stream in (True, False):
             response = await client.post("/generate", json={**body, "stream": stream})
             response.raise_for_status()

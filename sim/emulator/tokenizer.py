@@ -1,31 +1,44 @@
 """A cheap deterministic stand-in for a model's tokenizer, and the filler text the emulator "generates".
 
 Tokenization: the text is cut into pieces by one regular expression, in this order of preference:
-a special token such as `<|eot_id|>`, a word with the whitespace before it (" hello"), one punctuation
-character with the whitespace before it (" ,"), or a run of trailing whitespace. A piece's token id is
-its xxhash64 modulo the vocabulary size, so equal texts give equal ids and a shared text prefix gives
-a shared id prefix (up to the piece that straddles the divergence point) — which is all the prefix
-cache needs. Text prompts get the model's BOS id in front, as the Hugging Face tokenizers of the
-served models do; `input_ids` are taken as they are. About one token per word: "word1 word2" is
+a special token such as `<|eot_id|>` (whitespace before one is a piece of its own), a word with the
+whitespace before it (" hello"), one punctuation character with the whitespace before it (" ,"), or a
+run of trailing whitespace. The model's own special
+tokens (`ModelCard.special_tokens`) get their real ids; any other piece's id is its xxhash64 modulo the
+card's `filler_base`, so equal texts give equal ids and a shared text prefix gives a shared id prefix
+(up to the piece that straddles the divergence point) - which is all the prefix cache needs. Text
+prompts get the model's BOS id in front, as the Hugging Face tokenizers of the served models do;
+`input_ids` are taken as they are. About one token per word: "word1 word2" is
 [BOS, id("word1"), id(" word2")].
 
-Generated text: output token n (0-based) is the piece " tok{n}", with the id the tokenizer gives that
-piece, so cumulative text grows token by token and re-tokenizing an answer gives back its ids. The
-filler is plain ASCII without quotes or backslashes, so it can be put into JSON as it is.
+Generated text: output token n (0-based) is the piece " tok{n}", whose id is `filler_base + n % FILLER_IDS`
+(a range no other piece maps to), so cumulative text grows token by token, re-tokenizing an answer
+gives back its ids, and the id of a generated token says which one it is (`filler_index`). The filler
+is plain ASCII without quotes or backslashes, so it can be put into JSON as it is.
+
+Decoding: a filler or special id decodes to its text; any other id to the last piece this tokenizer
+gave that id (it remembers a bounded number), or, for an id it never produced, to `<id:N>`.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import regex
 import xxhash
 
-from sim.emulator.model_card import ModelCard
+from sim.emulator.model_card import FILLER_IDS, ModelCard
 
-_PIECE = re.compile(r"<\|[A-Za-z0-9_]+\|>|\s*\w+|\s*[^\w\s]|\s+")
+_SPECIAL = r"<\|[A-Za-z0-9_]+\|>"
+_PIECE = re.compile(rf"{_SPECIAL}|\s+(?={_SPECIAL})|\s*\w+|\s*[^\w\s]|\s+")
+_FILLER_PIECE = re.compile(r" tok(0|[1-9][0-9]{0,8})")
 _CACHE_LIMIT = 1 << 18
+REGEX_WINDOW_CHARS = 1024  # a stop_regex is searched in this much of the end of the text
+REGEX_BUDGET_S = 0.25  # the most time spent looking for where a request's stop_regex matches
+_END_SENSITIVE = ("$", "\\Z", "\\b", "\\B", "(?=", "(?!")  # constructs that look at where the text ends
 
 
 class Tokenizer:
@@ -34,7 +47,11 @@ class Tokenizer:
     def __init__(self, card: ModelCard) -> None:
         self.card = card
         self.vocab = card.vocab
-        self._ids: dict[str, int] = {}
+        self.filler_base = card.filler_base
+        self._special_texts = {i: t for t, i in card.special_tokens.items()}
+        self._ids: dict[str, int] = dict(card.special_tokens)
+        self._pieces: dict[int, str] = {}  # id -> the last hashed piece given that id
+        self._regex_stops: dict[tuple[tuple[str, ...], int, int], tuple[int, str] | None] = {}
         self._filler_text = ""
         self._filler_offsets: list[int] = [0]  # char offset where filler token n starts
         self._filler_ids: list[int] = []
@@ -46,10 +63,20 @@ class Tokenizer:
         tid = self._ids.get(piece)
         if tid is None:
             if len(self._ids) >= _CACHE_LIMIT:
-                self._ids.clear()
-            tid = xxhash.xxh64_intdigest(piece.encode()) % self.vocab
+                self._ids = dict(self.card.special_tokens)
+                self._pieces.clear()
+            filler = _FILLER_PIECE.fullmatch(piece)
+            if filler is not None:
+                tid = self.filler_base + int(filler.group(1)) % FILLER_IDS
+            else:
+                tid = xxhash.xxh64_intdigest(piece.encode()) % self.filler_base
+                self._pieces[tid] = piece
             self._ids[piece] = tid
         return tid
+
+    def pieces(self, text: str) -> list[str]:
+        """The pieces a text is cut into (their concatenation is the text)."""
+        return _PIECE.findall(text)
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of a text; the model's BOS first when `add_bos` and the model has one."""
@@ -57,6 +84,30 @@ class Tokenizer:
         if add_bos and self.card.bos_token_id is not None:
             ids.insert(0, self.card.bos_token_id)
         return ids
+
+    # ---- decoding ------------------------------------------------------------------------------
+
+    def filler_index(self, token_id: int) -> int | None:
+        """n (modulo FILLER_IDS) if `token_id` is the id of generated token n, else None."""
+        n = token_id - self.filler_base
+        return n if 0 <= n < FILLER_IDS else None
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_texts
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token id."""
+        n = self.filler_index(token_id)
+        if n is not None:
+            return f" tok{n}"
+        text = self._special_texts.get(token_id)
+        if text is None:
+            text = self._pieces.get(token_id)
+        return f"<id:{token_id}>" if text is None else text
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of a token sequence (special tokens left out when `skip_special_tokens`)."""
+        return "".join(self.token_text(t) for t in ids if not (skip_special_tokens and self.is_special(t)))
 
     # ---- filler output -------------------------------------------------------------------------
 
@@ -71,7 +122,8 @@ class Tokenizer:
         for p in pieces:
             pos += len(p)
             offsets.append(pos)
-        new_ids = [self.piece_id(p) for p in pieces]
+        base = self.filler_base
+        new_ids = [base + i % FILLER_IDS for i in range(have, n)]
         self._filler_ids.extend(new_ids)
         self._filler_text += "".join(pieces)
         ends = self._filler_csv_ends
@@ -109,13 +161,13 @@ class Tokenizer:
         return lo
 
     def first_stop(self, stops: Sequence[str], stop_token_ids: Sequence[int], min_tokens: int,
-                   max_tokens: int) -> tuple[int, str | int] | None:
-        """Where generation stops on a stop string or stop token before `max_tokens` tokens.
+                   max_tokens: int, stop_regexes: Sequence[str] = ()) -> tuple[int, str | int] | None:
+        """Where generation stops on a stop string, stop token or stop regex before `max_tokens` tokens.
 
-        Returns (number of tokens generated, the matched string or token id) for the earliest match
-        that ends at token `min_tokens` or later, or None when nothing matches.
+        Returns (number of tokens generated, the matched string, token id or regex pattern) for the
+        earliest match that ends at token `min_tokens` or later, or None when nothing matches.
         """
-        if max_tokens <= 0 or not (stops or stop_token_ids):
+        if max_tokens <= 0 or not (stops or stop_token_ids or stop_regexes):
             return None
         self._grow_filler(max_tokens)
         text_end = self._filler_offsets[max_tokens]
@@ -130,6 +182,10 @@ class Tokenizer:
             n = self.filler_token_covering(pos + len(s))
             if best is None or n < best[0]:
                 best = (n, s)
+        if stop_regexes:
+            found = self._first_regex_stop(tuple(stop_regexes), min_tokens, best[0] - 1 if best else max_tokens)
+            if found is not None:
+                best = found
         wanted = set(stop_token_ids)
         if wanted:
             limit = best[0] - 1 if best else max_tokens
@@ -138,6 +194,61 @@ class Tokenizer:
                     best = (i + 1, self._filler_ids[i])
                     break
         return best
+
+    def _first_regex_stop(self, patterns: tuple[str, ...], min_tokens: int,
+                          max_tokens: int) -> tuple[int, str] | None:
+        """The first n in [max(min_tokens, 1), max_tokens] at which a pattern matches the text of n
+        tokens, as SGLang checks after every token (`$` matching at the end of the text so far).
+
+        A pattern that cannot depend on where the text ends matches in n tokens iff it matches in more,
+        so the first such n is found by bisection; one that can (`$`, `\\Z`, `\\b`, `\\B`, a
+        lookahead) is tried token by token over the last REGEX_WINDOW_CHARS characters. Results are
+        cached (the filler is the same for every request); a search that takes longer than
+        REGEX_BUDGET_S is a ValueError, so that a pathological pattern cannot stall the server."""
+        key = (patterns, min_tokens, max_tokens)
+        if key in self._regex_stops:
+            return self._regex_stops[key]
+        deadline = time.perf_counter() + REGEX_BUDGET_S
+        first = max(min_tokens, 1)
+        found: tuple[int, str] | None = None
+        try:
+            for pattern in patterns:
+                limit = found[0] - 1 if found else max_tokens
+                n = self._regex_first_end(regex.compile(pattern), first, limit, deadline)
+                if n is not None:
+                    found = (n, pattern)
+        except TimeoutError:
+            raise ValueError(f"stop_regex took longer than {REGEX_BUDGET_S} s to evaluate.") from None
+        if len(self._regex_stops) >= 256:
+            self._regex_stops.clear()
+        self._regex_stops[key] = found
+        return found
+
+    def _regex_first_end(self, compiled: regex.Pattern[str], first: int, last: int, deadline: float) -> int | None:
+        text = self._filler_text
+        offsets = self._filler_offsets
+
+        def matches(n: int, start: int = 0) -> bool:
+            budget = max(deadline - time.perf_counter(), 1e-6)
+            return compiled.search(text, start, offsets[n], timeout=budget) is not None
+
+        if first > last:
+            return None
+        if any(a in compiled.pattern for a in _END_SENSITIVE):
+            for n in range(first, last + 1):
+                if matches(n, max(0, offsets[n] - REGEX_WINDOW_CHARS)):
+                    return n
+            return None
+        if not matches(last):
+            return None
+        lo, hi = first, last  # the answer is in [lo, hi]
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if matches(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
 
 def render_chat(card: ModelCard, messages: Sequence[Mapping[str, Any]]) -> str:

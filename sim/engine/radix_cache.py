@@ -1,13 +1,16 @@
 """Block-granular radix prefix cache with reference counts and LRU eviction, as in SGLang's RadixCache.
 
-Keys are chained block hashes (lodestar.hashing): block i's hash identifies blocks 0..i, so a prefix of
-k blocks is cached iff the hash of its k-th block is, and the longest cached prefix is found by binary
-search over k. Nodes are runs of blocks (a compressed radix tree, split where prefixes diverge or where
-a request's match ends); each block holds `block_tokens` tokens of KV.
+Keys are chained block hashes (lodestar.hashing): block i's hash identifies blocks 0..i. Nodes are runs
+of blocks (a compressed radix tree, split where prefixes diverge or where a request's match ends), each
+block holding `block_tokens` tokens of KV; a node's children are keyed by their first block's hash. A
+match walks down from the root, one dict lookup per node on the path; inside a node the chain's prefix
+property (equal hashes at position j mean equal blocks 0..j) lets it bisect for where a run stops
+matching. No structure grows with the number of cached blocks other than the runs themselves, so a
+block of one token (SGLang's default page size) costs no per-token bookkeeping.
 
-Granularity: SGLang's default page size is 1 token; here the unit is a whole block. A prompt's trailing
-partial block is never cached (it stays private to its request and is freed when it finishes), so a
-match can be up to block_tokens - 1 tokens shorter than SGLang's.
+Granularity: the unit is a whole block. A prompt's trailing partial block is never cached (it stays
+private to its request and is freed when it finishes), so with blocks of more than one token a match can
+be up to block_tokens - 1 tokens shorter than SGLang's at page size 1.
 
 Eviction: only unreferenced (lock_ref == 0) leaves are evictable, least recently used first, a whole
 node at a time (as SGLang's `evict`). Recency order is kept in one ordered dict of unlocked nodes in
@@ -25,11 +28,10 @@ ROOT = 0
 class BlockRadixCache:
     """Prefix cache over chained block hashes; node ids are ints, state lives in flat dicts."""
 
-    __slots__ = ("_index", "_seg", "_bt", "_parent", "_children", "_lock", "_lru", "_next_id",
-                 "total_tokens", "evictable_tokens")
+    __slots__ = ("_seg", "_bt", "_parent", "_children", "_lock", "_lru", "_next_id", "total_tokens",
+                 "evictable_tokens")
 
     def __init__(self) -> None:
-        self._index: dict[int, tuple[int, int]] = {}  # block hash -> (node, offset in node)
         self._seg: dict[int, tuple[int, ...]] = {ROOT: ()}
         self._bt: dict[int, int] = {ROOT: 0}  # tokens per block of the node
         self._parent: dict[int, int] = {}
@@ -52,30 +54,46 @@ class BlockRadixCache:
     def node_tokens(self, node: int) -> int:
         return len(self._seg[node]) * self._bt[node]
 
+    def _walk(self, hashes: tuple[int, ...] | list[int], limit: int | None) -> tuple[int, int, int]:
+        """(k, node, used): the longest cached prefix of `hashes` (at most `limit` blocks) is k blocks long
+        and ends in `node` after its first `used` blocks; (0, ROOT, 0) when nothing matches."""
+        n = len(hashes) if limit is None else min(limit, len(hashes))
+        children = self._children
+        segs = self._seg
+        node, k, used = ROOT, 0, 0
+        while k < n:
+            child = children[node].get(hashes[k])
+            if child is None:
+                break
+            seg = segs[child]
+            m = min(len(seg), n - k)
+            if seg[m - 1] == hashes[k + m - 1]:
+                j = m
+            else:  # seg[0] matches, seg[m - 1] does not: bisect for the first block that differs
+                lo, hi = 1, m - 1
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if seg[mid] == hashes[k + mid]:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                j = lo
+            node, used, k = child, j, k + j
+            if j < len(seg):
+                break
+        return k, node, used
+
     def cached_blocks(self, hashes: tuple[int, ...] | list[int], limit: int | None = None) -> int:
         """Length in blocks of the longest cached prefix of `hashes` (at most `limit`); no side effects."""
-        index = self._index
-        hi = len(hashes) if limit is None else min(limit, len(hashes))
-        if hi == 0 or hashes[0] not in index:
-            return 0
-        if hashes[hi - 1] in index:
-            return hi
-        lo = 1  # hashes[lo-1] cached, hashes[hi-1] not
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if hashes[mid - 1] in index:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        return self._walk(hashes, limit)[0]
 
     # ---- matching and insertion ----------------------------------------------------------------
     def match_prefix(self, hashes: tuple[int, ...] | list[int], limit: int | None = None) -> tuple[int, int]:
         """(matched blocks, node ending exactly there); splits a node if needed and marks the path used."""
-        k = self.cached_blocks(hashes, limit)
+        k, node, used = self._walk(hashes, limit)
         if k == 0:
             return 0, ROOT
-        node = self._node_ending_at(hashes[k - 1])
+        node = self._ending(node, used)
         self._touch(node)
         return k, node
 
@@ -83,8 +101,9 @@ class BlockRadixCache:
         """Add the chain `hashes` (whole blocks of `block_tokens` tokens); returns the node of its last block."""
         if not hashes:
             return ROOT
-        k = self.cached_blocks(hashes)
-        parent = self._node_ending_at(hashes[k - 1]) if k else ROOT
+        k, parent, used = self._walk(hashes, None)
+        if k:
+            parent = self._ending(parent, used)
         if k == len(hashes):
             self._touch(parent)
             return parent
@@ -97,9 +116,6 @@ class BlockRadixCache:
         self._children[node] = {}
         self._children[parent][seg[0]] = node
         self._lock[node] = 0
-        index = self._index
-        for off, h in enumerate(seg):
-            index[h] = (node, off)
         tokens = len(seg) * block_tokens
         self.total_tokens += tokens
         self.evictable_tokens += tokens
@@ -107,12 +123,9 @@ class BlockRadixCache:
         self._touch(node)
         return node
 
-    def _node_ending_at(self, h: int) -> int:
-        """The node whose last block is `h`, splitting the node that holds `h` mid-run if needed."""
-        node, off = self._index[h]
-        if off < len(self._seg[node]) - 1:
-            return self._split(node, off + 1)
-        return node
+    def _ending(self, node: int, used: int) -> int:
+        """The node whose last block is `node`'s block `used - 1`, splitting `node` there if needed."""
+        return self._split(node, used) if used < len(self._seg[node]) else node
 
     def _split(self, node: int, at: int) -> int:
         """Move the first `at` blocks of `node` into a new parent node and return it. `node` keeps the
@@ -129,11 +142,6 @@ class BlockRadixCache:
         self._children[parent][seg[0]] = head
         self._children[head] = {seg[at]: node}
         self._lock[head] = self._lock[node]
-        index = self._index
-        for off, h in enumerate(seg[:at]):
-            index[h] = (head, off)
-        for off, h in enumerate(seg[at:]):
-            index[h] = (node, off)
         if self._lock[node] == 0:
             self._lru[head] = None  # newer than its child; callers touch the path right after
         return head
@@ -189,9 +197,6 @@ class BlockRadixCache:
     def _remove_leaf(self, node: int) -> int:
         seg = self._seg.pop(node)
         bt = self._bt.pop(node)
-        index = self._index
-        for h in seg:
-            del index[h]
         parent = self._parent.pop(node)
         del self._children[parent][seg[0]]
         del self._children[node]
@@ -207,7 +212,6 @@ class BlockRadixCache:
     def clone(self) -> BlockRadixCache:
         """An independent copy (flat dict copies; the per-node children dicts are copied too)."""
         c = BlockRadixCache.__new__(BlockRadixCache)
-        c._index = self._index.copy()
         c._seg = self._seg.copy()
         c._bt = self._bt.copy()
         c._parent = self._parent.copy()

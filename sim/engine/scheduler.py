@@ -58,7 +58,7 @@ class EngineRequest:
     prompt_len: int
     block_hashes: tuple[int, ...]
     block_tokens: int
-    max_new_tokens: int
+    max_new_tokens: int  # 0: prefill only (SGLang's scoring and prefix-warming requests)
     arrival_s: float
     stop_after: int | None = None  # output length at which an EOS stops it ("stop"); None: runs to the limit
     # Chained hashes of the whole blocks of prompt + output that follow the prompt's whole blocks (the
@@ -210,8 +210,8 @@ class Engine:
         """Queue a request (arrived at `now`). Raises QueueFull or RequestTooLarge as SGLang would reject it."""
         if self.cfg.max_queued_requests is not None and len(self.waiting) >= self.cfg.max_queued_requests:
             raise QueueFull("The request queue is full.")
-        if req.prompt_len < 1 or req.max_new_tokens < 1 or req.block_tokens < 1:
-            raise ValueError("prompt_len, max_new_tokens and block_tokens must be >= 1")
+        if req.prompt_len < 1 or req.max_new_tokens < 0 or req.block_tokens < 1:
+            raise ValueError("prompt_len and block_tokens must be >= 1, max_new_tokens >= 0")
         need = req.prompt_len + min(req.max_new_tokens, self.cfg.clip_max_new_tokens)
         if need >= self.max_kv_tokens or req.prompt_len + req.max_new_tokens > (self.cfg.context_len or need):
             raise RequestTooLarge(
@@ -393,6 +393,9 @@ class Engine:
             self._cache_blocks(r)
             if r.kv_len < r.fill_len:
                 continue  # the chunked request: more chunks to go
+            if r.limit == 0:  # prefill only (max_new_tokens 0): done once the prompt is in the cache
+                self._finish(r, out)
+                continue
             if r.output == 0:
                 out.first_tokens.append(FirstToken(r.rid, r.cached_tokens, r.prompt_len, r.queued_s))
             r.output += 1

@@ -10,14 +10,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 from worker_harness import isolated_settings, produce
 
 from dispatcher.service import Dispatcher
 from learner.service import LearnerService
 from lodestar.kafka_admin import ensure_topics
+from lodestar.kafka_io import make_consumer
 from lodestar.names import RedisKeys, Topics
+from lodestar.redis_io import make_redis
 from lodestar.schemas import InferenceRequest, WorkerState
 from lodestar.settings import Settings
 from lodestar.worker_registry import WorkerRegistry
@@ -39,7 +40,7 @@ class FakeWorkers:
     """Worker registry entries kept alive by a heartbeat task, as the worker service would."""
 
     def __init__(self, settings: Settings):
-        self.client = aioredis.from_url(settings.redis.url)
+        self.client = make_redis(settings)
         self.registry = WorkerRegistry(self.client, RedisKeys(settings.redis.key_prefix), settings.worker.state_ttl_s)
         self.topics = Topics(settings.kafka.topic_prefix)
         self.settings = settings
@@ -100,8 +101,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -
 
 
 async def committed_total(settings: Settings, group: str, topic: str) -> int:
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group,
-                                enable_auto_commit=False)
+    consumer = make_consumer(settings, group_id=group, client_id="test-committed-total")
     await consumer.start()
     try:
         parts = consumer.partitions_for_topic(topic) or set()

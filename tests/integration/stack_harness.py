@@ -7,21 +7,24 @@ a process that dies unexpectedly fails the test with its log tail (app.stack.Sta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worker_harness import cleanup, isolated_settings
+from worker_harness import TopicReader, cleanup, isolated_settings
 
 from app.local_stack import child_env, start_pipeline
 from app.readiness import StackProbes
 from app.stack import Stack
+from lodestar.client import LodestarClient
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import Topics
-from lodestar.schemas import InferenceRequest, SamplingParams
+from lodestar.schemas import InferenceRequest, InferenceResult, SamplingParams, TelemetryEvent
 from lodestar.settings import Settings
 from sim.cluster import WorkerSpec
 
@@ -71,11 +74,14 @@ class Pipeline:
 @contextlib.asynccontextmanager
 async def running_pipeline(
     settings: Settings, log_dir: Path, cluster: Sequence[WorkerSpec], dispatcher_ids: Sequence[str], policy: str,
-    *, learner: bool = True, time_scale: float = 1.0,
+    *, learner: bool = True, time_scale: float = 1.0, extra_env: dict[str, str] | None = None,
+    group_env: dict[str, dict[str, str]] | None = None,
 ) -> AsyncIterator[Pipeline]:
-    """Start emulators, workers, (the learner) and dispatchers; stop them and remove topics and keys after."""
+    """Start emulators, workers, (the learner) and dispatchers, every process with `extra_env` added to the
+    settings' environment and a group's processes with `group_env[group]` (app.local_stack's group names);
+    stop them and remove topics and keys after."""
     await ensure_topics(settings, fixed_topic_partitions(settings))
-    stack = Stack(log_dir, env=child_env(settings))
+    stack = Stack(log_dir, env={**child_env(settings), **(extra_env or {})}, group_env=group_env)
     try:
         async with StackProbes(settings) as probes:
             urls = await start_pipeline(stack, probes, cluster, dispatcher_ids, policy, time_scale=time_scale,
@@ -98,3 +104,43 @@ def shared_prefix_requests(n: int, max_new_tokens: int, groups: int = 4, tag: st
         )
         for i in range(n)
     ]
+
+
+@dataclass
+class Run:
+    """Two waves of requests through the client, with a published snapshot in between."""
+
+    waves: list[list[InferenceRequest]]
+    answers: list[InferenceResult | None]
+    duplicates_seen_by_client: int
+    results_on_topic: list[InferenceResult]
+    telemetry: dict[str, TelemetryEvent]
+    snapshot_version: int
+
+    @property
+    def sent(self) -> list[str]:
+        return [r.request_id for wave in self.waves for r in wave]
+
+
+async def two_waves(pipeline: Pipeline, waves: list[list[InferenceRequest]], rate_per_s: float,
+                    client_settings: Settings | None = None) -> Run:
+    """Send the first wave through the client (made with `client_settings`, default the pipeline's), wait for
+    the learner's first snapshot, send the second; read every result and telemetry event off their topics
+    (and a second for late duplicates)."""
+    topics = pipeline.topics
+    async with (LodestarClient(client_settings or pipeline.settings) as client,
+                TopicReader(pipeline.settings, topics.results, topics.telemetry) as reader):
+        answers = await client.submit_many(waves[0], rate_per_s=rate_per_s, timeout_s=60)
+        deadline = time.monotonic() + 30
+        while (snapshot := await pipeline.probes.snapshot()) is None:
+            assert time.monotonic() < deadline, "the learner published no snapshot within 30 s"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # the announcement reaches the dispatchers (pub/sub, milliseconds)
+        answers += await client.submit_many(waves[1], rate_per_s=rate_per_s, timeout_s=60)
+        n = sum(map(len, waves))
+        await reader.wait_for(lambda m: len(m[topics.results]) >= n and len(m[topics.telemetry]) >= n, timeout=30)
+        await reader.poll(1.0)  # a duplicate would arrive now
+        duplicates = client.duplicate_results
+    events = [TelemetryEvent.model_validate(m) for m in reader.messages[topics.telemetry]]
+    return Run(waves, answers, duplicates, [InferenceResult.model_validate(m) for m in reader.messages[topics.results]],
+               {e.request_id: e for e in events}, snapshot.version)

@@ -10,17 +10,14 @@ import asyncio
 import contextlib
 import json
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from emulator_process import LODESTAR, ROOT
 from worker_harness import (
-    LODESTAR,
-    ROOT,
     TopicReader,
     cleanup,
     create_topics,
-    emulator,
     isolated_settings,
     produce,
     running_worker,
@@ -28,17 +25,12 @@ from worker_harness import (
 )
 
 from lodestar.client import LodestarClient, reply_topic_for
+from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams, decode
 from lodestar.settings import Settings
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
-        yield url
 
 
 @pytest.fixture
@@ -54,9 +46,8 @@ async def settings(kafka_bootstrap: str, redis_url: str, engine_url: str) -> Asy
 async def forward_requests_to_w1(settings: Settings) -> AsyncIterator[None]:
     """Stand-in for the dispatcher: every InferenceRequest is routed to worker w1."""
     topics = Topics(settings.kafka.topic_prefix)
-    consumer = AIOKafkaConsumer(topics.requests, bootstrap_servers=settings.kafka.bootstrap_servers,
-                                group_id=None, auto_offset_reset="earliest")
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    consumer = make_consumer(settings, topics.requests, group_id=None, client_id="test-forwarder")
+    producer = make_producer(settings, client_id="test-forwarder")
     await consumer.start()
     await producer.start()
 

@@ -17,7 +17,8 @@ from dispatcher_harness import (
     shared_prefix_requests,
     wait_until,
 )
-from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
+from emulator_process import LODESTAR, ROOT
+from worker_harness import TopicReader, isolated_settings, produce, require_services, settings_env
 
 from lodestar.features import FEATURE_NAMES
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
@@ -77,7 +78,7 @@ async def test_malformed_input_goes_to_the_dlq_with_its_reason(settings: Setting
         b"not json at all",
         json.dumps({"request_id": "no-prompt"}).encode(),
         json.dumps({"prompt": "x", "schema_version": 9}).encode(),
-        InferenceRequest(prompt="x", reply_to="bad topic!").to_bytes(),
+        json.dumps({"prompt": "x", "reply_to": "bad topic!"}).encode(),
     ]
     async with FakeWorkers(settings) as workers:
         await workers.add("wa")
@@ -90,7 +91,7 @@ async def test_malformed_input_goes_to_the_dlq_with_its_reason(settings: Setting
     assert any("Invalid JSON" in r for r in reasons)
     assert any("exactly one of a non-empty `prompt`" in r for r in reasons)
     assert any("schema_version" in r for r in reasons)
-    assert any("reply_to 'bad topic!'" in r for r in reasons)
+    assert any("reply_to: String should match pattern" in r for r in reasons)
     assert {m["payload"] for m in reader.messages[topics.dlq]} == {b.decode() for b in bad}
     assert [m["request"]["request_id"] for m in reader.messages[topics.worker("wa")]] == [good.request_id]
 
@@ -135,7 +136,7 @@ async def test_requests_are_rejected_to_the_client_after_the_wait_bound(services
     settings = dispatch_settings(no_worker_max_wait_s=0.5)
     topics = Topics(settings.kafka.topic_prefix)
     await ensure_topics(settings, fixed_topic_partitions(settings))
-    request = InferenceRequest(prompt="anyone there?", reply_to=f"{settings.kafka.topic_prefix}replies")
+    request = InferenceRequest(prompt="anyone there?", reply_to=f"{settings.kafka.topic_prefix}reply.rejections")
     async with running_dispatcher(settings), TopicReader(settings, request.reply_to or "", topics.dlq) as reader:
         await produce_requests(settings, [request])
         await reader.wait_for(lambda m: m[request.reply_to or ""] and m[topics.dlq], timeout=30)

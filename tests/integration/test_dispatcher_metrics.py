@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 from dispatcher_harness import (
     FakeWorkers,
     dispatch_settings,
@@ -17,16 +16,16 @@ from dispatcher_harness import (
     shared_prefix_requests,
     wait_until,
 )
-from worker_harness import cleanup, produce
+from worker_harness import cleanup, produce, snapshot_store
 
 from learner.trainer import LearnerConfig, make_learner
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.features import candidate_matrix
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.metrics import DispatcherMetrics
-from lodestar.names import RedisKeys, Topics
+from lodestar.names import Topics
+from lodestar.redis_io import make_redis
 from lodestar.settings import Settings
-from lodestar.snapshot_store import SnapshotStore
 
 pytestmark = pytest.mark.integration
 
@@ -77,9 +76,9 @@ async def publish_snapshot(settings: Settings) -> int:
         x = candidate_matrix(RequestInfo("r", prompt_tokens=int(rng.integers(16, 2048))), view)[0]
         learner.observe(x, 20.0 + float(rng.uniform(0, 50)), float(i))
     snapshot = learner.snapshot(time.time())
-    client = aioredis.from_url(settings.redis.url)
+    client = make_redis(settings)
     try:
-        await SnapshotStore(client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key).publish(snapshot)
+        await snapshot_store(settings, client).publish(snapshot)
     finally:
         await client.aclose()
     return snapshot.version

@@ -8,21 +8,17 @@ reaches the dispatchers within seconds.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from stack_harness import Pipeline, e2e_settings, engines, running_pipeline, shared_prefix_requests
+from stack_harness import Pipeline, Run, e2e_settings, engines, running_pipeline, shared_prefix_requests, two_waves
 from worker_harness import TopicReader, produce
 
-from lodestar.client import LodestarClient
-from lodestar.schemas import DeadLetter, InferenceRequest, InferenceResult, TelemetryEvent
+from lodestar.schemas import DeadLetter
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -41,38 +37,10 @@ async def pipeline(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytes
         yield pipeline
 
 
-@dataclass
-class Run:
-    """Two waves of requests through the client, with a published snapshot in between."""
-
-    waves: list[list[InferenceRequest]]
-    answers: list[InferenceResult | None]
-    duplicates_seen_by_client: int
-    results_on_topic: list[InferenceResult]
-    telemetry: dict[str, TelemetryEvent]
-    snapshot_version: int
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def run(pipeline: Pipeline) -> Run:
-    topics = pipeline.topics
     waves = [shared_prefix_requests(WAVE_1, 8, tag="wave1"), shared_prefix_requests(WAVE_2, 8, tag="wave2")]
-    async with (LodestarClient(pipeline.settings) as client,
-                TopicReader(pipeline.settings, topics.results, topics.telemetry) as reader):
-        answers = await client.submit_many(waves[0], rate_per_s=30, timeout_s=60)
-        deadline = time.monotonic() + 30
-        while (snapshot := await pipeline.probes.snapshot()) is None:
-            assert time.monotonic() < deadline, "the learner published no snapshot within 30 s"
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)  # the announcement reaches the dispatchers (pub/sub, milliseconds)
-        answers += await client.submit_many(waves[1], rate_per_s=30, timeout_s=60)
-        n = WAVE_1 + WAVE_2
-        await reader.wait_for(lambda m: len(m[topics.results]) >= n and len(m[topics.telemetry]) >= n, timeout=30)
-        await reader.poll(1.0)  # a duplicate would arrive now
-        duplicates = client.duplicate_results
-    events = [TelemetryEvent.model_validate(m) for m in reader.messages[topics.telemetry]]
-    return Run(waves, answers, duplicates, [InferenceResult.model_validate(m) for m in reader.messages[topics.results]],
-               {e.request_id: e for e in events}, snapshot.version)
+    return await two_waves(pipeline, waves, rate_per_s=30)
 
 
 async def test_every_request_gets_exactly_one_result(run: Run) -> None:

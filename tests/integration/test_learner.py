@@ -10,9 +10,9 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 from dispatcher_harness import (
     FakeWorkers,
     dispatch_settings,
@@ -21,14 +21,25 @@ from dispatcher_harness import (
     running_learner,
     wait_until,
 )
-from worker_harness import LODESTAR, ROOT, TopicReader, isolated_settings, produce, require_services, settings_env
+from emulator_process import LODESTAR, ROOT, free_port
+from prometheus_client.parser import text_string_to_metric_families
+from worker_harness import (
+    TopicReader,
+    isolated_settings,
+    produce,
+    require_services,
+    settings_env,
+    snapshot_store,
+)
 
 from lodestar.cluster_view import ClusterView, RequestInfo
 from lodestar.features import as_dict, candidate_matrix
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
 from lodestar.names import RedisKeys, Topics
+from lodestar.redis_io import make_redis
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, TelemetryEvent
 from lodestar.settings import Settings
+from lodestar.snapshot import SigningKey
 from lodestar.snapshot_store import SnapshotStore, StaleSnapshotVersion
 
 pytestmark = pytest.mark.integration
@@ -43,6 +54,19 @@ def settings(tmp_path: Path) -> Settings:
         "checkpoint_path": tmp_path / "learner" / "checkpoint.json",
     })
     return s
+
+
+async def learned_events(metrics_port: int) -> float | None:
+    """The learner process's count of events learned, from its /metrics (None until it answers)."""
+    try:
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2.0)).text
+    except httpx.HTTPError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "lodestar_learner_events":
+            return sum(s.value for s in family.samples if s.name == "lodestar_learner_events_total")
+    return None
 
 
 def telemetry(n: int, seed: int) -> list[TelemetryEvent]:
@@ -83,10 +107,11 @@ async def test_a_running_dispatcher_picks_up_the_learners_snapshot(settings: Set
             # a snapshot signed with another key is ignored: the dispatcher keeps what it has
             good = await dispatcher.snapshots.load()
             assert good is not None and good.version == 2
-            attacker = aioredis.from_url(settings.redis.url)
+            attacker = make_redis(settings)
             try:
-                await SnapshotStore(attacker, RedisKeys(settings.redis.key_prefix), "wrong-key").publish(
-                    dataclasses.replace(good, version=99))
+                await SnapshotStore(attacker, RedisKeys(settings.redis.key_prefix),
+                                    signing_key=SigningKey(settings.snapshot_signing.key_id, b"wrong-key" * 4),
+                                    ).publish(dataclasses.replace(good, version=99))
             finally:
                 await attacker.aclose()
             await asyncio.sleep(0.5)
@@ -127,8 +152,8 @@ async def test_nonsense_telemetry_goes_to_the_dlq_with_its_reason(settings: Sett
 
 async def test_a_restarted_learner_resumes_from_its_checkpoint(settings: Settings) -> None:
     await ensure_topics(settings, fixed_topic_partitions(settings))
-    store_client = aioredis.from_url(settings.redis.url)
-    store = SnapshotStore(store_client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key)
+    store_client = make_redis(settings)
+    store = snapshot_store(settings, store_client)
     try:
         async with running_learner(settings) as first:
             await produce_telemetry(settings, telemetry(200, seed=3))
@@ -158,11 +183,14 @@ async def test_a_restarted_learner_resumes_from_its_checkpoint(settings: Setting
 
 async def test_the_lodestar_learner_command_publishes_and_checkpoints_on_sigterm(settings: Settings) -> None:
     await ensure_topics(settings, fixed_topic_partitions(settings))
+    metrics_port = free_port()
+    # Only a snapshot (every 150 events) or the stop checkpoints: no time-based checkpoint in between.
     env = {**settings_env(settings), "LODESTAR_LEARNER__CONSUMER_GROUP": settings.learner.consumer_group,
            "LODESTAR_LEARNER__SNAPSHOT_EVERY_EVENTS": "150",
-           "LODESTAR_LEARNER__WARMUP_SNAPSHOT_EVERY_EVENTS": "150"}
-    client = aioredis.from_url(settings.redis.url)
-    store = SnapshotStore(client, RedisKeys(settings.redis.key_prefix), settings.learner.hmac_key)
+           "LODESTAR_LEARNER__WARMUP_SNAPSHOT_EVERY_EVENTS": "150", "LODESTAR_LEARNER__SNAPSHOT_EVERY_S": "3600",
+           "LODESTAR_LEARNER__METRICS_PORT": str(metrics_port)}
+    client = make_redis(settings)
+    store = snapshot_store(settings, client)
     path = settings.learner.checkpoint_path
     proc = await asyncio.create_subprocess_exec(
         LODESTAR, "learner", "--model", "river", "--checkpoint-path", str(path), env=env, cwd=ROOT,
@@ -170,8 +198,10 @@ async def test_the_lodestar_learner_command_publishes_and_checkpoints_on_sigterm
     try:
         await produce_telemetry(settings, telemetry(170, seed=5))
         deadline = time.monotonic() + 90
-        while await store.stored_version() != 1:
-            assert time.monotonic() < deadline, "no snapshot from the learner command"
+        # Stop only once all 170 are learned (not merely once v1 is stored, which may be before the last 20
+        # are polled), so the stop is what checkpoints the 20 events after the snapshot.
+        while await store.stored_version() != 1 or await learned_events(metrics_port) != 170:
+            assert time.monotonic() < deadline, "the learner command did not learn 170 events and publish v1"
             await asyncio.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-import redis.asyncio as aioredis
 from worker_harness import isolated_settings, require_services
 
 from dispatcher.prefix_index import (
@@ -20,6 +19,7 @@ from dispatcher.prefix_index import (
 from dispatcher.redis_prefix_index import RedisPrefixIndex
 from lodestar.hashing import trace_block_hashes
 from lodestar.names import RedisKeys
+from lodestar.redis_io import make_redis
 from lodestar.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -34,7 +34,7 @@ def settings() -> Settings:
 
 @pytest.fixture
 async def store(settings: Settings) -> AsyncIterator[RedisPrefixIndex]:
-    client = aioredis.from_url(settings.redis.url)
+    client = make_redis(settings)
     index = RedisPrefixIndex(client, RedisKeys(settings.redis.key_prefix), capacity_blocks=32)
     try:
         yield index

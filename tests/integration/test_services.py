@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import NewTopic
+
+from lodestar.kafka_io import make_admin, make_consumer, make_producer
+from lodestar.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -23,8 +26,8 @@ PARTITIONS = 3
 N_MESSAGES = 300
 
 
-async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def create_topic(settings: Settings, name: str, partitions: int) -> None:
+    admin = make_admin(settings, client_id="test-services")
     await admin.start()
     try:
         await admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
@@ -46,21 +49,12 @@ async def wait_for_split(consumers: list[AIOKafkaConsumer], partitions: int, tim
 
 
 async def test_a_group_of_two_splits_the_partitions_and_receives_each_message_once(
-    kafka_bootstrap: str, kafka_topic: str
+    kafka_bootstrap: str, service_settings: Settings, kafka_topic: str
 ) -> None:
-    await create_topic(kafka_bootstrap, kafka_topic, PARTITIONS)
+    await create_topic(service_settings, kafka_topic, PARTITIONS)
     consumers = [
-        AIOKafkaConsumer(
-            kafka_topic,
-            bootstrap_servers=kafka_bootstrap,
-            group_id=f"{kafka_topic}-group",
-            client_id=f"member-{i}",
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            metadata_max_age_ms=1000,
-            session_timeout_ms=10_000,
-            heartbeat_interval_ms=500,
-        )
+        make_consumer(service_settings, kafka_topic, group_id=f"{kafka_topic}-group", client_id=f"member-{i}",
+                      metadata_max_age_ms=1000, heartbeat_interval_ms=500)
         for i in range(2)
     ]
     for c in consumers:
@@ -69,7 +63,7 @@ async def test_a_group_of_two_splits_the_partitions_and_receives_each_message_on
         await wait_for_split(consumers, PARTITIONS)
         assignment_before = [set(c.assignment()) for c in consumers]
 
-        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all", enable_idempotence=True)
+        producer = make_producer(service_settings, client_id="test-services")
         await producer.start()
         try:
             sent = [

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from lodestar import tracing
 from lodestar.kafka_admin import ensure_topics
+from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.settings import Settings
 
 pytestmark = pytest.mark.integration
 
 
-async def test_consumer_span_joins_the_producer_trace_over_the_broker(kafka_bootstrap: str, kafka_topic: str) -> None:
-    settings = Settings(kafka={"bootstrap_servers": kafka_bootstrap})
+async def test_consumer_span_joins_the_producer_trace_over_the_broker(
+    kafka_bootstrap: str, service_settings: Settings, kafka_topic: str
+) -> None:
+    settings = service_settings
     await ensure_topics(settings, {kafka_topic: 1})
     mem = tracing.in_memory_tracing()
-    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    producer = make_producer(settings, client_id="test-trace-headers")
     await producer.start()
     try:
         send = tracing.start_send_span(mem.tracer("client"), kafka_topic, request_id="r1")
@@ -26,7 +28,7 @@ async def test_consumer_span_joins_the_producer_trace_over_the_broker(kafka_boot
     finally:
         await producer.stop()
 
-    consumer = AIOKafkaConsumer(kafka_topic, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest")
+    consumer = make_consumer(settings, kafka_topic, group_id=None, client_id="test-trace-headers")
     await consumer.start()
     try:
         record = await consumer.getone()

@@ -11,26 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from dispatcher_harness import FakeWorkers, dispatch_settings, running_dispatcher, running_learner, wait_until
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind
-from worker_harness import cleanup, create_topics, emulator, running_worker
+from worker_harness import cleanup, create_topics, running_worker
 
 from lodestar import tracing
 from lodestar.client import LodestarClient
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import Topics
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def engine_url(kafka_bootstrap: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with emulator("H100", tmp_path_factory.mktemp("emulator") / "emulator.log") as url:
-        yield url
 
 
 @pytest.fixture
@@ -127,7 +121,7 @@ async def test_a_rerouted_request_continues_its_trace(
     original = tracing.start_send_span(mem.tracer("test"), topics.worker("gone"), request_id="r-lost")
     routed = RoutedRequest(request=InferenceRequest(request_id="r-lost", prompt="still wanted"),
                            decision=RoutingDecision(worker_id="gone", policy="x"))
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers)
+    producer = make_producer(settings, client_id="test-tracing")
     try:
         async with FakeWorkers(settings) as workers, running_dispatcher(settings) as service:
             await workers.add("gone")
@@ -140,8 +134,7 @@ async def test_a_rerouted_request_continues_its_trace(
             original.end()
             await workers.kill("gone")
             await wait_until(lambda: service.takeover.rerouted == 1, 30, "the takeover")
-            consumer = AIOKafkaConsumer(topics.worker("alive"), bootstrap_servers=settings.kafka.bootstrap_servers,
-                                        auto_offset_reset="earliest")
+            consumer = make_consumer(settings, topics.worker("alive"), group_id=None, client_id="test-tracing")
             await consumer.start()
             try:
                 forwarded = await asyncio.wait_for(consumer.getone(), 20)

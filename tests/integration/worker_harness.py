@@ -1,5 +1,6 @@
-"""Helpers for the worker and client integration tests: an emulator subprocess, isolated settings
-(unique topic and key prefixes per test, removed afterwards), topic readers and an in-process worker.
+"""Helpers for the worker and client integration tests: isolated settings (unique topic and key prefixes
+per test, removed afterwards), topic readers and an in-process worker. The emulator subprocess they run
+against comes from tests/emulator_process.py.
 
 The broker and Redis come from the conftest's `kafka_bootstrap` and `redis_url` fixtures."""
 
@@ -9,39 +10,31 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
+import secrets
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import RedisError
 
 from app.namespace import remove_namespace
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_io import make_consumer, make_producer
 from lodestar.names import RedisKeys, Topics
+from lodestar.redis_io import make_redis
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
 from lodestar.settings import Settings
+from lodestar.settings import settings_env as lodestar_settings_env
+from lodestar.snapshot_keys import signing_key, verification_keys
+from lodestar.snapshot_store import SnapshotStore
 from lodestar.worker_registry import WorkerRegistry
-
-ROOT = Path(__file__).resolve().parents[2]
-LODESTAR = str(Path(sys.executable).with_name("lodestar"))
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def require_services(settings: Settings) -> None:
@@ -53,7 +46,7 @@ def require_services(settings: Settings) -> None:
         pytest.fail(f"Kafka is not reachable at {settings.kafka.bootstrap_servers}; run `scripts/services start`")
 
     async def ping() -> None:
-        client = aioredis.from_url(settings.redis.url)
+        client = make_redis(settings)
         try:
             await client.ping()
         finally:
@@ -65,47 +58,15 @@ def require_services(settings: Settings) -> None:
         pytest.fail(f"Redis is not reachable at {settings.redis.url}; run `scripts/services start`")
 
 
-@contextlib.contextmanager
-def emulator(gpu: str = "H100", log_path: Path | None = None) -> Iterator[str]:
-    """Run `lodestar emulator` on a free loopback port; yields its base URL."""
-    if shutil.which(LODESTAR) is None:
-        pytest.fail(f"the lodestar command is missing at {LODESTAR}: run `make setup`")
-    port = free_port()
-    log = open(log_path or os.devnull, "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [LODESTAR, "emulator", "--gpu", gpu, "--port", str(port), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"emulator exited with {proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/v1/loads", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail("emulator did not answer within 60 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-
-
 def isolated_settings(
     kafka_bootstrap: str | None = None, redis_url: str | None = None, worker_id: str = "w1", sglang_url: str = "",
     **worker: Any,
 ) -> Settings:
-    """Settings whose topics and Redis keys no other test shares (remove them with `cleanup`).
+    """Settings whose topics, Redis keys and snapshot signing key no other test shares (remove the topics and
+    keys with `cleanup`).
 
-    The broker and Redis default to the configured ones (LODESTAR_KAFKA__BOOTSTRAP_SERVERS, LODESTAR_REDIS__URL).
+    The broker and Redis, and how to log in to them, default to the configured ones (LODESTAR_KAFKA__*,
+    LODESTAR_REDIS__*).
     """
     tag = uuid.uuid4().hex[:10]
     configured = Settings()
@@ -116,21 +77,14 @@ def isolated_settings(
         redis={"url": redis_url or configured.redis.url, "key_prefix": f"it{tag}:"},
         worker={"worker_id": worker_id, "sglang_url": sglang_url, "gpu_type": "H100",
                 "retry_backoff_s": 0.05, **worker},
+        snapshot_signing={"key_id": f"it{tag}", "key": secrets.token_hex(32)},
     )
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment that makes a `lodestar` subprocess use these settings' broker, Redis and prefixes."""
-    return {
-        **os.environ,
-        "LODESTAR_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
-        "LODESTAR_KAFKA__TOPIC_PREFIX": settings.kafka.topic_prefix,
-        "LODESTAR_KAFKA__REQUEST_PARTITIONS": str(settings.kafka.request_partitions),
-        "LODESTAR_KAFKA__RESULTS_PARTITIONS": str(settings.kafka.results_partitions),
-        "LODESTAR_KAFKA__TELEMETRY_PARTITIONS": str(settings.kafka.telemetry_partitions),
-        "LODESTAR_REDIS__URL": settings.redis.url,
-        "LODESTAR_REDIS__KEY_PREFIX": settings.redis.key_prefix,
-    }
+    """Environment that makes a `lodestar` subprocess use these settings' broker, Redis (with their security),
+    prefixes and snapshot keys."""
+    return {**os.environ, **lodestar_settings_env(settings, "kafka", "redis", "snapshot_signing", "dev_mode")}
 
 
 def routed(
@@ -159,7 +113,7 @@ async def cleanup(settings: Settings) -> None:
 
 async def produce(settings: Settings, topic: str, values: list[bytes], key: bytes | None = None) -> None:
     """Send raw values to a topic and wait for the acks."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True)
+    producer = make_producer(settings, client_id="test-produce")
     await producer.start()
     try:
         acks = [await producer.send(topic, value, key=key) for value in values]  # in order, batched
@@ -172,10 +126,8 @@ class TopicReader:
     """Reads topics from their beginning without a consumer group and keeps every decoded message."""
 
     def __init__(self, settings: Settings, *topics: str):
-        self._consumer = AIOKafkaConsumer(
-            *topics, bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
-            auto_offset_reset="earliest", enable_auto_commit=False, metadata_max_age_ms=1000,
-        )
+        self._consumer = make_consumer(settings, *topics, group_id=None, client_id="test-topic-reader",
+                                       metadata_max_age_ms=1000)
         self.messages: dict[str, list[dict[str, Any]]] = {t: [] for t in topics}
 
     async def __aenter__(self) -> TopicReader:
@@ -204,8 +156,7 @@ class TopicReader:
 
 async def committed_offset(settings: Settings, group: str, topic: str) -> int | None:
     """The offset a consumer group has committed on partition 0 of a topic."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=group,
-                                enable_auto_commit=False)
+    consumer = make_consumer(settings, group_id=group, client_id="test-committed-offset")
     await consumer.start()
     try:
         return await consumer.committed(TopicPartition(topic, 0))
@@ -224,9 +175,15 @@ async def wait_committed(settings: Settings, group: str, topic: str, offset: int
 
 def registry(settings: Settings) -> tuple[aioredis.Redis, RedisKeys, WorkerRegistry]:
     """A Redis client on the test's key prefix and the worker registry over it."""
-    client = aioredis.from_url(settings.redis.url, decode_responses=True)
+    client = make_redis(settings, decode_responses=True)
     keys = RedisKeys(settings.redis.key_prefix)
     return client, keys, WorkerRegistry(client, keys, settings.worker.state_ttl_s)
+
+
+def snapshot_store(settings: Settings, client: aioredis.Redis) -> SnapshotStore:
+    """The snapshot store as the learner (signing) and a dispatcher (verifying) of these settings see it."""
+    return SnapshotStore(client, RedisKeys(settings.redis.key_prefix), signing_key=signing_key(settings),
+                         verification_keys=verification_keys(settings))
 
 
 async def wait_registered(settings: Settings, timeout: float = 30.0) -> None:

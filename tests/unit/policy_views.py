@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import random
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -51,3 +52,24 @@ def request(prompt_tokens: int, tokens_per_block: int = 16, request_id: str = "r
         block_hashes=tuple(range(1, n_blocks + 1)),
         tokens_per_block=tokens_per_block,
     )
+
+
+def random_views(seed: int, count: int) -> Iterator[tuple[RequestInfo, ClusterView]]:
+    """A stream of (request, view) pairs with varied loads, prefixes, GPU types and cluster sizes."""
+    rng = random.Random(seed)
+    gpus = ["H100", "A100", "L40S", "L4"]
+    for t in range(count):
+        n = rng.choice([1, 2, 5, 8, 16])
+        prompt = rng.randint(1, 4000)
+        yield request(prompt, request_id=f"r{t}"), cluster(
+            n,
+            gpu_types=[rng.choice(gpus) for _ in range(n)],
+            running=[rng.randint(0, 20) for _ in range(n)],
+            waiting=[rng.choice([0, 0, rng.randint(0, 30)]) for _ in range(n)],
+            inflight=[rng.randint(0, 60) for _ in range(n)],
+            pending_prefill_tokens=[rng.randint(0, 20000) for _ in range(n)],
+            kv_usage=[rng.random() for _ in range(n)],
+            max_kv_tokens=[rng.choice([100_000, 400_000]) for _ in range(n)],
+            matched=[16 * rng.randint(0, prompt // 16) for _ in range(n)],
+            now_ms=1000.0 * t,
+        )

@@ -38,3 +38,18 @@ def test_reply_topics():
     assert LodestarClient(Settings()).reply_topic == "lodestar.results"
     assert reply_topic_for("fe1", Topics("t1.")) == "t1.reply.fe1"
     assert LodestarClient(Settings(), reply_topic="t1.reply.fe1").reply_topic == "t1.reply.fe1"
+
+
+async def test_a_request_sent_again_with_its_id_takes_the_next_answer():
+    client = LodestarClient(Settings())
+    loop = asyncio.get_running_loop()
+    first: asyncio.Future[InferenceResult] = loop.create_future()
+    client._pending["r1"] = first
+    client._accept(result("r1", "first"))
+    del client._pending["r1"]
+    again: asyncio.Future[InferenceResult] = loop.create_future()  # the caller retries with the same id
+    client._pending["r1"] = again
+    client._accept(InferenceResult(request_id="r1", worker_id="w", status="ok", text="first", replayed=True).to_bytes())
+    assert again.result().replayed and again.result().text == "first"
+    client._accept(result("r1", "late copy"))
+    assert client.duplicate_results == 1

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from types import ModuleType
 
 from pydantic import BaseModel
+from scripts_loader import load_script
 
 from lodestar.settings import PROJECT_ROOT, Settings
 
 
 def generator() -> ModuleType:
-    path = PROJECT_ROOT / "scripts" / "gen_config_reference.py"
-    spec = importlib.util.spec_from_file_location("gen_config_reference", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gen_config_reference")
 
 
 def test_committed_reference_is_up_to_date() -> None:

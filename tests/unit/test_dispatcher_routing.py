@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dispatcher.policies import make_policy
+from dispatcher.policies.registry import make_policy
 from dispatcher.prefix_index import InMemoryPrefixIndex
 from dispatcher.routing import CHARS_PER_TOKEN, BatchRouter, describe
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
@@ -151,3 +151,38 @@ def test_a_registered_baseline_routes_a_batch() -> None:
     plan = BatchRouter(make_policy("least_request"), "d1").route(requests, infos, np.zeros((8, 4)), view)
     assert sorted(r.decision.worker_id for r in plan.routed) == ["w0", "w0", "w1", "w1", "w2", "w2", "w3", "w3"]
     assert all(r.decision.policy == "least_request" for r in plan.routed)
+
+
+class FailsOnLongPrompts(PrefixThenLeastLoaded):
+    """Raises for one kind of request, as a policy with a bug would; decides the others normally."""
+
+    def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
+        if request.prompt_tokens > 100:
+            raise OverflowError("this request breaks the policy")
+        return super().choose(request, view)
+
+
+class PredictsNonsense(PrefixThenLeastLoaded):
+    def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
+        chosen = super().choose(request, view)
+        return Decision(index=chosen.index, worker_id=chosen.worker_id, policy=self.name,
+                        predicted_ttft_ms=float("nan"))
+
+
+def test_one_request_that_fails_to_route_is_set_aside_and_the_others_are_routed() -> None:
+    requests = [req([1] * 8), req([2] * 200), req([3] * 8), req([4] * 300), req([5] * 8)]
+    infos = [describe(r, PREFIX) for r in requests]
+    view = idle_view(2)
+    plan = BatchRouter(FailsOnLongPrompts(), "d1").route(requests, infos, np.zeros((5, 2)), view)
+    assert [r.index for r in plan.routed] == [0, 2, 4]
+    assert [r.request for r in plan.routed] == [requests[0], requests[2], requests[4]]
+    assert [(f.index, f.stage, type(f.error)) for f in plan.failed] == [(1, "route", OverflowError),
+                                                                        (3, "route", OverflowError)]
+    assert view.inflight.sum() == 3  # the failed requests left the view untouched
+    assert sum(len(chains) for chains in plan.inserts.values()) == 3
+
+
+def test_a_non_finite_prediction_is_no_prediction() -> None:
+    r = req([1] * 8)
+    plan = BatchRouter(PredictsNonsense(), "d1").route([r], [describe(r, PREFIX)], np.zeros((1, 1)), idle_view(1))
+    assert not plan.failed and plan.routed[0].decision.predicted_ttft_ms is None

@@ -257,3 +257,111 @@ async def test_abort_request_endpoint(api: tuple[Emulator, httpx.AsyncClient]) -
     out = (await pending).json()
     assert out["meta_info"]["finish_reason"]["type"] == "abort"
     assert not emu.engine.has_work()
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"text": "hi", "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num must be an integer in"),
+        ({"text": "hi", "return_logprob": True, "logprob_start_len": 5}, "logprob_start_len (5) must be smaller"),
+        ({"text": "hi", "return_logprob": True, "token_ids_logprob": [1] * 129}, "token_ids_logprob must be a list"),
+        ({"text": ["a"] * 1025}, "at most 1024 prompts"),
+        ({"text": ["a"] * 33, "sampling_params": {"n": 128}}, "at most 1024 prompts and 4096 samples"),
+        ({"text": ["a", "b"], "rid": "one"}, "The rid should be a list for batch processing."),
+        ({"text": ["a", "b"], "rid": ["one"]}, "rid has 1 entries for 2 prompts"),
+        ({"text": ["a", "b"], "sampling_params": [{"n": 1}, {"n": 2}]}, "must ask for the same n"),
+        ({"text": "hi", "sampling_params": {"stop_regex": "(x"}}, "is not a valid regular expression"),
+    ],
+)
+async def test_generate_rejects_unbounded_or_malformed_requests(
+    api: tuple[Emulator, httpx.AsyncClient], body: dict[str, Any], message: str
+) -> None:
+    _, client = api
+    r = await client.post("/generate", json=body)
+    assert r.status_code == 400 and message in r.json()["error"]["message"]
+
+
+async def test_batch_with_rids_and_per_prompt_params(api: tuple[Emulator, httpx.AsyncClient]) -> None:
+    _, client = api
+    r = await client.post("/generate", json={
+        "text": ["first prompt", "second prompt"], "rid": ["a", "b"],
+        "sampling_params": [{"max_new_tokens": 2}, {"max_new_tokens": 3}]})
+    out = r.json()
+    assert [o["meta_info"]["id"] for o in out] == ["a", "b"]
+    assert [o["meta_info"]["completion_tokens"] for o in out] == [2, 3]
+
+
+async def test_cache_salt_keeps_prefixes_apart(api: tuple[Emulator, httpx.AsyncClient]) -> None:
+    _, client = api
+
+    async def cached(salt: str | None) -> int:
+        body = {"text": WORDS, "sampling_params": {"max_new_tokens": 1}, **({"cache_salt": salt} if salt else {})}
+        return (await client.post("/generate", json=body)).json()["meta_info"]["cached_tokens"]
+
+    assert await cached(None) == 0
+    assert await cached("tenant") == 0  # the unsalted run's cache is not shared
+    assert await cached("tenant") == 300 and await cached(None) == 300
+
+
+async def test_api_key_guards_every_route_but_health_and_metrics() -> None:
+    emu = Emulator(EmulatorConfig(gpu="H100", time_scale=FAST, api_key="secret"))
+    app = create_app(emu)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://emu") as client:
+        assert (await client.get("/v1/models")).status_code == 401
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})).json() == {
+            "error": "Unauthorized"}
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer secret"})).status_code == 200
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_body_without_content_length_is_bounded_too() -> None:
+    emu = Emulator(EmulatorConfig(gpu="H100", time_scale=FAST, max_payload_size=100))
+    app = create_app(emu)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield b'{"text": "'
+        yield b"x" * 200
+        yield b'"}'
+
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://emu") as client:
+        r = await client.post("/generate", content=chunked())
+        assert r.status_code == 413 and "Payload Too Large" in r.json()["message"]
+        assert (await client.post("/generate", json={"text": "short"})).status_code == 200
+
+
+
+async def test_stored_responses_are_bounded_by_count_and_size(api: tuple[Emulator, httpx.AsyncClient],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from sim.emulator import openai_responses
+
+    monkeypatch.setattr(openai_responses, "MAX_STORED_RESPONSES", 2)
+    _, client = api
+    ids = []
+    for i in range(3):
+        r = await client.post("/v1/responses", json={"input": f"question {i}", "max_output_tokens": 2})
+        ids.append(r.json()["id"])
+    assert (await client.get(f"/v1/responses/{ids[0]}")).status_code == 404  # the oldest went
+    assert (await client.get(f"/v1/responses/{ids[2]}")).json()["output"][0]["content"][0]["text"] == " tok0 tok1"
+    gone = await client.post("/v1/responses", json={"input": "more", "previous_response_id": ids[0]})
+    assert gone.status_code == 404 and gone.json()["error"]["param"] == "previous_response_id"
+    monkeypatch.setattr(openai_responses, "MAX_STORED_CHARS", 10)
+    big = await client.post("/v1/responses", json={"input": "x " * 100, "max_output_tokens": 1})
+    assert (await client.get(f"/v1/responses/{big.json()['id']}")).status_code == 404  # over the size bound
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"query": "q", "items": ["a"], "label_token_ids": []}, "label_token_ids must be a list of 1 to 128"),
+        ({"query": "q", "items": [[1, 2]], "label_token_ids": [5]}, "both be text or both be token ids"),
+        ({"items": ["a"], "label_token_ids": [5]}, "query and items are required"),
+    ],
+)
+async def test_score_rejects_malformed_requests(api: tuple[Emulator, httpx.AsyncClient], body: dict[str, Any],
+                                                message: str) -> None:
+    _, client = api
+    r = await client.post("/v1/score", json=body)
+    assert r.status_code == 400 and message in r.json()["message"] and r.json()["type"] == "BadRequestError"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -65,3 +66,16 @@ async def test_waiting_client_disconnect_aborts(served: tuple[Emulator, str]) ->
             await call
         await wait_for_abort(emu)
     assert aborted(emu) == 1
+
+
+async def test_parallel_samples_stream_disconnect_aborts_them_all(served: tuple[Emulator, str]) -> None:
+    emu, url = served
+    body = {**LONG, "stream": True, "sampling_params": {"n": 3, "max_new_tokens": 100_000}}
+    async with httpx.AsyncClient(base_url=url) as client:
+        async with client.stream("POST", "/generate", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data:"):
+                    assert json.loads(line[5:])["index"] in (0, 1, 2)
+                    break  # then hang up
+        await wait_for_abort(emu)
+    assert aborted(emu) == 3

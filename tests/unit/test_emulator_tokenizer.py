@@ -95,3 +95,44 @@ def test_sampling_defaults() -> None:
 def test_sampling_rejects_like_sglang(params: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_sampling_params(params)
+
+
+def test_generated_tokens_have_a_reserved_id_range_and_decode() -> None:
+    tok = Tokenizer(LLAMA)
+    ids = tok.filler_ids(40)
+    assert ids == [LLAMA.filler_base + n for n in range(40)]
+    assert all(tok.filler_index(t) == n for n, t in enumerate(ids))
+    assert tok.decode(ids) == tok.filler_text(40)
+    words = tok.encode("no word of this text lands in the filler range", add_bos=False)
+    assert all(tok.filler_index(t) is None for t in words)
+
+
+def test_decode_skips_specials_and_names_ids_it_never_produced() -> None:
+    tok = Tokenizer(LLAMA)
+    ids = tok.encode("The capital of France is")
+    assert ids[0] == 128000
+    assert tok.decode(ids) == "The capital of France is"
+    assert tok.decode(ids, skip_special_tokens=False) == "<|begin_of_text|>The capital of France is"
+    assert tok.token_text(128009) == "<|eot_id|>"
+    assert Tokenizer(LLAMA).token_text(ids[1]) == f"<id:{ids[1]}>"  # a fresh tokenizer never gave that id
+
+
+def test_first_stop_regex() -> None:
+    tok = Tokenizer(LLAMA)
+    assert tok.first_stop([], [], 0, 100, [r"tok1[0-9]"]) == (11, r"tok1[0-9]")  # bisection path
+    assert tok.first_stop([], [], 0, 100, [r"tok5$"]) == (6, r"tok5$")  # `$`: at the end of the text so far
+    assert tok.first_stop([], [], 0, 100, [r"tok5\d$"]) == (51, r"tok5\d$")
+    assert tok.first_stop([" tok3"], [], 0, 100, [r"tok1\b"]) == (2, r"tok1\b")  # the earlier match wins
+    assert tok.first_stop([], [], 0, 100, [r"and|or"]) is None
+    assert tok.first_stop([], [], 20, 100, [r"tok1 "]) == (20, r"tok1 ")  # not before min_new_tokens
+
+
+def test_sampling_n_and_stop_regex_are_validated() -> None:
+    p = parse_sampling_params({"n": 3, "stop_regex": r"tok\d+"})
+    assert p.n == 3 and p.stop_regex == (r"tok\d+",)
+    for bad, message in [({"n": 0}, "n must be in [1, 128]"), ({"n": 129}, "n must be in [1, 128]"),
+                         ({"stop_regex": "(unclosed"}, "is not a valid regular expression"),
+                         ({"stop": ["x"] * 65}, "stop may hold at most 64 entries"),
+                         ({"stop_regex": "x" * 1025}, "stop_regex may hold at most 64 entries of at most 1024")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            parse_sampling_params(bad)

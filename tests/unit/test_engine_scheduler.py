@@ -213,3 +213,17 @@ def test_load_reports_generation_throughput_and_usage():
     assert load.gen_throughput == pytest.approx(8 / step, rel=0.05)
     assert load.used_kv_tokens == 8 * (500 + 59)  # prompt + one KV token per decode iteration
     assert load.token_usage == pytest.approx(load.used_kv_tokens / e.max_kv_tokens)
+
+
+def test_prefill_only_request_caches_its_prompt_and_emits_nothing():
+    """max_new_tokens 0 (SGLang's scoring and n > 1 prefix-warming requests): one prefill, no token, a
+    "length" finish with 0 completion tokens, and the prompt left in the cache for the next request."""
+    e = Engine("H100")
+    warm = make_request("warm", 1024, 0.0, max_new_tokens=0, prefix_id=9, shared_blocks=64)
+    sample = make_request("sample", 1024, 1.0, max_new_tokens=8, prefix_id=9, shared_blocks=64)
+    log = run(e, [warm, sample], check=kv_invariants)
+    assert "warm" not in log.first_token_s and log.tokens.get("warm", 0) == 0
+    assert log.finished["warm"].reason == "length" and log.finished["warm"].completion_tokens == 0
+    assert log.finish_s["warm"] > 0.0  # it took a prefill's time
+    assert log.cached["sample"] == 1023
+    assert e.load().used_kv_tokens == 0

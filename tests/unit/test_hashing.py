@@ -41,3 +41,11 @@ def test_text_and_trace_chains_have_prefix_property() -> None:
     assert text_block_hashes("a" * 64 + "b" * 64, 64)[0] == text_block_hashes("a" * 64 + "c" * 64, 64)[0]
     t1, t2 = trace_block_hashes([5, 9, 11]), trace_block_hashes([5, 9, 12])
     assert t1[:2] == t2[:2] and t1[2] != t2[2]
+
+
+def test_a_salt_gives_a_chain_of_its_own() -> None:
+    ids = list(range(100))
+    plain, salted, other = (token_block_hashes(ids, 1, s) for s in (None, "tenant-a", "tenant-b"))
+    assert token_block_hashes(ids, 1, "") == plain  # an empty salt is no salt
+    assert token_block_hashes(ids, 1, "tenant-a") == salted  # deterministic
+    assert not set(plain) & set(salted) and not set(salted) & set(other)

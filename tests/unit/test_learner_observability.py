@@ -4,6 +4,7 @@ counters and the online-error gauges move."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from pathlib import Path
@@ -29,8 +30,11 @@ class FakeProducer:
     def __init__(self) -> None:
         self.sent: list[str] = []
 
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> asyncio.Future[None]:
         self.sent.append(topic)
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
 
 
 class FakeSnapshotStore:
@@ -67,10 +71,10 @@ def mem() -> tracing.InMemoryTracing:
 
 @pytest.fixture
 async def service(tmp_path: Path, mem: tracing.InMemoryTracing) -> LearnerService:
-    settings = Settings(learner={"model": "river", "checkpoint_path": tmp_path / "checkpoint.json"})
+    settings = Settings(learner={"model": "river", "checkpoint_path": tmp_path / "checkpoint.json"}, dev_mode=True)
     learner = LearnerService(settings)
     learner.tracer = mem.tracer("learner")
-    learner.producer = FakeProducer()  # type: ignore[assignment]
+    learner.producer = learner.dead_letters.producer = FakeProducer()  # type: ignore[assignment]
     learner.snapshots = FakeSnapshotStore()  # type: ignore[assignment]
     return learner
 

@@ -12,6 +12,8 @@ from dispatcher.policies.baselines.dynamo import DynamoKVCost
 from dispatcher.policies.baselines.llmd import LlmdWeighted
 from dispatcher.policies.baselines.lmetric import LMetric
 from dispatcher.policies.baselines.speed import GPUSpeedQueue
+from dispatcher.policies.registry import make_policy
+from lodestar.params import ParamsError
 
 
 def dynamo_view():
@@ -73,8 +75,8 @@ def test_dynamo_softmax_with_equal_logits_is_uniform() -> None:
 
 
 def test_dynamo_rejects_negative_temperature() -> None:
-    with pytest.raises(ValueError):
-        DynamoKVCost(temperature=-1.0)
+    with pytest.raises(ParamsError, match="temperature: Input should be greater than or equal to 0"):
+        make_policy("dynamo_kv_cost", {"temperature": -1.0})
 
 
 def test_llmd_weighted_sum_of_queue_kv_and_prefix_scores() -> None:

@@ -58,3 +58,21 @@ def test_bad_value_is_a_clear_error(config_file: Path, monkeypatch: pytest.Monke
 def test_unknown_section_rejected(config_file: Path) -> None:
     with pytest.raises(ValueError, match="nonsense"):
         load_settings(nonsense={"a": 1})
+
+
+def test_policy_parameters_come_from_the_file_and_env(config_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config_file.write_text("dispatcher:\n  policy_params:\n    learned:\n      fallback: lmetric\n"
+                           "      epsilon_start: 0.1\n")
+    assert load_settings().dispatcher.policy_params == {"learned": {"fallback": "lmetric", "epsilon_start": 0.1}}
+    monkeypatch.setenv("LODESTAR_DISPATCHER__POLICY_PARAMS__LEARNED__EPSILON_START", "0.2")
+    assert load_settings().dispatcher.policy_params == {"learned": {"fallback": "lmetric", "epsilon_start": "0.2"}}
+    monkeypatch.delenv("LODESTAR_DISPATCHER__POLICY_PARAMS__LEARNED__EPSILON_START")
+    monkeypatch.setenv("LODESTAR_DISPATCHER__POLICY_PARAMS", '{"lmetric": {}}')
+    assert load_settings().dispatcher.policy_params == {"learned": {"fallback": "lmetric", "epsilon_start": 0.1},
+                                                        "lmetric": {}}
+
+
+def test_the_removed_fallback_key_says_where_it_went(config_file: Path) -> None:
+    config_file.write_text("dispatcher:\n  fallback_policy: lmetric\n")
+    with pytest.raises(ValueError, match="the learned policy has no heuristic fallback"):
+        load_settings()

@@ -86,3 +86,14 @@ def test_a_child_ignoring_sigterm_is_killed_after_the_timeout(tmp_path: Path) ->
         asyncio.run(stack.wait_ready(_logs_contain(tmp_path, "ready", 1), 20, "stubborn"))
         assert stack.stop(["stubborn"], timeout_s=0.5) == {"stubborn": -signal.SIGKILL}
 
+
+
+def test_environment_layers_stack_then_group_then_spec(tmp_path: Path) -> None:
+    code = "import os, time; print(os.environ['A'], os.environ['B'], os.environ['C'], flush=True); time.sleep(30)"
+    with Stack(tmp_path, env={"A": "stack", "B": "stack", "C": "stack"},
+               group_env={"workers": {"B": "group", "C": "group"}}) as stack:
+        stack.start(ProcessSpec("w", [PY, "-c", code], env={"C": "spec"}, group="workers"))
+        stack.start(ProcessSpec("d", [PY, "-c", code], group="dispatchers"))
+        asyncio.run(stack.wait_ready(_logs_contain(tmp_path, "stack", 2), 20, "children"))
+    assert (tmp_path / "w.log").read_text().split() == ["stack", "group", "spec"]
+    assert (tmp_path / "d.log").read_text().split() == ["stack", "stack", "stack"]

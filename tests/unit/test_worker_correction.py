@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from policy_views import cluster, request
 
-from dispatcher.policies.learned_prior import LearnedPriorPolicy
+from dispatcher.policies.learned import LearnedPolicy
 from dispatcher.policies.worker_correction import MIN_ROUTED, WorkerCorrection
 from lodestar.cluster_view import ClusterView
 
@@ -71,7 +71,7 @@ def test_state_follows_worker_ids_and_fades_when_evidence_stops() -> None:
 
 def test_the_policy_routes_around_a_slow_worker_it_has_measured() -> None:
     """Two identical idle A100s: a tie, both used, until w0 reports TTFTs 3x what was predicted."""
-    p = LearnedPriorPolicy(seed=1)
+    p = LearnedPolicy(seed=1)
     req = request(1000)
     assert {p.choose(req, view_at(k * 100.0, [0.0, 0.0])).worker_id for k in range(20)} == {"w0", "w1"}
     est = p.choose(req, view_at(2_000.0, [0.0, 0.0])).predicted_ttft_ms

@@ -7,79 +7,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import httpx
 import pytest
 from aiokafka import ConsumerRecord
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
+from worker_fakes import FakeLedger, FakeProducer, by_prompt, engine, routed_record
 
 from lodestar import tracing
 from lodestar.logs import setup_logging
-from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision, SamplingParams
+from lodestar.schemas import InferenceRequest, SamplingParams
 from lodestar.settings import Settings, TelemetrySettings
-from workers.dedupe import Claim, CompletedRequest
 from workers.service import WorkerService
-from workers.sglang_client import RetryPolicy, SGLangClient
-
-TOPIC = "lodestar.worker.w1"
-
-
-def sse(*events: dict[str, Any]) -> bytes:
-    return ("".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n").encode()
-
-
-def chunk(text: str, completion: int, finish: str | None = None) -> dict[str, Any]:
-    return {"text": text, "meta_info": {"prompt_tokens": 12, "completion_tokens": completion, "cached_tokens": 5,
-                                        "finish_reason": {"type": finish} if finish else None}}
-
-
-def engine(answer: Callable[[str], httpx.Response]) -> SGLangClient:
-    """An SGLang client whose /generate answers `answer(prompt)`."""
-    def handle(request: httpx.Request) -> httpx.Response:
-        return answer(json.loads(request.content)["text"])
-
-    return SGLangClient("http://engine", request_timeout_s=5, retry=RetryPolicy(attempts=1, backoff_s=0.0),
-                        transport=httpx.MockTransport(handle))
-
-
-def by_prompt(prompt: str) -> httpx.Response:
-    if prompt == "refused":
-        return httpx.Response(400, json={"object": "error", "message": "prompt too long", "code": 400})
-    if prompt == "busy":
-        return httpx.Response(503, text="server busy")
-    return httpx.Response(200, content=sse(chunk("Hel", 1), chunk("Hello", 2), chunk("Hello!", 3, "stop")),
-                          headers={"content-type": "text/event-stream"})
-
-
-class FakeLedger:
-    """Every request id is ours to serve."""
-
-    async def claim(self, request_id: str) -> Claim:
-        return Claim("claimed")
-
-    async def store(self, completed: CompletedRequest) -> None:
-        return None
-
-    async def mark_done(self, request_id: str) -> None:
-        return None
-
-    async def release(self, request_id: str) -> None:
-        return None
-
-
-class FakeProducer:
-    """Keeps what would have been published: (topic, value, headers)."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, list[tuple[str, bytes]]]] = []
-
-    async def send_and_wait(self, topic: str, value: bytes, key: bytes | None = None,
-                            headers: list[tuple[str, bytes]] | None = None) -> None:
-        self.sent.append((topic, value, list(headers or [])))
 
 
 @pytest.fixture
@@ -115,13 +56,8 @@ def record_from(mem: tracing.InMemoryTracing, prompt: str, rid: str) -> tuple[Co
     route = mem.tracer("dispatcher").start_span("route lodestar.requests")
     headers = tracing.headers_for(route)
     route.end()
-    routed = RoutedRequest(request=InferenceRequest(request_id=rid, prompt=prompt,
-                                                    sampling=SamplingParams(max_new_tokens=3)),
-                           decision=RoutingDecision(worker_id="w1", policy="least_request"))
-    value = routed.to_bytes()
-    return ConsumerRecord(topic=TOPIC, partition=0, offset=1, timestamp=0, timestamp_type=0, key=rid.encode(),
-                          value=value, checksum=None, serialized_key_size=len(rid), serialized_value_size=len(value),
-                          headers=headers), route
+    request = InferenceRequest(request_id=rid, prompt=prompt, sampling=SamplingParams(max_new_tokens=3))
+    return routed_record(request, headers=headers), route
 
 
 def spans_named(mem: tracing.InMemoryTracing, prefix: str) -> list[ReadableSpan]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from dispatcher.policies.base import register
 from dispatcher.policies.baselines.common import (
     argmin_random_tie,
     decide,
@@ -27,9 +28,8 @@ def _least_loaded_if_imbalanced(load: np.ndarray, abs_count: float) -> list[int]
     return list(range(len(load)))
 
 
-@register("aibrix_prefix_cache")
 class AIBrixPrefixCache:
-    """AIBrix `prefix-cache`:
+    """AIBrix `prefix-cache`: the best prefix match among workers within a load bound, else least request.
 
     1. Imbalance: if max - min running requests > `imbalance_abs_count` (8), only the minimum-load
        workers remain candidates.
@@ -52,7 +52,14 @@ class AIBrixPrefixCache:
 
     name = "aibrix_prefix_cache"
 
-    def __init__(self, imbalance_abs_count: float = 8, std_factor: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        imbalance_abs_count: Annotated[float, Field(ge=0, description=(
+            "when max - min running requests exceeds this, only the least-loaded workers are candidates"))] = 8,
+        std_factor: Annotated[float, Field(ge=0, description=(
+            "a prefix match is taken only on a worker with load <= mean + std_factor x std"))] = 1.0,
+        seed: int = 0,
+    ):
         self.imbalance_abs_count = imbalance_abs_count
         self.std_factor = std_factor
         self._rng = random.Random(seed)
@@ -113,9 +120,10 @@ def preble_prefill_time_s(uncached_tokens: float, context_tokens: float) -> floa
     return (base + _v100_attention_quadratic_s(uncached_tokens)) / 0.9
 
 
-@register("aibrix_prefix_load")
 class AIBrixPrefixLoad:
-    """AIBrix `prefix-cache-preble` (prefix-cache-and-load, after Preble's E2 scheduler):
+    """AIBrix `prefix-cache-preble`: exploit a long prefix match, else the least windowed prefill+decode cost.
+
+    Prefix-cache-and-load, after Preble's E2 scheduler:
 
     1. Imbalance filter as in `prefix-cache` (max - min running requests > 8: minimum-load workers only).
     2. Match ratio = longest matched prefix over all workers / prompt tokens. If > 0.5 (exploit): among
@@ -142,11 +150,13 @@ class AIBrixPrefixLoad:
 
     def __init__(
         self,
-        imbalance_abs_count: float = 8,
-        match_threshold: float = 0.5,
-        window_s: float = 180.0,
-        decoding_length: float = 45,
-        time_per_token_s: float = 0.15,
+        imbalance_abs_count: Annotated[float, Field(ge=0, description=(
+            "when max - min running requests exceeds this, only the least-loaded workers are candidates"))] = 8,
+        match_threshold: Annotated[float, Field(ge=0, le=1, description=(
+            "exploit the longest match when it covers more than this fraction of the prompt"))] = 0.5,
+        window_s: Annotated[float, Field(gt=0, description="sliding window of routed requests, seconds")] = 180.0,
+        decoding_length: Annotated[float, Field(ge=0, description="decode tokens charged per request")] = 45,
+        time_per_token_s: Annotated[float, Field(ge=0, description="cost of one decode token")] = 0.15,
         seed: int = 0,
     ):
         self.imbalance_abs_count = imbalance_abs_count

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from dispatcher.policies.base import register
 from dispatcher.policies.baselines.common import argmin_random_tie, decide, require_workers
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 
 
-@register("dynamo_kv_cost")
 class DynamoKVCost:
-    """Dynamo's default worker selector. Per worker, with block size B and overlap o blocks:
+    """NVIDIA Dynamo's KV router: the least overlap-credited prefill blocks plus active decode blocks.
+
+    Dynamo's default worker selector. Per worker, with block size B and overlap o blocks:
 
         potential_prefill_blocks = (worker's pending prefill tokens + prompt - o * B) / B
         potential_decode_blocks  = worker's active KV blocks + (ceil(prompt / B) - o)
@@ -37,13 +39,14 @@ class DynamoKVCost:
 
     def __init__(
         self,
-        overlap_score_weight: float = 1.0,
-        temperature: float = 0.0,
-        block_size: int | None = None,
+        overlap_score_weight: Annotated[float, Field(ge=0, description=(
+            "weight of the prefill blocks against the decode blocks"))] = 1.0,
+        temperature: Annotated[float, Field(ge=0, description=(
+            "0: the lowest cost; above 0: a softmax draw over normalized costs at this temperature"))] = 0.0,
+        block_size: Annotated[int | None, Field(ge=1, description=(
+            "tokens per KV block (default: the request's prefix block size)"))] = None,
         seed: int = 0,
     ):
-        if temperature < 0:
-            raise ValueError("temperature must be >= 0")
         self.overlap_score_weight = overlap_score_weight
         self.temperature = temperature
         self.block_size = block_size

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import random
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
 
-from dispatcher.policies.base import register
 from dispatcher.policies.baselines.common import argmax_random_tie, decide, matched_blocks, require_workers
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 
 
-@register("llmd_weighted")
 class LlmdWeighted:
-    """The default scheduling profile: queue-scorer x2 + kv-cache-utilization-scorer x2 +
-    prefix-cache-scorer x3, then the max-score picker (random among equal totals).
+    """llm-d's default scheduling profile: the highest weighted sum of queue, KV-cache and prefix scores.
+
+    Queue-scorer x2 + kv-cache-utilization-scorer x2 + prefix-cache-scorer x3, then the max-score picker
+    (random among equal totals).
 
     - queue: (max_waiting - waiting) / (max_waiting - min_waiting) over the candidates, 1.0 for all
       when every queue is the same length (waiting = the engine's waiting queue size);
@@ -35,10 +37,11 @@ class LlmdWeighted:
 
     def __init__(
         self,
-        queue_weight: float = 2.0,
-        kv_cache_weight: float = 2.0,
-        prefix_weight: float = 3.0,
-        max_prefix_blocks: int = 256,
+        queue_weight: Annotated[float, Field(ge=0, description="weight of the queue scorer")] = 2.0,
+        kv_cache_weight: Annotated[float, Field(ge=0, description="weight of the KV-cache utilization scorer")] = 2.0,
+        prefix_weight: Annotated[float, Field(ge=0, description="weight of the prefix-cache scorer")] = 3.0,
+        max_prefix_blocks: Annotated[int, Field(ge=1, description="prefix blocks the prefix scorer counts at "
+                                                                  "most")] = 256,
         seed: int = 0,
     ):
         self.queue_weight = queue_weight

@@ -6,7 +6,6 @@ import random
 
 import numpy as np
 
-from dispatcher.policies.base import register
 from dispatcher.policies.baselines.common import (
     argmin_random_tie,
     decide,
@@ -17,9 +16,10 @@ from dispatcher.policies.baselines.common import (
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 
 
-@register("lmetric")
 class LMetric:
-    """LMetric (arXiv 2603.15202, section 5.1) as AIBrix's `l-metric-local` router implements it:
+    """LMetric: the least (pending + new uncached prefill tokens) x (pending requests + 1).
+
+    LMetric (arXiv 2603.15202, section 5.1) as AIBrix's `l-metric-local` router implements it:
 
         hit_tokens = prompt * match_percent // 100, match_percent = matched blocks * 100 // blocks
         L  = pending uncached tokens on the worker + (prompt - hit_tokens)

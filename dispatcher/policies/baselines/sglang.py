@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Annotated
 
-from dispatcher.policies.base import register
+import numpy as np
+from pydantic import Field
+
 from dispatcher.policies.baselines.common import decide, outstanding_requests, require_workers
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 
 
-@register("sglang_cache_aware")
 class SGLangCacheAware:
-    """SGLang's cache-aware load balancing (approximate-tree mode), in this order:
+    """SGLang router `cache_aware`: the longest prefix match while load is balanced, else the least loaded.
+
+    SGLang's cache-aware load balancing (approximate-tree mode), in this order:
 
     1. Imbalance check over all workers' loads: if `max - min > balance_abs_threshold` and
        `max > balance_rel_threshold * min`, route to the minimum-load worker (the first one).
@@ -39,9 +42,13 @@ class SGLangCacheAware:
 
     def __init__(
         self,
-        cache_threshold: float = 0.3,
-        balance_abs_threshold: float = 64,
-        balance_rel_threshold: float = 1.5,
+        cache_threshold: Annotated[float, Field(ge=0, le=1, description=(
+            "route by cache when the longest match covers more than this fraction of the prompt"))] = 0.3,
+        balance_abs_threshold: Annotated[float, Field(ge=0, description=(
+            "the cluster is imbalanced (route to the least loaded) when max - min load exceeds this and "
+            "max load exceeds balance_rel_threshold x min load"))] = 64,
+        balance_rel_threshold: Annotated[float, Field(ge=0, description=(
+            "the relative part of the imbalance test (see balance_abs_threshold)"))] = 1.5,
         seed: int = 0,
     ):
         self.cache_threshold = cache_threshold

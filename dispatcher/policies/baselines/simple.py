@@ -6,7 +6,6 @@ import random
 
 import numpy as np
 
-from dispatcher.policies.base import register
 from dispatcher.policies.baselines.common import (
     argmin_random_tie,
     decide,
@@ -16,7 +15,6 @@ from dispatcher.policies.baselines.common import (
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 
 
-@register("round_robin")
 class RoundRobin:
     """Workers in turn: a counter modulo the number of workers.
 
@@ -40,7 +38,6 @@ class RoundRobin:
         return decide(self.name, view, i, scores)
 
 
-@register("random")
 class UniformRandom:
     """A worker drawn uniformly at random (seeded).
 
@@ -62,7 +59,6 @@ class UniformRandom:
         return decide(self.name, view, i, scores)
 
 
-@register("least_request")
 class LeastRequest:
     """The worker with the fewest outstanding requests; exact ties broken at random (seeded).
 
@@ -84,7 +80,6 @@ class LeastRequest:
         return decide(self.name, view, i, -load)
 
 
-@register("power_of_two")
 class PowerOfTwo:
     """Two distinct workers drawn at random (seeded); the less loaded one wins, the first on a tie.
 

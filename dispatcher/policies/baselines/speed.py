@@ -6,19 +6,17 @@ import random
 
 import numpy as np
 
-from dispatcher.policies.base import register
 from dispatcher.policies.baselines.common import argmin_random_tie, decide, outstanding_requests, require_workers
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 
 
-@register("gpu_speed_queue")
 class GPUSpeedQueue:
-    """score = (queue + 1) / gpu_speed, lowest wins, random among equals.
+    """GPU-speed-aware queue: the least (outstanding requests + 1) / GPU speed, random among equals.
 
     The project's own heterogeneity-aware heuristic (issue 4), not an external router: queue =
     `outstanding_requests`, gpu_speed = `view.gpu_speed` (peak compute relative to an A100, from
     lodestar.hardware). The +1 counts the request being routed, so an idle fast GPU beats an idle slow
-    one and a queue on a GPU twice as fast counts half. It is also the dispatcher's fallback policy.
+    one and a queue on a GPU twice as fast counts half. It is also the learned policy's default fallback.
     Scores: minus the score.
     """
 
