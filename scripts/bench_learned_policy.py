@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(SCRIPTS))
+# In the reference run (cwd: the exported tree) the timing helper comes from that tree's scripts too.
+sys.path.insert(0, str(Path.cwd() / "scripts" if "--reference-only" in sys.argv else SCRIPTS))
 from bench_policies import per_call_us  # noqa: E402
 
 from lodestar.cluster_view import ClusterView, RequestInfo  # noqa: E402
