@@ -90,8 +90,14 @@ def time_policies(n: int, calls: int, reference_only: bool) -> dict[str, float]:
             policy = LearnedPolicy()
             policy.load_snapshot(trained_snapshot(sample, "ridge_residual", **params))
             policies[f"learned, {label}"] = policy
-    return {name: per_call_us(lambda p=policy, s=sample: [p.choose(r, v) for r, v in s], calls)
-            for name, policy in policies.items()}
+    times = {name: per_call_us(lambda p=policy, s=sample: [p.choose(r, v) for r, v in s], calls)
+             for name, policy in policies.items()}
+    if not reference_only:
+        # What the dispatcher adds per decision when the policy handed back no feature row (estimate only, or
+        # a model of the GPU figures and the estimate): the telemetry row, via the full candidate matrix.
+        times["+ telemetry row (candidate matrix)"] = per_call_us(
+            lambda s=sample: [candidate_matrix(r, v) for r, v in s], calls)
+    return times
 
 
 def reference_times(rev: str, workers: list[int], calls: int) -> dict[int, float]:
