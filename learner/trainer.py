@@ -32,11 +32,14 @@ from pydantic import Field
 
 from learner.models.base import OnlineTTFTModel
 from learner.models.registry import make_model, model_from_state
-from lodestar.features import FEATURE_INDEX, N_FEATURES
+from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, N_FEATURES
 from lodestar.settings import LearnerSettings
 from lodestar.snapshot import Snapshot, decode_array, encode_array
 
 CHECKPOINT_FORMAT = 1
+
+
+ESTIMATE_COLUMN = FEATURE_INDEX[ESTIMATE_FEATURE]
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,9 @@ class LearnerConfig:
         "its fallback sooner"))] = 100
     recent_capacity: Annotated[int, Field(ge=1, description="most recent samples replayed at a retrain")] = 5000
     diverse_capacity: Annotated[int, Field(ge=0, description=(
-        "older samples replayed at a retrain, drawn evenly over GPU speed x TTFT octave strata"))] = 5000
+        "older samples replayed at a retrain, drawn evenly over GPU speed x TTFT octave strata (off by "
+        "default: it over-weights rare TTFT octaves, which a correction of the estimate's typical error must "
+        "not)"))] = 0
     diverse_per_stratum: Annotated[int, Field(ge=1, description="reservoir size of each stratum")] = 500
     holdout_every: Annotated[int, Field(ge=2, description="one sample in this many is held out, never trained "
                                                            "on")] = 10
@@ -60,7 +65,8 @@ class LearnerConfig:
     min_holdout_samples: Annotated[int, Field(ge=0, description="and this many held-out samples")] = 20
     max_holdout_log_mae: Annotated[float, Field(gt=0, description="and a held-out log error at most this")] = 0.6
     min_holdout_skill: Annotated[float, Field(le=1, description=(
-        "and a skill (1 - its log error / the median predictor's) at least this"))] = 0.2
+        "and a skill (1 - its log error / the analytic estimate's) at least this: a model replaces the "
+        "estimate only where it predicts better"))] = 0.05
     error_window: Annotated[int, Field(ge=1, description="samples of the rolling prequential error")] = 1000
     range_margin: Annotated[float, Field(ge=0, description=(
         "how far past its training range (fraction of the range) the dispatcher still trusts the model"))] = 0.25
@@ -297,7 +303,8 @@ class Learner:
         return replace(snap, arrays=arrays, meta=meta)
 
     def validate(self) -> dict[str, Any]:
-        """Held-out error of the current model, against predicting the training median."""
+        """Held-out error of the current model, against the analytic estimate's (the feature
+        `ttft_estimate_ms`: what the learned policy routes with while no model is validated)."""
         c = self.config
         hx, hy = self.holdout.arrays()
         result: dict[str, Any] = {"samples": int(len(hy)), "validated": False}
@@ -305,8 +312,7 @@ class Learner:
             return result
         pred = self.model.predict(hx)
         log_mae = float(np.mean(_log_errors(pred, hy)))
-        median = float(np.median(self.recent.arrays()[1])) if self.recent.size else 0.0
-        baseline = float(np.mean(_log_errors(np.full_like(hy, median), hy)))
+        baseline = float(np.mean(_log_errors(hx[:, ESTIMATE_COLUMN], hy)))
         skill = 1.0 - log_mae / baseline if baseline > 0 else 0.0
         result.update(
             log_mae=log_mae,

@@ -11,7 +11,8 @@ derived ones divide work by the GPU's speed so that TTFT is close to linear in t
 prefill this request's uncached tokens, the time to drain the prefill backlog ahead of it, the queue
 depth per unit of speed; and the KV pressure (prefill backlog plus this request over the free KV
 tokens: past 1, the request waits for running sequences to finish), which cut the learned policy's
-distance to the oracle by about a third in offline counterfactual tests (docs/learning.md). GPU model
+distance to the oracle by about a third in offline counterfactual tests (docs/learning.md); and the
+analytic TTFT estimate of the calibrated engine model (lodestar/ttft_estimate.py). GPU model
 enters as its public compute and memory-bandwidth figures relative to an A100 (unique per known type,
 and meaningful for a type never seen in training).
 """
@@ -24,6 +25,7 @@ import numpy as np
 
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.hardware import GPUS, REFERENCE_GPU, gpu
+from lodestar.ttft_estimate import estimate_ttft_ms
 
 FEATURE_NAMES: tuple[str, ...] = (
     "prompt_tokens",
@@ -44,8 +46,11 @@ FEATURE_NAMES: tuple[str, ...] = (
     "running_per_mem_bw",
     "kv_free_tokens",
     "kv_pressure",
+    "ttft_estimate_ms",
 )
 N_FEATURES = len(FEATURE_NAMES)
+# The calibrated engine model's analytic TTFT: what the learned policy routes with until a model beats it.
+ESTIMATE_FEATURE = "ttft_estimate_ms"
 FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(FEATURE_NAMES)}
 
 # Counts, token amounts and latencies: non-negative and heavy-tailed, so models see them as log1p.
@@ -64,6 +69,7 @@ HEAVY_TAILED: tuple[str, ...] = (
     "running_per_mem_bw",
     "kv_free_tokens",
     "kv_pressure",
+    "ttft_estimate_ms",
 )
 
 
@@ -101,8 +107,7 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     x[:, 6] = view.inflight
     x[:, 7] = view.pending_prefill_tokens
     x[:, 8] = view.kv_usage
-    x[:, 9] = view.gpu_speed
-    x[:, 10] = mem_bw
+    _fill_prior_columns(x, view, mem_bw, estimate_ttft_ms(request, view))
     x[:, 11] = view.recent_ttft_ms
     x[:, 12] = uncached / speed
     x[:, 13] = (view.pending_prefill_tokens + uncached) / speed
@@ -113,6 +118,27 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     free = np.where(view.max_kv_tokens > 0, (1.0 - np.clip(view.kv_usage, 0.0, 1.0)) * view.max_kv_tokens, 0.0)
     x[:, 16] = free
     x[:, 17] = np.where(view.max_kv_tokens > 0, (view.pending_prefill_tokens + uncached) / np.maximum(free, 1.0), 0.0)
+    return x
+
+
+# The features a router has without per-request work beyond the analytic estimate: the GPU type's figures
+# and the estimate itself. A model that reads only these is evaluated on `prior_matrix`, which skips the
+# rest of the candidate matrix (the learned policy's decision cost).
+PRIOR_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw", ESTIMATE_FEATURE)
+
+
+def _fill_prior_columns(x: np.ndarray, view: ClusterView, mem_bw: np.ndarray, estimate: np.ndarray) -> None:
+    x[:, FEATURE_INDEX["gpu_speed"]] = view.gpu_speed
+    x[:, FEATURE_INDEX["gpu_mem_bw"]] = mem_bw
+    # The calibrated engine model's analytic TTFT on this worker (lodestar.ttft_estimate): a prior that is
+    # right from the first request, which a model can learn a correction of.
+    x[:, FEATURE_INDEX[ESTIMATE_FEATURE]] = estimate
+
+
+def prior_matrix(view: ClusterView, estimate: np.ndarray) -> np.ndarray:
+    """A candidate matrix with only PRIOR_FEATURES filled in (the other columns are zero)."""
+    x = np.zeros((view.size, N_FEATURES), dtype=np.float64)
+    _fill_prior_columns(x, view, _mem_bw(tuple(view.gpu_types)), estimate)
     return x
 
 

@@ -188,7 +188,7 @@ class DispatcherSettings(Section):
     dispatcher_id: str = ""  # this dispatcher's id in decisions (default: host-pid)
     policy: str = "learned"  # routing policy: learned or any baseline name (docs/policies.md)
     policy_params: dict[str, dict[str, Any]] = Field(default_factory=dict, description=(
-        "parameters by policy name, e.g. `{learned: {fallback: lmetric}}`, validated against the policy's "
+        "parameters by policy name, e.g. `{learned: {worker_correction: false}}`, validated against the policy's "
         "constructor at start (docs/policies.md lists each policy's parameters)"))
     batch_size: int = Field(64, ge=1)  # max requests consumed and routed per batch
     batch_timeout_ms: int = Field(5, ge=0)  # how long a batch fetch waits for more records
@@ -204,9 +204,8 @@ class DispatcherSettings(Section):
     def _removed_keys(cls, data: Any) -> Any:
         if isinstance(data, dict) and "fallback_policy" in data:
             raise ValueError(
-                "dispatcher.fallback_policy was removed: the fallback is a parameter of the learned policy, "
-                "set dispatcher.policy_params.learned.fallback (YAML) or "
-                "LODESTAR_DISPATCHER__POLICY_PARAMS='{\"learned\": {\"fallback\": \"...\"}}'")
+                "dispatcher.fallback_policy was removed: the learned policy has no heuristic fallback, it "
+                "routes with the analytic TTFT estimate until a learned correction beats it (docs/learning.md)")
         return data
 
 
@@ -246,7 +245,7 @@ class WorkerSettings(Section):
 class LearnerSettings(Section):
     """The online learner service."""
 
-    model: str = "mlp"  # TTFT model family (a module of learner/models/; docs/policies.md lists them)
+    model: str = "ridge_residual"  # TTFT model family (a module of learner/models/; docs/policies.md lists them)
     snapshot_every_events: int = Field(1000, ge=1)  # publish a snapshot after this many learned events
     snapshot_every_s: float = Field(30.0, gt=0)  # or after this many seconds
     warmup_snapshot_every_events: int = Field(100, ge=1)  # first snapshots: after 100, 200, 400... events

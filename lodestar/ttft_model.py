@@ -8,7 +8,11 @@ between them (a linear model is a stack of one), then the inverse target transfo
     z = x[:, columns];  z[:, log1p_columns] = log1p(max(z, 0))
     h = (z - x_center) * x_inv_scale
     h = relu(h @ layer{i}_w + layer{i}_b) for every layer but the last, which has no ReLU
-    ttft_ms = inverse_target(h[:, 0] * target.scale + target.center)
+    ttft_ms = inverse_target(h[:, 0] * target.scale + target.center + base)
+
+where `base` is 0, or, when `target.base_feature` names a feature (a model of the residual over a prior,
+e.g. the analytic estimate `ttft_estimate_ms`; log1p targets only), that feature of the row through the
+forward target transform.
 
 Arrays: `x_center`, `x_inv_scale`, `layer{i}_w` (in x out), `layer{i}_b`, and optionally
 `feature_min`/`feature_max` (raw features seen in training, for the out-of-range fallback).
@@ -74,6 +78,15 @@ class TTFTModel:
         self.target_transform: str = target["transform"]
         self.target_center = _number(target.get("center"), "meta.target.center")
         self.target_scale = _number(target.get("scale"), "meta.target.scale")
+        self.base_column: int | None = None
+        base = target.get("base_feature")
+        if base is not None:
+            if self.target_transform != "log1p":
+                raise SnapshotError("meta.target.base_feature needs the log1p target transform")
+            try:
+                self.base_column = int(column_indices((base,))[0])
+            except (KeyError, TypeError):
+                raise SnapshotError(f"meta.target.base_feature {base!r} is not a feature this build computes") from None
         self.x_center = _vector(snapshot.arrays, "x_center", n)
         self.x_inv_scale = _vector(snapshot.arrays, "x_inv_scale", n)
         n_layers = meta.get("layers")
@@ -123,7 +136,10 @@ class TTFTModel:
         for w, b in self.layers[1:]:
             np.maximum(h, 0.0, out=h)
             h = h @ w + b
-        return inverse_target(h[:, 0] * self.target_scale + self.target_center, self.target_transform)
+        out = h[:, 0] * self.target_scale + self.target_center
+        if self.base_column is not None:
+            out = out + forward_target(x[:, self.base_column], self.target_transform)
+        return inverse_target(out, self.target_transform)
 
     def out_of_range(self, x: np.ndarray) -> np.ndarray:
         """Per row: whether any feature lies outside the training range widened by the margin.

@@ -89,12 +89,12 @@ def render() -> str:
         "dispatcher:             # configs/lodestar.yaml",
         "  policy: learned",
         "  policy_params:",
-        f"    {LEARNED}: {{fallback: lmetric, epsilon_start: 0.02}}",
+        f"    {LEARNED}: {{worker_correction: false}}",
         "```",
         "",
         "```bash",
         "lodestar bench sim --cluster ... --workload ... --policies lmetric,learned,lm=learned \\",
-        "    --policy-params '{\"lm\": {\"fallback\": \"lmetric\"}}'   # two variants of learned side by side",
+        "    --policy-params '{\"lm\": {\"worker_correction\": false}}'   # two variants of learned side by side",
         "```",
         "",
         "| policy | where | what it does |",
@@ -119,7 +119,7 @@ def render() -> str:
         f"[`{LEARNED}`](#{LEARNED}), plus a `{LEARNER_SECTION}` section (the learning loop, over the live "
         f"cadence from the `learner.*` settings) and a `{MODEL_SECTION}` section (the family's "
         "hyperparameters), e.g. "
-        f"`{{\"{LEARNED}_river\": {{\"fallback\": \"lmetric\", \"{LEARNER_SECTION}\": {{\"snapshot_every_events\": "
+        f"`{{\"{LEARNED}_river\": {{\"worker_correction\": false, \"{LEARNER_SECTION}\": {{\"snapshot_every_events\": "
         f"500}}, \"{MODEL_SECTION}\": {{\"lr\": 0.02}}}}}}`.",
         "",
         f"#### `{LEARNER_SECTION}` section",

@@ -8,7 +8,7 @@ into the `learned` policy the simulator routes with. So the simulator measures w
 would do, cold start included.
 
 `learning_loop(family, seed=..., params=...)` builds one from cold: the `learned` policy with `params`
-(its own parameters, such as `fallback` or `epsilon_start`, validated as the dispatcher validates
+(its own parameters, such as `worker_correction` or `check_range`, validated as the dispatcher validates
 `dispatcher.policy_params`), plus two optional sections: `learner` (LearnerConfig fields over the live
 cadence from settings, e.g. `snapshot_every_events`) and `model` (the family's hyperparameters, e.g.
 `hidden`, `lr`). `lodestar bench sim --policy-params` passes them, per policy label.

@@ -13,7 +13,11 @@ capacity = the engine's KV tokens / block size, LRU), in-flight counts the route
 engine load snapshots (running, waiting, pending prefill, KV usage, recent TTFT) re-read when a request
 arrives and the last snapshot is `refresh_interval_s` old or older, as the live dispatcher refreshes
 its view of the registry; between refreshes, the router adds the uncached prompt tokens it has routed
-since the snapshot to each worker's pending prefill.
+since the snapshot to each worker's pending prefill. Pending prefill is what a live worker publishes
+(workers/live_state.py): the router's uncached-token estimate of the requests sent to it that have not
+had their first token yet (queued or being prefilled), not the engine's own count of unprefilled prompt
+tokens (which holds queued prompts whole, cached prefix included, and drops a prompt as soon as its
+prefill step starts).
 """
 
 from __future__ import annotations
@@ -110,6 +114,7 @@ class Simulator:
         self._running = np.zeros(n)
         self._waiting = np.zeros(n)
         self._pending_prefill = np.zeros(n)
+        self._awaiting_first_token = np.zeros(n)  # uncached tokens routed, first token not yet out (live worker's)
         self._kv_usage = np.zeros(n)
         self._recent_ttft_view = np.zeros(n)
         self._recent_ttft = np.zeros(n)
@@ -210,7 +215,7 @@ class Simulator:
             load = eng.load()
             self._running[i] = load.running
             self._waiting[i] = load.waiting
-            self._pending_prefill[i] = load.pending_prefill_tokens
+            self._pending_prefill[i] = self._awaiting_first_token[i]
             self._kv_usage[i] = load.token_usage
         self._recent_ttft_view[:] = self._recent_ttft
 
@@ -231,8 +236,10 @@ class Simulator:
         features = chosen_features(info, view, decision) if self.sink is not None else None
         matched_i = int(min(matched[i], max(req.prompt_len - 1, 0)))
         self.index.insert(self.worker_ids[i], req.block_hashes, now)
+        uncached = req.prompt_len - matched_i
         self._inflight[i] += 1
-        self._pending_prefill[i] += req.prompt_len - matched_i
+        self._pending_prefill[i] += uncached
+        self._awaiting_first_token[i] += uncached
         self._routed_types.append(self.gpu_types[i])
         try:
             self.engines[i].add(EngineRequest(req.rid, req.prompt_len, req.block_hashes, req.block_tokens,
@@ -240,6 +247,8 @@ class Simulator:
                                               output_block_hashes=req.output_block_hashes), now)
         except (QueueFull, RequestTooLarge):
             self._inflight[i] -= 1  # rejected at once, as SGLang answers an oversized or over-queue request
+            self._pending_prefill[i] -= uncached
+            self._awaiting_first_token[i] -= uncached
             self._rejected += 1
             self._pull_arrival()
             return
@@ -323,6 +332,7 @@ class Simulator:
             if rec is None:
                 continue
             rec.first_token_s = now
+            self._awaiting_first_token[i] -= rec.request.prompt_tokens - rec.matched_prefix_tokens
             ttft_ms = (now - rec.arrival_s) * 1000.0
             prev = self._recent_ttft[i]
             self._recent_ttft[i] = ttft_ms if prev == 0 else prev + RECENT_TTFT_ALPHA * (ttft_ms - prev)
@@ -334,6 +344,8 @@ class Simulator:
             if rec is None:
                 continue
             self._inflight[rec.worker] -= 1
+            if math.isnan(rec.first_token_s):  # ended before its first token (aborted)
+                self._awaiting_first_token[rec.worker] -= rec.request.prompt_tokens - rec.matched_prefix_tokens
             if fin.reason not in _OK_REASONS or math.isnan(rec.first_token_s):
                 self._failed_in_engine += 1
                 continue

@@ -63,8 +63,8 @@ class Verdict:
 
 
 def x(value: float) -> str:
-    """A ratio as the write-up prints it."""
-    return f"{value:.2f}x"
+    """A ratio as the write-up prints it; `-` where it is undefined (e.g. no validated snapshot: no warm x)."""
+    return "-" if math.isnan(value) else f"{value:.2f}x"
 
 
 def pct(value: float) -> str:

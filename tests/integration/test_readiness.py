@@ -85,7 +85,7 @@ async def test_readyz_turns_ready_once_the_dispatcher_joined_its_group(kafka_boo
             for body in bodies:
                 assert body["ready"] is True
                 assert body["conditions"]["model"]["detail"] == (
-                    "no model snapshot yet: routing with the fallback gpu_speed_queue")
+                    "no model snapshot yet: routing with the fallback analytic")
                 assert body["conditions"]["group"]["detail"].startswith(
                     f"member of group {settings.dispatcher.consumer_group} with ")
             idle = [d for d in (d1, d2, d3) if not d.assigned_partitions()]

@@ -25,8 +25,9 @@ def shipped() -> dict[str, Any]:
 
 def test_the_shipped_matrix_is_the_campaign_of_the_results_doc(shipped: dict[str, Any]) -> None:
     full = parse_campaign(shipped)
-    # The 16 scenarios and 376 runs the matrix held when it lived in the script.
-    assert len(full.scenarios) == 16 and len(run_keys(full.scenarios)) == 376
+    # The 16 scenarios the matrix held when it lived in the script, plus issue 11's 7 (failure modes, sustained
+    # shared prefix, held-out cluster); 7 baselines, learned, 2 other families on 3 scenarios, oracle seed 1.
+    assert len(full.scenarios) == 23 and len(run_keys(full.scenarios)) == 558
     assert all(sc.seeds == (1, 2, 3) for sc in full.scenarios)
     shifts = [sc for sc in full.scenarios if sc.shift_at_s is not None]
     assert [sc.workload for sc in shifts] == ["shift_slowdown", "shift_prefix_share"]
@@ -37,7 +38,7 @@ def test_the_shipped_matrix_is_the_campaign_of_the_results_doc(shipped: dict[str
         "hetero_2h100_2a100_4l4__mooncake_conversation__r25", "hetero_4a30_4v100__mooncake_conversation__r14",
         "homo_8a30__mooncake_conversation__r16"}
     quick = parse_campaign(shipped, quick=True)
-    assert [len(sc.runs) for sc in quick.scenarios] == [5, 2]
+    assert [len(sc.runs) for sc in quick.scenarios] == [6, 2]
     assert load_campaign(quick=True) == quick
 
 
@@ -53,7 +54,7 @@ def test_baselines_and_families_come_from_the_registries(shipped: dict[str, Any]
     c = parse_campaign(data)
     assert c.baselines == ("least_request", "lmetric", "sglang_cache_aware", "lmetric_b")
     assert c.scenarios[0].baselines == c.baselines
-    assert c.scenarios[0].families == ("learned_river",)  # every family but the default (mlp)
+    assert c.scenarios[0].families == ("learned_mlp", "learned_river")  # all but the default (ridge_residual)
     assert c.specs["lmetric_b"] == PolicySpec("lmetric_b", "lmetric", {})
 
 
@@ -97,7 +98,7 @@ SC0 = {"cluster": "homo_8a30", "workload": "shared_prefix", "rate": 12}
      "matrix.scenarios.0.baselines: ['oracle'] are not baselines of the campaign"),
     ("matrix.defaults.seed", [1], "defaults: unknown keys ['seed']"),
     ("policies.learned", {"label": "learned", "policy": "learnd"}, "unknown policy 'learnd'"),
-    ("policies.learned", {"label": "learned", "policy": "learned", "params": {"fallback": "nope"}}, "fallback"),
+    ("policies.learned", {"label": "learned", "policy": "learned", "params": {"check_range": "x"}}, "check_range"),
     ("policies.learned", {"label": "a b", "policy": "learned"}, "policies.learned.label: String should match"),
     ("policies.oracle", {"label": "lmetric", "policy": "oracle"}, "labels must be unique, ['lmetric'] repeat"),
     ("policies.baselines.exclude", ["lmetrik"], "policies.baselines: exclude names ['lmetrik']"),
@@ -131,7 +132,7 @@ def test_a_file_that_is_not_yaml_is_refused(tmp_path: Path) -> None:
 def stored_run(tmp_path: Path, shipped: dict[str, Any]) -> tuple[RunKey, dict[str, Any], dict[str, str]]:
     sc = parse_campaign(shipped, quick=True).scenarios[1]
     key = RunKey(sc, "learned", 1)
-    run = describe(key, PolicySpec("learned", "learned", {"fallback": "lmetric"}))
+    run = describe(key, PolicySpec("learned", "learned", {"worker_correction": False}))
     source = {"commit": "c", "code": "digest", "dirty_files": ""}
     result = {"row": {"policy": "learned", "seed": 1}, "arrival_s": np.array([0.5, 1.0]),
               "ttft_s": np.array([0.1, 0.2]), "kind": np.array([3, 1], dtype=np.int8),
@@ -147,7 +148,7 @@ def test_a_stored_run_is_reused_only_while_what_it_is_and_its_code_are_unchanged
     again = load_run(tmp_path, key, run, source)
     assert again is not None and again.ttft_s.tolist() == [0.1, 0.2] and again.kind.tolist() == [3, 1]
     assert again.snapshots == [{"at_s": 1.0, "validated": True}]
-    assert load_run(tmp_path, key, {**run, "params": {"fallback": "gpu_speed_queue"}}, source) is None
+    assert load_run(tmp_path, key, {**run, "params": {"worker_correction": True}}, source) is None
     assert load_run(tmp_path, key, {**run, "duration_s": 91.0}, source) is None
     assert load_run(tmp_path, key, run, {**source, "code": "other"}) is None
     assert load_run(tmp_path, RunKey(key.scenario, "learned", 2), run, source) is None

@@ -47,11 +47,11 @@ def test_valid_requests_pass_unchanged() -> None:
 
 
 def test_policies_take_their_parameters_from_settings() -> None:
-    settings = Settings(dispatcher={"policy_params": {"learned": {"fallback": "lmetric", "epsilon_start": "0.1"},
+    settings = Settings(dispatcher={"policy_params": {"learned": {"worker_correction": "false"},
                                                       "sglang_cache_aware": {"cache_threshold": 0.5}}})
     learned = build_policy("learned", settings)
     assert isinstance(learned, SnapshotPolicy)
-    assert learned.fallback.name == "lmetric" and learned.epsilon_start == 0.1  # type: ignore[attr-defined]
+    assert learned.correction is None  # type: ignore[attr-defined]
     assert build_policy("sglang_cache_aware", settings).cache_threshold == 0.5  # type: ignore[attr-defined]
     assert not isinstance(build_policy("round_robin", settings), SnapshotPolicy)
     with pytest.raises(KeyError, match="unknown policy"):
@@ -62,11 +62,8 @@ def test_policies_take_their_parameters_from_settings() -> None:
     ("params", "reason"),
     [
         ({"nope": {}}, "parameters given for unknown policy 'nope'"),
-        ({"learned": {"fallbak": "lmetric"}}, "policy 'learned': fallbak: Extra inputs are not permitted"),
-        ({"learned": {"fallback": "nope"}}, "fallback: Value error, unknown policy 'nope'"),
-        ({"learned": {"fallback": "learned"}}, "the fallback must be a heuristic"),
-        ({"learned": {"epsilon_start": 2}}, "epsilon_start: Input should be less than or equal to 1"),
-        ({"learned": {"epsilon_start": 0.01, "epsilon_min": 0.1}}, "need epsilon_min <= epsilon_start"),
+        ({"learned": {"fallback": "lmetric"}}, "policy 'learned': fallback: Extra inputs are not permitted"),
+        ({"learned": {"check_range": "sometimes"}}, "check_range: Input should be a valid boolean"),
         ({"round_robin": {"seed": 3}}, "policy 'round_robin': seed: Extra inputs are not permitted"),
         ({"llmd_weighted": {"prefix_weight": "heavy"}}, "prefix_weight: Input should be a valid number"),
     ],
@@ -78,7 +75,7 @@ def test_bad_policy_parameters_are_refused_at_start_with_the_reason(params: dict
 
 
 def test_the_dispatcher_command_stops_on_bad_parameters_before_connecting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LODESTAR_DISPATCHER__POLICY_PARAMS", '{"learned": {"explore_within": 0.5}}')
+    monkeypatch.setenv("LODESTAR_DISPATCHER__POLICY_PARAMS", '{"learned": {"check_range": "sometimes"}}')
     result = CliRunner().invoke(cli, ["dispatcher"])
     assert result.exit_code == 2
-    assert "policy 'learned': explore_within: Input should be greater than or equal to 1" in result.output
+    assert "policy 'learned': check_range: Input should be a valid boolean" in result.output

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry
-from test_learned_policy import linear_snapshot
+from test_learned_policy import feature_snapshot
 
 from dispatcher.service import Dispatcher
 from learner.service import LearnerService
@@ -149,11 +149,11 @@ async def test_dispatcher_model_condition_follows_its_policy() -> None:
     assert not heuristic.health.ready  # not a member of its group yet
     learned = Dispatcher(_settings(policy="learned"))
     assert not learned.health.conditions()["model"].ready  # until a snapshot loads or the fallback is declared
-    unusable = linear_snapshot(version=2)
+    unusable = feature_snapshot("uncached_per_speed", 1.0, version=2)
     unusable = Snapshot(**{**unusable.__dict__, "arrays": {}})
     await learned._on_snapshot(unusable)  # noqa: SLF001 - the hook the snapshot watcher calls
     assert not learned.health.conditions()["model"].ready  # refused: nothing loaded yet
-    await learned._on_snapshot(linear_snapshot(version=3))  # noqa: SLF001
+    await learned._on_snapshot(feature_snapshot("uncached_per_speed", 1.0, version=3))  # noqa: SLF001
     assert learned.health.conditions()["model"] == Condition(True, "model snapshot v3 loaded")
     for service in (heuristic, learned):
         await _close(service)

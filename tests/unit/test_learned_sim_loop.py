@@ -9,7 +9,7 @@ import pytest
 
 from dispatcher.policies.learned import LearnedPolicy
 from learner.trainer import LearnerConfig, make_learner
-from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.cluster_view import Decision, RequestInfo
 from lodestar.features import FEATURE_INDEX, N_FEATURES
 from lodestar.params import ParamsError
 from lodestar.snapshot import SigningKey, SnapshotError
@@ -19,13 +19,6 @@ from sim.policy_factory import PolicySpec, build_sim_policy, learned_families
 from sim.records import CompletedRequest
 from sim.simulator import Simulator
 from sim.workloads import parse_workload_spec, workload_from_spec
-
-
-class First:
-    name = "first"
-
-    def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
-        return Decision(index=0, worker_id=view.worker_ids[0], policy=self.name)
 
 
 def record(k: int, rng: np.random.Generator) -> CompletedRequest:
@@ -38,7 +31,7 @@ def record(k: int, rng: np.random.Generator) -> CompletedRequest:
 
 
 def test_loop_publishes_signed_snapshots_into_the_policy() -> None:
-    policy = LearnedPolicy(fallback=First())
+    policy = LearnedPolicy()
     cfg = LearnerConfig(snapshot_every_events=200, snapshot_every_s=1e9, warmup_snapshot_every_events=200)
     loop = LearningLoop(make_learner("river", cfg), policy, SigningKey("sim", b"s" * 32))
     rng = np.random.default_rng(0)
@@ -51,7 +44,7 @@ def test_loop_publishes_signed_snapshots_into_the_policy() -> None:
 
 
 def test_records_without_features_are_skipped() -> None:
-    loop = LearningLoop(make_learner("river"), LearnedPolicy(fallback=First()))
+    loop = LearningLoop(make_learner("river"), LearnedPolicy())
     rec = record(0, np.random.default_rng(0))
     rec.features = None
     loop.observe(rec)
@@ -60,11 +53,11 @@ def test_records_without_features_are_skipped() -> None:
 
 def test_an_empty_key_is_refused_before_any_snapshot() -> None:
     with pytest.raises(SnapshotError, match="empty"):
-        LearningLoop(make_learner("river"), LearnedPolicy(fallback=First()), SigningKey("sim", b""))
+        LearningLoop(make_learner("river"), LearnedPolicy(), SigningKey("sim", b""))
 
 
 def test_each_loop_signs_with_a_key_of_its_own() -> None:
-    one, two = (LearningLoop(make_learner("river"), LearnedPolicy(fallback=First())) for _ in range(2))
+    one, two = (LearningLoop(make_learner("river"), LearnedPolicy()) for _ in range(2))
     assert len(one.key.secret) == 32 and one.key.secret != two.key.secret
 
 
@@ -73,14 +66,15 @@ def test_learned_policy_learns_inside_a_simulation(name: str) -> None:
     cluster = ClusterSpec.model_validate({"workers": [{"gpu": "A100", "count": 1}, {"gpu": "L4", "count": 1}]})
     spec = parse_workload_spec({"kind": "shared_prefix", "preset": "sglang_gsp", "rate": 10.0, "duration_s": 60,
                                 "num_groups": 16, "prompts_per_group": 32, "output_len": 16})
-    params = {"fallback": "round_robin", "learner": {"snapshot_every_s": 5.0}}
+    # every snapshot used, validated or not, so that the test sees the policy follow the loop's snapshots
+    params = {"require_validated": False, "learner": {"snapshot_every_s": 5.0}}
     setup = build_sim_policy(PolicySpec("l", name, params), seed=1)
     assert isinstance(setup.policy, LearnedPolicy) and isinstance(setup.sink, LearningLoop)
     assert setup.sink.learner.config.snapshot_every_s == 5.0
     assert setup.sink.learner.model.family == learned_families()[name]
     result = Simulator(cluster, setup.policy, seed=1, sink=setup.sink).run(workload_from_spec(spec).requests(1))
     policies = {(r.decision.policy, r.decision.fallback) for r in result.records}
-    assert policies == {("learned/round_robin", True), ("learned", False)}  # cold start on the fallback, then the model
+    assert policies == {("learned/analytic", True), ("learned", False)}  # the estimate until a snapshot, then the model
     assert setup.policy.model_version >= 2
     versions = [r.decision.model_version for r in sorted(result.records, key=lambda r: r.arrival_s)]
     assert versions == sorted(versions) and versions[0] == 0
@@ -89,11 +83,11 @@ def test_learned_policy_learns_inside_a_simulation(name: str) -> None:
 @pytest.mark.parametrize(
     ("params", "reason"),
     [
-        ({"fallback": "nope"}, "fallback: Value error, unknown policy 'nope'"),
+        ({"fallback": "round_robin"}, "fallback: Extra inputs are not permitted"),
         ({"learner": {"snapshot_every_events": 0}}, "learner section: snapshot_every_events: Input should be greater"),
         ({"learner": {"seed": 3}}, "learner section: seed: Extra inputs are not permitted"),
         ({"model": {"no_such_knob": 1}}, "no_such_knob: Extra inputs are not permitted"),
-        ({"epsilon_start": 0.01, "epsilon_min": 0.1}, "need epsilon_min <= epsilon_start"),
+        ({"check_range": "sometimes"}, "check_range: Input should be a valid boolean"),
     ],
 )
 def test_bad_learning_parameters_are_refused_before_the_run(params: dict, reason: str) -> None:

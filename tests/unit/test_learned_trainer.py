@@ -136,3 +136,23 @@ def test_checkpoint_restore_resumes_identically(family: str) -> None:
 def test_unknown_learner_name() -> None:
     with pytest.raises(KeyError, match="unknown model family 'svm'"):
         make_learner("svm")
+
+
+def test_validation_against_the_analytic_prior() -> None:
+    """A model is validated only if it predicts better than the analytic estimate (what the learned policy
+    routes with otherwise) on held-out samples."""
+    rng = np.random.default_rng(5)
+    prior = FEATURE_INDEX["ttft_estimate_ms"]
+
+    def prior_stream(scale: float) -> list[tuple[np.ndarray, float]]:
+        out = []
+        for x, _ in stream(1500, seed=2):
+            x[prior] = rng.uniform(20.0, 2000.0)
+            out.append((x, scale * x[prior] * float(rng.lognormal(0.0, 0.05))))
+        return out
+
+    cfg = LearnerConfig(snapshot_every_events=500)
+    exact = feed(make_learner("river", cfg), prior_stream(1.0))[-1]  # the prior is already right
+    assert not exact.validated and exact.meta["holdout"]["skill"] < cfg.min_holdout_skill
+    biased = feed(make_learner("river", cfg), prior_stream(3.0))[-1]  # the prior is 3x off: learnable
+    assert biased.validated and biased.meta["holdout"]["skill"] > 0.5

@@ -64,7 +64,7 @@ def test_bad_policy_parameters_are_refused_before_any_run(tmp_path: Path) -> Non
     runner = CliRunner(env={"COLUMNS": "400"})  # the error box on one line
     for policies, params, reason in [
         ("lmetric", '{"lmetric": {"x": 1}}', "policy 'lmetric': x: Extra inputs are not permitted"),
-        ("learned", "{learned: {fallback: learned}}", "the fallback must be a heuristic"),
+        ("learned", "{learned: {fallback: lmetric}}", "fallback: Extra inputs are not permitted"),
         ("learned_river", '{"learned_river": {"model": {"lr": 0}}}', "model family 'river': lr: Input should be"),
         ("lmetric", '{"other": {}}', "parameters for ['other'], which are not among the policies"),
         ("a=lmetric,a=random", None, "labels must be unique"),

@@ -1,0 +1,162 @@
+"""Analytic TTFT estimate per candidate worker, from the calibrated engine model's per-GPU coefficients.
+
+A router that knows each GPU's prefill speed can estimate, before any telemetry, how long a request
+would wait for its first token on each worker: the rest of the iteration in progress, then the prefill
+backlog queued ahead of it and its own uncached tokens in chunked-prefill iterations (SGLang runs
+prefill batches before decode steps, so that backlog is what it waits for), plus a wait for KV memory
+when the backlog and the request do not fit in the free KV cache. Every term is the engine model's own
+step-time formula (docs/engine-model.md) evaluated on what the router sees (ClusterView): pending prefill
+tokens, waiting and running requests, KV usage, the matched prefix and the GPU type. The coefficients
+come from `engine_coefficients.json` beside this module, exported from sim/engine/calibration.json by
+scripts/export_engine_coefficients.py (a test keeps them equal to the engine model's).
+
+What the router cannot see makes this an estimate, not a simulation: the composition of the queue (its
+attention cost assumes equal-length fresh prompts), when running requests will finish (the KV wait assumes
+they are halfway through outputs as long as this request's, and is pessimistic about it), whether a prefix
+the router's index matches is still in the engine's cache (the index holds a whole KV pool's worth of
+blocks, the engine shares that pool with its running requests, so on a busy small-memory GPU some matches
+are already evicted: the estimate is the expected TTFT over that risk), and a worker running slower than
+its GPU type. The learned policy corrects it online (dispatcher/policies/learned.py).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.hardware import REFERENCE_GPU, gpu
+
+COEFFICIENTS_FILE = Path(__file__).with_name("engine_coefficients.json")
+DEFAULT_MODEL = "llama-3.1-8b"
+# SGLang clips a request's max_new_tokens at this in its KV admission estimate.
+CLIP_MAX_NEW_TOKENS = 4096
+# Share of the running requests' remaining output that SGLang reserves in KV (its new_token_ratio decays
+# from 0.7 to ~0.1 while a batch runs and jumps back up after a retraction); a middle value.
+KV_RESERVE_RATIO = 0.5
+# Probability that a prefix match of the router's index is already evicted from the engine, per unit of the
+# worker's KV usage. Measured in the simulator (offline counterfactuals): 1% of matches on large-KV GPUs,
+# 6-10% on A30s at 50-90% KV usage, ~36% on 8xA30 Mooncake (heavy churn); 0.3 x usage sits between, on
+# the pessimistic side (a miss costs the whole prefill: tail risk).
+STALE_MATCH_RATE = 0.3
+
+_FIELDS = ("fixed_s", "per_token_s", "gemm_flop_s", "gemm_weight_s", "gemm_p", "lm_flop_s", "lm_weight_s",
+           "sampler_seq_s", "attn_flop_s", "attn_key_s", "dec_seq_s", "dec_ctx_s", "chunked_prefill_size")
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[str, dict[str, dict[str, float]]]:
+    with open(COEFFICIENTS_FILE, encoding="utf-8") as f:
+        return json.load(f)["models"]
+
+
+def gpu_coefficients(gpu_type: str, model: str = DEFAULT_MODEL) -> dict[str, float]:
+    """One GPU's coefficients for `model`; an unknown or uncalibrated GPU gets the reference GPU's."""
+    table = _table()
+    per_gpu = table.get(model.lower()) or table[DEFAULT_MODEL]
+    try:
+        name = gpu(gpu_type).name
+    except KeyError:
+        name = REFERENCE_GPU
+    return per_gpu.get(name) or per_gpu[REFERENCE_GPU]
+
+
+class _Coefficients:
+    """Per-worker coefficient arrays for one tuple of GPU types (built once per cluster shape), with the
+    constant parts of the step-time formula folded in advance: the decision's cost is numpy's per-call
+    overhead, so every term below is as few array operations as the formula allows."""
+
+    __slots__ = (*(f.removesuffix("_s") for f in _FIELDS), "inv_p", "weight_p", "prefill_fixed", "full_chunk",
+                 "decode_per_seq", "half_attn_flop")
+
+    def __init__(self, gpu_types: tuple[str, ...], model: str):
+        rows = [gpu_coefficients(t, model) for t in gpu_types]
+        for name in _FIELDS:
+            setattr(self, name.removesuffix("_s"), np.array([row[name] for row in rows], dtype=np.float64))
+        self.inv_p = 1.0 / self.gemm_p
+        self.weight_p = self.gemm_weight ** self.gemm_p
+        # A prefill iteration emits logits for a few sequences: lm_head reads its weights once (at <100
+        # sequences its FLOPs stay under that floor), plus the fixed per-iteration latencies.
+        self.prefill_fixed = self.fixed + self.lm_weight
+        self.full_chunk = _prefill_iteration_s(self, self.chunked_prefill_size)
+        self.decode_per_seq = self.per_token + self.sampler_seq + self.dec_seq
+        self.half_attn_flop = 0.5 * self.attn_flop
+
+
+@lru_cache(maxsize=64)
+def _coefficients(gpu_types: tuple[str, ...], model: str) -> _Coefficients:
+    return _Coefficients(gpu_types, model)
+
+
+def _gemm_s(c: _Coefficients, tokens: np.ndarray | float) -> np.ndarray:
+    """Linear layers on `tokens` tokens: the engine model's smooth max (a^p + b^p)^(1/p) of the FLOP time and
+    the weight-read time."""
+    return ((tokens * c.gemm_flop) ** c.gemm_p + c.weight_p) ** c.inv_p
+
+
+def _prefill_iteration_s(c: _Coefficients, tokens: np.ndarray | float) -> np.ndarray:
+    """A prefill iteration of `tokens` new tokens, without attention (its few sampled sequences cost <0.1%)."""
+    return c.prefill_fixed + tokens * c.per_token + _gemm_s(c, tokens)
+
+
+_HIT_AND_MISS = np.array([[1.0], [0.0]])  # row 0: the prefix as matched; row 1: nothing cached (stale match)
+
+
+def estimate_ttft_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:
+    """Estimated TTFT (ms) of `request` on every worker of `view`, shape (n_workers,): the expected value
+    over the risk that the matched prefix is no longer cached (then the whole prompt is prefilled).
+
+    TTFT = half the iteration in progress (a prefill chunk if a backlog is queued, else a decode step)
+         + the backlog's and this request's uncached tokens in chunked prefill iterations, with attention
+         + a wait for KV memory when they and their outputs do not fit (see below).
+    KV admission: SGLang admits a prefill only if its tokens plus the output it may still write fit beside
+    what the running requests may still write (scaled by its new-token ratio, KV_RESERVE_RATIO here);
+    otherwise it waits for running requests to finish. Outputs are taken to be as long as this request's
+    `max_new_tokens`, running ones halfway through. The wait is pessimistic on purpose: once a running
+    request must finish first it is half an output's decode steps (requests that started together finish
+    together, and a retraction raises the reservation), a fraction of that for a partial overflow.
+    """
+    c = _coefficients(tuple(view.gpu_types), model)
+    prompt = float(request.prompt_tokens)
+    out = float(min(request.max_new_tokens, CLIP_MAX_NEW_TOKENS))
+    backlog = view.pending_prefill_tokens
+    # The decode batch: what the engine last reported running, or the router's own fresher count of the
+    # requests it sent there and that have not finished (less those still waiting), whichever is larger.
+    # Between two load snapshots many decisions read the same `running`; `inflight` moves with each, so
+    # the decode step of a worker that was just given requests grows at once (no herding onto it).
+    running = np.maximum(view.running, view.inflight - view.waiting)
+    kv_usage = np.minimum(view.kv_usage, 1.0)
+    used = kv_usage * view.max_kv_tokens
+    busy = backlog > 0
+    decoding = running > 0
+
+    # Worker state terms (shape n).
+    decode_step = (c.fixed + running * c.decode_per_seq + _gemm_s(c, running)
+                   + np.maximum(running * c.lm_flop, c.lm_weight) + used * c.dec_ctx) * decoding
+    in_progress = np.where(busy, _prefill_iteration_s(c, np.minimum(backlog, c.chunked_prefill_size)), decode_step)
+    state_s = 0.5 * in_progress + backlog * backlog / np.maximum(view.waiting, 1.0) * c.half_attn_flop
+    half = 0.5 * out
+    free = view.max_kv_tokens - used - (KV_RESERVE_RATIO * half) * running
+    finishes_per_token = ((view.max_kv_tokens > 0) & decoding) / (used / np.maximum(running, 1.0)
+                                                                  + KV_RESERVE_RATIO * half)
+    queued_out = (np.maximum(view.waiting, busy) + 1.0) * out - free
+
+    # This request's terms, as matched (row 0) and, when anything matched, as a full miss (row 1).
+    matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
+    stale = matched.any()
+    hit = matched * _HIT_AND_MISS if stale else matched[None, :]
+    uncached = prompt - hit
+    total = backlog + uncached
+    full = np.ceil(total / c.chunked_prefill_size) - 1.0
+    prefill = full * c.full_chunk + _prefill_iteration_s(c, total - full * c.chunked_prefill_size)
+    own_attn = uncached * (hit + 0.5 * uncached) * c.attn_flop
+    finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
+    kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (out / (running + 1.0))
+    ttft = 1000.0 * (state_s + prefill + own_attn + kv_steps * decode_step)
+    if not stale:
+        return ttft[0]
+    p = (STALE_MATCH_RATE * kv_usage) * (matched > 0)
+    return ttft[0] + p * (ttft[1] - ttft[0])
