@@ -67,6 +67,13 @@ class ClusterView:
         out.matched_prefix_tokens = matched_prefix_tokens
         return out
 
+    def take(self, index: int) -> ClusterView:
+        """Worker `index` alone, as a one-worker view (every per-worker feature reads its own worker only)."""
+        s = slice(index, index + 1)
+        return ClusterView([self.worker_ids[index]], [self.gpu_types[index]], self.running[s], self.waiting[s],
+                           self.inflight[s], self.pending_prefill_tokens[s], self.kv_usage[s], self.max_kv_tokens[s],
+                           self.recent_ttft_ms[s], self.matched_prefix_tokens[s], self.gpu_speed[s], self.now_ms)
+
     @classmethod
     def empty_like(cls, worker_ids: list[str], gpu_types: list[str]) -> ClusterView:
         """An idle cluster view (all zeros) over the given workers."""

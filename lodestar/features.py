@@ -143,11 +143,11 @@ def prior_matrix(view: ClusterView, estimate: np.ndarray) -> np.ndarray:
 
 
 def chosen_features(request: RequestInfo, view: ClusterView, decision: Decision) -> np.ndarray:
-    """The chosen candidate's feature row: the one the policy computed if it did (the learned policy),
-    else computed now, so it is computed once per decision."""
+    """The chosen candidate's feature row: the one the policy computed if it did, else computed now for that
+    candidate alone (each row reads only its own worker), so a decision never pays for a second full matrix."""
     if decision.features is not None:
         return decision.features
-    return candidate_matrix(request, view)[decision.index]
+    return candidate_matrix(request, view.take(decision.index))[0]
 
 
 def as_dict(row: np.ndarray) -> dict[str, float]:

@@ -344,7 +344,8 @@ def swap_work_ms(settings: Settings, repeats: int = 200) -> tuple[float, float]:
 
 
 def model_share(policies: dict[str, int]) -> float:
-    """The fraction of decisions the learned model made (label `learned`; the fallback's are `learned/<h>`)."""
+    """The fraction of decisions the learned model made (label `learned`; where the policy kept to the analytic
+    estimate they are `learned/analytic`)."""
     total = sum(policies.values())
     return policies.get("learned", 0) / total if total else 0.0
 
