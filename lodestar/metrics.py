@@ -211,6 +211,11 @@ class WorkerMetrics:
         self._redis_writes_skipped = Counter("lodestar_worker_redis_writes_skipped", "Non-essential Redis writes "
                                              "skipped (out of memory, or refused), by write.", ["worker", "write"],
                                              registry=r)
+        self.breaker_open = Gauge("lodestar_worker_breaker_open", "1 while the engine's circuit breaker is open or "
+                                  "half-open (the worker is not routable), else 0.", ["worker"],
+                                  registry=r).labels(worker=worker_id)
+        self.breaker_opened = Counter("lodestar_worker_breaker_opened", "Times the engine's circuit breaker opened "
+                                      "(the engine declared dead).", ["worker"], registry=r).labels(worker=worker_id)
 
     def record_result(self, result: InferenceResult) -> None:
         """Count a final result and observe the latencies it carries (milliseconds in, seconds out)."""
@@ -234,6 +239,12 @@ class WorkerMetrics:
     def record_redis_write_skipped(self, write: str) -> None:
         """One non-essential Redis write skipped; `write` is a short kind (`store`, `mark_done`)."""
         self._redis_writes_skipped.labels(worker=self.worker_id, write=kind_label(write)).inc()
+
+    def record_breaker(self, state: str) -> None:
+        """The engine's circuit breaker entered `state` (`closed`, `open`, `half_open`)."""
+        self.breaker_open.set(0 if state == "closed" else 1)
+        if state == "open":
+            self.breaker_opened.inc()
 
 
 class LearnerMetrics:

@@ -55,8 +55,10 @@ class CircuitBreaker:
     """Consecutive engine failures open it; after `cooldown_s` one probe may run (half-open); its success
     closes it. `opened` and `closed` are set while the breaker is in that state (for waiters)."""
 
-    def __init__(self, failure_threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, failure_threshold: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[BreakerState], None] | None = None):
         self.failure_threshold = failure_threshold
+        self._on_change = on_change  # told every state it enters (the worker's metrics)
         self.cooldown_s = cooldown_s
         self._clock = clock
         self.state = BreakerState.CLOSED
@@ -78,7 +80,7 @@ class CircuitBreaker:
         self.failures = 0
         if self.state is not BreakerState.CLOSED:
             log.info("circuit breaker closed: the engine answers again")
-            self.state = BreakerState.CLOSED
+            self._enter(BreakerState.CLOSED)
             self.opened.clear()
             self.closed.set()
 
@@ -98,7 +100,7 @@ class CircuitBreaker:
 
     def _open(self, reason: str) -> None:
         log.warning("circuit breaker open: %s", reason)
-        self.state = BreakerState.OPEN
+        self._enter(BreakerState.OPEN)
         self.reason = reason
         self.opened_at = self._clock()
         self.times_opened += 1
@@ -115,7 +117,12 @@ class CircuitBreaker:
     def begin_probe(self) -> None:
         """Open -> half-open once the cooldown has passed."""
         if self.state is BreakerState.OPEN and self.cooldown_left() <= 0.0:
-            self.state = BreakerState.HALF_OPEN
+            self._enter(BreakerState.HALF_OPEN)
+
+    def _enter(self, state: BreakerState) -> None:
+        self.state = state
+        if self._on_change is not None:
+            self._on_change(state)
 
 
 class EngineGuard:

@@ -165,9 +165,10 @@ class WorkerService:
             api_key=w.engine_api_key.get_secret_value() or None,
         )
         self.state = LiveState(self.worker_id, w.gpu_type, self.topic)
-        self.breaker = CircuitBreaker(w.breaker_failures, w.breaker_cooldown_s)
-        self.guard = EngineGuard(self.breaker, w.generation_timeout_s)
         self.metrics = metrics if metrics is not None else WorkerMetrics(self.worker_id)
+        self.breaker = CircuitBreaker(w.breaker_failures, w.breaker_cooldown_s,
+                                      on_change=lambda state: self.metrics.record_breaker(state.value))
+        self.guard = EngineGuard(self.breaker, w.generation_timeout_s)
         self.health = Health("engine", "group")
         self.tracer = tracing.get_tracer(SERVICE)
         # Every in-flight request talks to Redis: share a bounded pool and queue for a connection

@@ -54,7 +54,8 @@ def test_consecutive_failures_open_the_breaker_and_a_success_resets_the_run() ->
 
 def test_half_open_probe_after_the_cooldown_closes_or_reopens() -> None:
     clock = Clock()
-    breaker = CircuitBreaker(1, cooldown_s=5.0, clock=clock)
+    entered: list[BreakerState] = []
+    breaker = CircuitBreaker(1, cooldown_s=5.0, clock=clock, on_change=entered.append)
     breaker.trip("silent")
     assert breaker.cooldown_left() == pytest.approx(5.0)
     clock.now += 2.0
@@ -70,6 +71,8 @@ def test_half_open_probe_after_the_cooldown_closes_or_reopens() -> None:
     breaker.begin_probe()
     breaker.record_success()
     assert breaker.state is BreakerState.CLOSED and breaker.routable and breaker.closed.is_set()
+    S = BreakerState
+    assert entered == [S.OPEN, S.HALF_OPEN, S.OPEN, S.HALF_OPEN, S.CLOSED]  # every state entered, once each time
 
 
 def test_only_the_engines_own_failures_count() -> None:
@@ -238,6 +241,9 @@ async def test_an_engine_answering_500_opens_the_breaker_and_the_worker_leaves(w
     assert [r["status"] for r in results] == ["error"] * 3  # each answered, none lost
     assert all("HTTP 500" in r["error"] for r in results)
     assert worker.breaker.state is BreakerState.OPEN
+    sample = worker.metrics.registry.get_sample_value
+    assert sample("lodestar_worker_breaker_open", {"worker": worker.worker_id}) == 1
+    assert sample("lodestar_worker_breaker_opened_total", {"worker": worker.worker_id}) == 1
 
     # a request that reached the worker meanwhile waits for the breaker, holding its lease ...
     held = asyncio.create_task(worker._run_record(routed_record(ask(request_id="held"), offset=3)))
@@ -259,6 +265,7 @@ async def test_an_engine_answering_500_opens_the_breaker_and_the_worker_leaves(w
     worker.breaker.record_success()
     await worker._engine_alive()
     assert worker._consumer.subscribed and worker.registry.published  # type: ignore[union-attr,attr-defined]
+    assert sample("lodestar_worker_breaker_open", {"worker": worker.worker_id}) == 0
 
 
 async def _load_ok() -> Any:
