@@ -94,8 +94,6 @@ References (the pod name, Secrets) are listed before the plain values, so `$(NAM
 {{- $v := $root.Values -}}
 {{- $redisUrl := printf "%s://%s:%s/%v" (ternary "rediss" "redis" $v.redis.tls.enabled) (include "lodestar.redisHost" $root) (include "lodestar.redisPort" $root) $v.redis.db -}}
 {{- $ks := $v.kafka.security -}}
-{{- $kafkaSasl := hasPrefix "SASL_" $ks.protocol -}}
-{{- $kafkaTls := has $ks.protocol (list "SSL" "SASL_SSL") -}}
 {{- $replication := $v.kafka.replicationFactor -}}
 {{- if $v.kafka.deploy }}{{ $replication = 1 }}{{ end -}}
 {{- $base := dict
@@ -117,19 +115,19 @@ References (the pod name, Secrets) are listed before the plain values, so `$(NAM
   "LODESTAR_SNAPSHOT_SIGNING__KEY_ID" $v.secrets.hmacKeyId
 -}}
 {{- $chartSecrets := dict -}}
-{{- if $kafkaSasl }}
+{{- if include "lodestar.kafkaSasl" $root }}
 {{- $_ := set $base "LODESTAR_KAFKA__SASL_MECHANISM" $ks.saslMechanism }}
 {{- $_ := set $base "LODESTAR_KAFKA__SASL_USERNAME" (required "kafka.security.saslUsername is required with a SASL_* protocol" $ks.saslUsername) }}
 {{- $_ := set $chartSecrets "LODESTAR_KAFKA__SASL_PASSWORD" (dict "key" $v.secrets.kafkaPasswordKey) }}
 {{- end }}
-{{- if $kafkaTls }}
+{{- if include "lodestar.kafkaTls" $root }}
 {{- $_ := set $base "LODESTAR_KAFKA__SSL_CHECK_HOSTNAME" $ks.checkHostname }}
-{{- if $ks.caSecret }}{{ $_ := set $base "LODESTAR_KAFKA__SSL_CAFILE" "/etc/lodestar/kafka-tls/ca.crt" }}{{ end }}
 {{- end }}
+{{- if include "lodestar.kafkaCa" $root }}{{ $_ := set $base "LODESTAR_KAFKA__SSL_CAFILE" (printf "%s/ca.crt" (include "lodestar.kafkaCaDir" $root)) }}{{ end }}
 {{- if $v.redis.tls.enabled }}
 {{- $_ := set $base "LODESTAR_REDIS__SSL_CHECK_HOSTNAME" $v.redis.tls.checkHostname }}
-{{- if $v.redis.tls.caSecret }}{{ $_ := set $base "LODESTAR_REDIS__SSL_CAFILE" "/etc/lodestar/redis-tls/ca.crt" }}{{ end }}
 {{- end }}
+{{- if include "lodestar.redisCa" $root }}{{ $_ := set $base "LODESTAR_REDIS__SSL_CAFILE" (printf "%s/ca.crt" (include "lodestar.redisCaDir" $root)) }}{{ end }}
 {{- if $v.redis.auth.enabled }}
 {{- if $v.redis.auth.username }}{{ $_ := set $base "LODESTAR_REDIS__USERNAME" $v.redis.auth.username }}{{ end }}
 {{- $_ := set $chartSecrets "LODESTAR_REDIS__PASSWORD" (dict "key" $v.secrets.redisPasswordKey) }}
@@ -199,24 +197,45 @@ imagePullSecrets:
 {{- end -}}
 
 
-{{/* The CA bundles of Kafka's and Redis's TLS, from the Secrets the values name: volumes of a pod, and the
-mounts of each of its Lodestar containers (the paths lodestar.env points ssl_cafile at). */}}
+{{/* How the services reach Kafka, from kafka.security.protocol: "true" or "" (a template returns text). */}}
+{{- define "lodestar.kafkaSasl" -}}
+{{- if hasPrefix "SASL_" .Values.kafka.security.protocol }}true{{ end -}}
+{{- end -}}
+
+{{- define "lodestar.kafkaTls" -}}
+{{- if has .Values.kafka.security.protocol (list "SSL" "SASL_SSL") }}true{{ end -}}
+{{- end -}}
+
+{{/* Whether a CA bundle is mounted from a Secret: Kafka's with SSL/SASL_SSL and caSecret, Redis's with TLS and
+caSecret; and where (lodestar.env points ssl_cafile at <dir>/ca.crt). */}}
+{{- define "lodestar.kafkaCa" -}}
+{{- if and (include "lodestar.kafkaTls" .) .Values.kafka.security.caSecret }}true{{ end -}}
+{{- end -}}
+
+{{- define "lodestar.redisCa" -}}
+{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}true{{ end -}}
+{{- end -}}
+
+{{- define "lodestar.kafkaCaDir" -}}/etc/lodestar/kafka-tls{{- end -}}
+{{- define "lodestar.redisCaDir" -}}/etc/lodestar/redis-tls{{- end -}}
+
+{{/* The CA bundles as volumes of a pod, and the mounts of each of its Lodestar containers. */}}
 {{- define "lodestar.tlsVolumes" -}}
-{{- if and (has .Values.kafka.security.protocol (list "SSL" "SASL_SSL")) .Values.kafka.security.caSecret }}
+{{- if include "lodestar.kafkaCa" . }}
 - name: kafka-tls
   secret: {secretName: {{ .Values.kafka.security.caSecret }}, items: [{key: ca.crt, path: ca.crt}]}
 {{- end }}
-{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
+{{- if include "lodestar.redisCa" . }}
 - name: redis-tls
   secret: {secretName: {{ .Values.redis.tls.caSecret }}, items: [{key: ca.crt, path: ca.crt}]}
 {{- end }}
 {{- end -}}
 
 {{- define "lodestar.tlsMounts" -}}
-{{- if and (has .Values.kafka.security.protocol (list "SSL" "SASL_SSL")) .Values.kafka.security.caSecret }}
-- {name: kafka-tls, mountPath: /etc/lodestar/kafka-tls, readOnly: true}
+{{- if include "lodestar.kafkaCa" . }}
+- {name: kafka-tls, mountPath: {{ include "lodestar.kafkaCaDir" . }}, readOnly: true}
 {{- end }}
-{{- if and .Values.redis.tls.enabled .Values.redis.tls.caSecret }}
-- {name: redis-tls, mountPath: /etc/lodestar/redis-tls, readOnly: true}
+{{- if include "lodestar.redisCa" . }}
+- {name: redis-tls, mountPath: {{ include "lodestar.redisCaDir" . }}, readOnly: true}
 {{- end }}
 {{- end -}}
