@@ -21,8 +21,12 @@ from app.stack import ProcessSpec, Stack
 from lodestar.settings import Settings, settings_env
 
 LODESTAR_CMD = (sys.executable, "-m", "app.cli")
-EMULATOR_PORT_BASE = 31000
-GATEWAY_PORT_BASE = 38000
+# Where free_ports starts counting: below Linux's ephemeral range (32768-60999 by default), from which the kernel
+# picks the local port of every outgoing connection (a Kafka or Redis client's), so that a port found free here is
+# not taken by one before the emulator or gateway binds it; apart from scripts/services' 16379-16380 and
+# 19092-19094, SGLang's default 30000 and scripts/chaos.py's bases
+EMULATOR_PORT_BASE = 21000
+GATEWAY_PORT_BASE = 25000
 EMULATORS, WORKERS, LEARNER, DISPATCHERS, GATEWAYS = "emulators", "workers", "learner", "dispatchers", "gateways"
 
 

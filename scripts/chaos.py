@@ -107,8 +107,9 @@ class PrivateServices:
     def __init__(self, run_dir: Path, *, kafka: bool, shared_bootstrap: str):
         self.run_dir = run_dir
         self.own_kafka = kafka
-        self.redis_port = _free_port_block(2, 36379)
-        self.bootstrap = f"127.0.0.1:{_free_port_block(3, 39092)}" if kafka else shared_bootstrap
+        # below the ephemeral range, where no outgoing connection takes a port between the probe and the bind
+        self.redis_port = _free_port_block(2, 27379)
+        self.bootstrap = f"127.0.0.1:{_free_port_block(3, 28092)}" if kafka else shared_bootstrap
         self.redis_url = f"redis://127.0.0.1:{self.redis_port}/0"
 
     def _env(self) -> dict[str, str]:
@@ -242,7 +243,7 @@ class Chaos:
         await asyncio.to_thread(self.services.start)
         await ensure_topics(self.settings, {self.fuzz_reply: 1})
         self.stack = stack = Stack(self.run_dir / "logs", env={**child_env(self.settings), **self.extra_env()})
-        for (wid, gpu), port in zip(self.engines.items(), free_ports(3, 41000), strict=True):
+        for (wid, gpu), port in zip(self.engines.items(), free_ports(3, 24000), strict=True):
             stack.start(ProcessSpec(f"emulator-{wid}", [
                 *LODESTAR_CMD, "emulator", "--gpu", gpu, "--port", str(port), "--time-scale", "1",
                 "--log-level", "warning", "--fault-injection"], group=EMULATORS))

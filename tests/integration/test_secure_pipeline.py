@@ -2,8 +2,9 @@
 listener (TLS verified against the CA made at start, SCRAM-SHA-512) with each service as its own principal,
 held by the broker's authorizer to exactly the ACLs of lodestar/kafka_acls.py; Redis through its TLS port as
 the ACL user `lodestar`; engines (emulators) that require an API key; snapshots signed with a key of the
-run's own. The emulators, a worker per engine, the learner and a dispatcher run as `lodestar` processes
-(the same bring-up as `lodestar up`), the requests go through the client library as the client principal.
+run's own. The emulators, a worker per engine, the learner, a dispatcher and a gateway run as `lodestar`
+processes (the same bring-up as `lodestar up`), the requests go through the client library as the client
+principal and through the gateway's HTTP API (the gateway as its own principal, `lodestar-gateway`).
 Beside that: what the endpoints refuse (a wrong password, an unknown CA, a topic outside a principal's
 ACLs, a key outside the Redis ACL, a missing API key).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import secrets
 import ssl
 import subprocess
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import pytest_asyncio
 from aiokafka import TopicPartition
@@ -30,10 +33,13 @@ from pydantic import SecretStr
 from redis.exceptions import AuthenticationError, NoPermissionError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from stack_harness import Pipeline, Run, engines, running_pipeline, shared_prefix_requests, two_waves
+from worker_harness import TopicReader
 
 from app.local_services import settings_from_env
-from app.local_stack import DISPATCHERS, LEARNER, WORKERS
+from app.local_stack import DISPATCHERS, GATEWAYS, LEARNER, WORKERS, start_gateways
+from gateway.auth import key_digest
 from lodestar.kafka_acls import service_acls
+from lodestar.kafka_admin import ensure_topics
 from lodestar.kafka_io import make_admin, make_consumer, make_producer
 from lodestar.redis_io import make_redis
 from lodestar.settings import Settings
@@ -44,7 +50,9 @@ from sim.cluster import WorkerSpec
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 DISPATCHER = "sec-1"
+GATEWAY = "sec-g1"
 ENGINE_KEY = secrets.token_hex(16)
+GATEWAY_KEY = f"sk-{secrets.token_hex(16)}"
 WAVE_1, WAVE_2 = 30, 20
 
 
@@ -61,6 +69,7 @@ def secure_settings(env: dict[str, str], checkpoint: Path) -> Settings:
         learner={"consumer_group": f"sec{tag}-learner", "checkpoint_path": checkpoint, "model": "river",
                  "snapshot_every_events": 10, "warmup_snapshot_every_events": 10, "snapshot_every_s": 1.0},
         worker={"state_ttl_s": 2.0, "engine_api_key": ENGINE_KEY},
+        gateway={"gateway_id": GATEWAY},
         snapshot_signing={"key_id": f"sec{tag}", "key": secrets.token_hex(32)},
     )
 
@@ -70,11 +79,28 @@ def as_principal(settings: Settings, service: str) -> Settings:
     return _with(settings, "kafka", sasl_username=f"lodestar-{service}")
 
 
+async def check_logins(settings: Settings, services: tuple[str, ...]) -> None:
+    """Fail, saying what to do, if the broker has no SCRAM user for one of these principals (its storage was
+    formatted before scripts/services added the user)."""
+    for service in services:
+        admin = make_admin(as_principal(settings, service), request_timeout_ms=10_000)
+        try:
+            await asyncio.wait_for(admin.start(), 30)
+        except (KafkaError, OSError, TimeoutError) as e:
+            pytest.fail(f"cannot log in to {settings.kafka.bootstrap_servers} as lodestar-{service} ({e!r}): was the "
+                        "broker's storage formatted before scripts/services added that SCRAM user? Start services "
+                        "with a fresh storage (see docs/security.md), or point LODESTAR_SECURE_ENV_DIR at such a pair",
+                        pytrace=False)
+        finally:
+            await admin.close()
+
+
 async def grant_every_service(settings: Settings, cluster: list[WorkerSpec]) -> None:
     """lodestar/kafka_acls.py's ACLs for each service's principal, under these settings' names."""
     await grant(settings, "User:lodestar-dispatcher", service_acls(settings, "dispatcher"))
     await grant(settings, "User:lodestar-learner", service_acls(settings, "learner"))
     await grant(settings, "User:lodestar-client", service_acls(settings, "client"))
+    await grant(settings, "User:lodestar-gateway", service_acls(settings, "gateway"))  # for gateway.gateway_id
     for engine in cluster:
         await grant(settings, "User:lodestar-worker", service_acls(settings, "worker", worker_id=engine.worker_id))
 
@@ -85,14 +111,25 @@ async def pipeline(secure_env: dict[str, str], tmp_path_factory: pytest.TempPath
     settings = secure_settings(secure_env, tmp / "learner.json")  # the super user: topics, probes, readers
     assert settings.kafka.security_protocol == "SASL_SSL" and settings.redis.uses_tls and settings.redis.username
     cluster = engines("H100", "L4")
+    await check_logins(settings, ("dispatcher", "worker", "learner", "gateway", "client"))
     await grant_every_service(settings, cluster)
     engine_env = {"LODESTAR_EMULATOR_API_KEY": ENGINE_KEY,
                   "LODESTAR_WORKER__ENGINE_API_KEY": ENGINE_KEY}
     principals = {group: {"LODESTAR_KAFKA__SASL_USERNAME": f"lodestar-{service}"}
-                  for group, service in ((WORKERS, "worker"), (LEARNER, "learner"), (DISPATCHERS, "dispatcher"))}
+                  for group, service in ((WORKERS, "worker"), (LEARNER, "learner"), (DISPATCHERS, "dispatcher"),
+                                         (GATEWAYS, "gateway"))}
     async with running_pipeline(settings, tmp / "logs", cluster, [DISPATCHER], "learned", time_scale=0.2,
                                 extra_env=engine_env, group_env=principals) as pipeline:
         yield pipeline
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gateway(pipeline: Pipeline) -> str:
+    """The gateway GATEWAY in front of the pipeline, logged in to Kafka as `lodestar-gateway` (the pipeline's
+    group environment) and accepting GATEWAY_KEY; its base URL. It stops with the pipeline."""
+    env = {"LODESTAR_GATEWAY__API_KEY_HASHES": json.dumps([key_digest(GATEWAY_KEY)])}
+    urls = await start_gateways(pipeline.stack, pipeline.probes, [GATEWAY], env, timeout_s=120)
+    return urls[GATEWAY]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -140,6 +177,30 @@ async def test_the_engines_refuse_a_request_without_their_api_key(pipeline: Pipe
                     ).status_code == 200
             assert (await http.get(f"{url}/health")).status_code == 200
     assert "emulator" in await pipeline.probes.engine_info(next(iter(pipeline.urls.values())))  # sends the key
+
+
+async def test_the_gateway_answers_chat_as_its_own_principal(gateway: str, pipeline: Pipeline) -> None:
+    environ = Path(f"/proc/{pipeline.stack[f'gateway-{GATEWAY}'].pid}/environ").read_bytes().split(b"\0")
+    assert b"LODESTAR_KAFKA__SASL_USERNAME=lodestar-gateway" in environ  # not the super user `lodestar`
+    model = pipeline.settings.gateway.model_name
+    messages = [{"role": "user", "content": "Name a colour."}]
+    client = openai.AsyncOpenAI(api_key=GATEWAY_KEY, base_url=f"{gateway}/v1", timeout=60, max_retries=0)
+    answer = await client.chat.completions.create(model=model, messages=messages, max_tokens=6)
+    assert answer.choices[0].message.content and answer.choices[0].finish_reason == "length"
+    assert answer.usage is not None and answer.usage.completion_tokens == 6
+    stream = await client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True,
+                                                  stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    await client.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+    # both came back on the gateway's own reply topic, which it read as `lodestar-gateway`
+    ids = {answer.id.removeprefix("chatcmpl-"), chunks[0].id.removeprefix("chatcmpl-")}
+    reply_topic = pipeline.topics.reply(GATEWAY)
+    async with TopicReader(pipeline.settings, reply_topic) as reader:
+        await reader.wait_for(lambda m: ids <= {r["request_id"] for r in m[reply_topic] if r.get("kind") != "chunk"},
+                              timeout=30)
 
 
 async def test_the_acl_user_is_confined_to_lodestar_keys_and_safe_commands(pipeline: Pipeline) -> None:
@@ -226,6 +287,7 @@ async def test_redis_refuses_a_wrong_password_an_unknown_ca_and_plaintext(secure
     # each may Describe (or Write) the topic it may not read: the broker answers it, and refuses the read
     ("client", "requests", "worker"), ("learner", "requests", "results"), ("dispatcher", "telemetry", "telemetry"),
     ("worker", "requests", "requests"),
+    ("gateway", "requests", "results"),
 ])
 async def test_each_principal_is_held_to_its_acls(pipeline: Pipeline, service: str, may_not_read: str,
                                                   may_not_write: str) -> None:
@@ -250,5 +312,27 @@ async def test_each_principal_is_held_to_its_acls(pipeline: Pipeline, service: s
     try:
         with pytest.raises(TopicAuthorizationFailedError):
             await asyncio.wait_for(producer.send_and_wait(names[may_not_write], b"{}"), 30)
+    finally:
+        await producer.stop()
+
+
+async def test_a_gateway_may_not_even_see_another_gateways_reply_topic(pipeline: Pipeline) -> None:
+    """Its rights are on its own reply topic only: another's is refused at the metadata (no Describe), so it can
+    neither read that gateway's answers nor slip answers into them."""
+    other = pipeline.topics.reply(f"{GATEWAY}-other")
+    await ensure_topics(pipeline.settings, {other: 1})  # it exists: what is refused is the gateway's right to it
+    settings = as_principal(pipeline.settings, "gateway")
+    admin = make_admin(settings, client_id="test-acl-gateway")
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([other])
+    finally:
+        await admin.close()
+    assert (described["topic"], described["error_code"]) == (other, TopicAuthorizationFailedError.errno)
+    producer = make_producer(settings, client_id="test-acl-gateway")
+    await producer.start()
+    try:
+        with pytest.raises(TopicAuthorizationFailedError):
+            await asyncio.wait_for(producer.send_and_wait(other, b"{}"), 30)
     finally:
         await producer.stop()

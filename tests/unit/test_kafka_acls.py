@@ -61,3 +61,12 @@ def test_the_documented_example_is_what_the_code_grants() -> None:
         assert f"$A {' '.join(acl.kafka_acls_args('User:lodestar-learner'))}\n" in doc
     assert Acl("topic", "x.", ("Write",), prefixed=True).kafka_acls_args("User:u") == [
         "--allow-principal", "User:u", "--operation", "Write", "--topic", "x.", "--resource-pattern-type", "prefixed"]
+
+
+def test_the_secure_dev_broker_has_a_scram_user_for_every_service() -> None:
+    """scripts/services formats its storage with the super user and one principal per service of SERVICES, so
+    the secure integration tests can run each service as itself; a service added here needs its user there."""
+    script = (PROJECT_ROOT / "scripts" / "services").read_text()
+    (line,) = [x for x in script.splitlines() if x.startswith("SCRAM_USERS=(")]
+    users = line.removeprefix("SCRAM_USERS=(").removesuffix(")").split()
+    assert sorted(users) == sorted(["lodestar", *(f"lodestar-{s}" for s in SERVICES)])
