@@ -80,8 +80,10 @@ def bench_settings(policy: str) -> Settings:
 
 
 def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: str | None = None) -> None:
-    """Child process: run the production Dispatcher with its batch hook timed, until `stop` is set; with
-    `profile`, under cProfile from the first consumed batch on, stats written to that path."""
+    """Child process: run the production Dispatcher with its batch hook timed, on the event loop the
+    `lodestar dispatcher` command runs it on (uvloop), until `stop` is set; with `profile`, under cProfile
+    from the first consumed batch on, stats written to that path."""
+    from app.commands.event_loop import run_service
     from dispatcher.routing import BatchPlan
     from dispatcher.service import Dispatcher
 
@@ -142,7 +144,7 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
         import cProfile
 
         profiler = cProfile.Profile()
-    asyncio.run(main())
+    run_service(main())
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(profile)
