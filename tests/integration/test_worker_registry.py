@@ -1,0 +1,63 @@
+"""The worker registry on the real Redis: what `live_workers` lists, and what it prunes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+from worker_harness import isolated_settings, require_services
+
+from lodestar.names import RedisKeys
+from lodestar.redis_io import make_redis
+from lodestar.schemas import WorkerState
+from lodestar.settings import Settings
+from lodestar.worker_registry import WorkerRegistry
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings() -> Settings:
+    s = isolated_settings()
+    require_services(s)
+    return s
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[tuple[aioredis.Redis, RedisKeys]]:
+    keys = RedisKeys(settings.redis.key_prefix)
+    redis = make_redis(settings)
+    try:
+        yield redis, keys
+    finally:
+        await redis.delete(keys.workers, *(keys.worker_state(w) for w in ("a", "b", "c", "d")))
+        await redis.aclose()
+
+
+def _state(wid: str, **kw: object) -> WorkerState:
+    return WorkerState(worker_id=wid, gpu_type="H100", topic=f"t.worker.{wid}", **kw)
+
+
+async def test_lists_live_workers_sorted_and_prunes_expired_and_unreadable(
+        client: tuple[aioredis.Redis, RedisKeys]) -> None:
+    redis, keys = client
+    registry = WorkerRegistry(redis, keys, state_ttl_s=30)
+    written = [_state("c", running=3, kv_usage=0.25, max_kv_tokens=400_000, recent_ttft_ms=12.5),
+               _state("a", draining=True, inflight=2), _state("b"), _state("d")]
+    for state in written:
+        await registry.publish(state)
+    await redis.delete(keys.worker_state("b"))  # its heartbeat expired: the id stays in the set
+    await redis.hset(keys.worker_state("d"), "running", "-4")  # unreadable: not a routable worker
+
+    live = await registry.live_workers()
+
+    assert [w.worker_id for w in live] == ["a", "c"]
+    assert live == [written[1], written[0]]  # every field read back as written
+    assert {m.decode() for m in await redis.smembers(keys.workers)} == {"a", "c"}
+    assert await registry.live_workers() == live
+
+
+async def test_no_worker_is_an_empty_list(client: tuple[aioredis.Redis, RedisKeys]) -> None:
+    redis, keys = client
+    assert await WorkerRegistry(redis, keys, state_ttl_s=30).live_workers() == []
