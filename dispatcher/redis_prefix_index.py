@@ -17,7 +17,7 @@ closed under prefixes (see the semantics), so a match costs O(log matched) looku
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -188,9 +188,13 @@ class RedisPrefixIndex:
 
     async def set_capacity(self, worker_id: str, capacity_blocks: int) -> None:
         """Set `worker_id`'s capacity in blocks, evicting at once if it holds more."""
-        if capacity_blocks < 0:
+        await self.set_capacities({worker_id: capacity_blocks})
+
+    async def set_capacities(self, capacities: Mapping[str, int]) -> None:
+        """Set each worker's capacity in blocks (evicting at once where it holds more), in one round trip."""
+        if any(c < 0 for c in capacities.values()):
             raise ValueError("capacity_blocks must be >= 0")
-        await self._run([SetCapacity(worker_id, capacity_blocks)])
+        await self._run([SetCapacity(wid, c) for wid, c in capacities.items()])
 
     async def remove_worker(self, worker_id: str) -> None:
         """Forget everything about `worker_id`."""

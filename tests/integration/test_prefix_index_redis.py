@@ -74,6 +74,20 @@ async def test_batch_apis_answer_like_single_ops(store: RedisPrefixIndex) -> Non
     assert await store.size("a") == ref.size("a")
 
 
+async def test_capacities_set_together_act_like_one_by_one(store: RedisPrefixIndex) -> None:
+    ref = InMemoryPrefixIndex(32)
+    chains = {w: tuple(trace_block_hashes(list(range(k, k + 8)))) for k, w in enumerate(("a", "b", "c"))}
+    for wid, chain in chains.items():
+        ref.insert(wid, chain, 1.0)
+    await store.insert_many(chains.items(), 1.0)
+    for wid, cap in {"a": 3, "b": 0, "c": 20}.items():
+        ref.set_capacity(wid, cap)
+    await store.set_capacities({"a": 3, "b": 0, "c": 20})
+    assert [await store.size(w) for w in chains] == [ref.size(w) for w in chains] == [3, 0, 8]
+    with pytest.raises(ValueError):
+        await store.set_capacities({"a": 1, "b": -1})
+
+
 async def test_capacity_evicts_least_recent_then_deepest(store: RedisPrefixIndex) -> None:
     old, new = tuple(trace_block_hashes([1, 2, 3, 4])), tuple(trace_block_hashes([9, 8, 7]))
     ops = [SetCapacity("w", 5), Insert("w", old, 1.0), Insert("w", new, 2.0), Match(old, ("w",)),
