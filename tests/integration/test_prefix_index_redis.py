@@ -9,9 +9,11 @@ import pytest
 from worker_harness import isolated_settings, require_services
 
 from dispatcher.prefix_index import (
+    Clear,
     InMemoryPrefixIndex,
     Insert,
     Match,
+    RemoveWorker,
     SetCapacity,
     conformance_ops,
     replay,
@@ -96,3 +98,35 @@ async def test_capacity_evicts_least_recent_then_deepest(store: RedisPrefixIndex
     assert (await store.apply(ops))[3:] == [(2,), (3,)]
     await store.remove_worker("w")
     assert await store.size("w") == 0
+
+
+async def _holders(store: RedisPrefixIndex, keys: RedisKeys) -> tuple[dict[bytes, set[str]], dict[bytes, set[str]]]:
+    """(the holders sets as stored, the holders each worker's own set implies): chain root -> workers."""
+    client = store._r  # noqa: SLF001 - the store's own keys, read back
+    stored: dict[bytes, set[str]] = {}
+    async for key in client.scan_iter(match=keys.prefix_holders + "*", count=1000):
+        stored[key[len(keys.prefix_holders):]] = {m.decode() for m in await client.smembers(key)}
+    implied: dict[bytes, set[str]] = {}
+    async for key in client.scan_iter(match=keys.prefix_index("x")[:-1] + "w*", count=1000):
+        wid = key.decode().rsplit(":", 1)[1]
+        for member in await client.zrange(key, 0, -1):
+            if member[:4] == b"\xff\xff\xff\xff":  # depth 0: a chain's root
+                implied.setdefault(member, set()).add(wid)
+    return stored, implied
+
+
+async def test_root_holders_follow_inserts_evictions_and_removals(settings: Settings,
+                                                                  store: RedisPrefixIndex) -> None:
+    """The match only gallops through the holders of a chain's root: they must be exactly the workers whose
+    set holds it after any sequence (none leaked by evictions, removals or clears)."""
+    keys = RedisKeys(settings.redis.key_prefix)
+    ops = [op for op in conformance_ops(5, n_ops=1500) if not isinstance(op, Clear)]
+    assert any(isinstance(op, RemoveWorker) for op in ops)
+    await store.apply(ops)
+    stored, implied = await _holders(store, keys)
+    assert implied and stored == implied
+    await store.remove_worker("w1")
+    stored, implied = await _holders(store, keys)
+    assert stored == implied and all("w1" not in ws for ws in stored.values())
+    await store.clear()
+    assert await _holders(store, keys) == ({}, {})
