@@ -2,13 +2,18 @@
 
 Listing the live workers is two round trips whatever their number: SMEMBERS of the id set, then one script
 that returns every worker's hash (a pipeline of one HGETALL per worker cost the client a command packed and
-a reply parsed per worker: most of a dispatcher's registry read at 256 workers, docs/performance.md).
+a reply parsed per worker: most of a dispatcher's registry read at 256 workers, docs/performance.md). The
+script runs as a read-only one (EVALSHA_RO, Redis 7), so a user with read-only access to the registry (the
+gateway's ACL in docs/security.md) may run it.
 """
 
 from __future__ import annotations
 
+import hashlib
+
 import redis.asyncio as aioredis
 from pydantic import ValidationError
+from redis.exceptions import NoScriptError
 
 from lodestar.names import RedisKeys
 from lodestar.schemas import WorkerState
@@ -19,6 +24,7 @@ local out = {}
 for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
 return out
 """
+_READ_ALL_SHA = hashlib.sha1(_READ_ALL.encode()).hexdigest()
 
 
 class WorkerRegistry:
@@ -28,7 +34,6 @@ class WorkerRegistry:
         self._r = client
         self._keys = keys
         self._ttl_ms = int(state_ttl_s * 1000)
-        self._read_all = client.register_script(_READ_ALL)
 
     async def publish(self, state: WorkerState) -> None:
         """Write a worker's state and renew its TTL (registration and heartbeat are the same call)."""
@@ -52,7 +57,7 @@ class WorkerRegistry:
         ids = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         if not ids:
             return []
-        hashes = await self._read_all(keys=[self._keys.worker_state(wid) for wid in ids])
+        hashes = await self._read_all([self._keys.worker_state(wid) for wid in ids])
         live: list[WorkerState] = []
         expired: list[str] = []
         for wid, flat in zip(ids, hashes, strict=True):
@@ -66,3 +71,10 @@ class WorkerRegistry:
         if expired:
             await self._r.srem(self._keys.workers, *expired)
         return live
+
+    async def _read_all(self, keys: list[str]) -> list[list[bytes]]:
+        """Every key's HGETALL, by the cached script (loaded by EVAL_RO when the server does not know it)."""
+        try:
+            return await self._r.evalsha_ro(_READ_ALL_SHA, len(keys), *keys)
+        except NoScriptError:
+            return await self._r.eval_ro(_READ_ALL, len(keys), *keys)

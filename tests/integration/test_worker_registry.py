@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from pydantic import SecretStr
+from redis.exceptions import NoPermissionError
 from worker_harness import isolated_settings, require_services
 
+from lodestar import worker_registry
 from lodestar.names import RedisKeys
 from lodestar.redis_io import make_redis
 from lodestar.schemas import WorkerState
@@ -61,3 +65,26 @@ async def test_lists_live_workers_sorted_and_prunes_expired_and_unreadable(
 async def test_no_worker_is_an_empty_list(client: tuple[aioredis.Redis, RedisKeys]) -> None:
     redis, keys = client
     assert await WorkerRegistry(redis, keys, state_ttl_s=30).live_workers() == []
+
+
+async def test_a_user_that_may_only_read_the_registry_lists_it(
+        settings: Settings, client: tuple[aioredis.Redis, RedisKeys], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's ACL (docs/security.md) reads the registry read-only: the listing script runs as EVALSHA_RO
+    (a plain EVALSHA is refused such a user), and is loaded by EVAL_RO when the server does not know it."""
+    redis, keys = client
+    sha = worker_registry._READ_ALL_SHA  # noqa: SLF001 - the script as the registry runs it
+    await WorkerRegistry(redis, keys, state_ttl_s=30).publish(_state("a", running=2))
+    user, password = f"lodestar-test-ro-{secrets.token_hex(4)}", secrets.token_hex(16)
+    await redis.execute_command("ACL", "SETUSER", user, "on", f">{password}", "resetkeys",
+                                f"%R~{keys.prefix}worker:*", f"%R~{keys.prefix}workers", "+@all", "-@dangerous")
+    reader = make_redis(settings.redis.model_copy(update={"username": user, "password": SecretStr(password)}))
+    try:
+        registry = WorkerRegistry(reader, keys, state_ttl_s=30)
+        assert [(w.worker_id, w.running) for w in await registry.live_workers()] == [("a", 2)]
+        monkeypatch.setattr(worker_registry, "_READ_ALL_SHA", "0" * 40)  # a script the server does not know
+        assert [w.worker_id for w in await registry.live_workers()] == ["a"]
+        with pytest.raises(NoPermissionError):
+            await reader.evalsha(sha, 1, keys.worker_state("a"))
+    finally:
+        await reader.aclose()
+        await redis.execute_command("ACL", "DELUSER", user)
