@@ -34,6 +34,7 @@ class WorkerRegistry:
         self._r = client
         self._keys = keys
         self._ttl_ms = int(state_ttl_s * 1000)
+        self._parsed: dict[str, tuple[list[bytes], WorkerState]] = {}  # id -> (hash as last listed, its state)
 
     async def publish(self, state: WorkerState) -> None:
         """Write a worker's state and renew its TTL (registration and heartbeat are the same call)."""
@@ -52,22 +53,36 @@ class WorkerRegistry:
             await pipe.execute()
 
     async def live_workers(self) -> list[WorkerState]:
-        """Workers whose heartbeat has not expired, sorted by id; expired ids are pruned."""
+        """Workers whose heartbeat has not expired, sorted by id; expired ids are pruned.
+
+        A worker whose hash is unchanged since this registry's previous listing is not parsed again: the
+        same WorkerState comes back (read-only to callers). A dispatcher lists every `registry_staleness_s`
+        (0.25 s), several times per heartbeat (`worker.heartbeat_s`)."""
         members = await self._r.smembers(self._keys.workers)
         ids = sorted(m.decode() if isinstance(m, bytes) else m for m in members)
         if not ids:
+            self._parsed = {}
             return []
         hashes = await self._read_all([self._keys.worker_state(wid) for wid in ids])
         live: list[WorkerState] = []
         expired: list[str] = []
+        parsed: dict[str, tuple[list[bytes], WorkerState]] = {}
         for wid, flat in zip(ids, hashes, strict=True):
             if not flat:
                 expired.append(wid)
                 continue
-            try:
-                live.append(WorkerState.from_redis(dict(zip(flat[::2], flat[1::2], strict=True))))
-            except ValidationError:
-                expired.append(wid)  # an unreadable entry is not a routable worker
+            known = self._parsed.get(wid)
+            if known is not None and known[0] == flat:
+                state = known[1]
+            else:
+                try:
+                    state = WorkerState.from_redis(dict(zip(flat[::2], flat[1::2], strict=True)))
+                except ValidationError:
+                    expired.append(wid)  # an unreadable entry is not a routable worker
+                    continue
+            parsed[wid] = (flat, state)
+            live.append(state)
+        self._parsed = parsed
         if expired:
             await self._r.srem(self._keys.workers, *expired)
         return live

@@ -59,7 +59,11 @@ async def test_lists_live_workers_sorted_and_prunes_expired_and_unreadable(
     assert [w.worker_id for w in live] == ["a", "c"]
     assert live == [written[1], written[0]]  # every field read back as written
     assert {m.decode() for m in await redis.smembers(keys.workers)} == {"a", "c"}
-    assert await registry.live_workers() == live
+    again = await registry.live_workers()
+    assert again == live and again[1] is live[1]  # an unchanged hash is not parsed again
+    await registry.publish(_state("c", running=7))  # a heartbeat with news
+    await redis.hset(keys.worker_state("a"), "running", "-1")  # and an entry gone bad since the last listing
+    assert [(w.worker_id, w.running) for w in await registry.live_workers()] == [("c", 7)]
 
 
 async def test_no_worker_is_an_empty_list(client: tuple[aioredis.Redis, RedisKeys]) -> None:
