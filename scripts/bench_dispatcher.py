@@ -81,10 +81,13 @@ def bench_settings(policy: str) -> Settings:
 # --------------------------------------------------------------------------- the dispatcher process
 
 
-def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: str | None = None) -> None:
+def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: str | None = None,
+                        watch_lag: bool = False) -> None:
     """Child process: run the production Dispatcher with its batch hook timed, on the event loop the
     `lodestar dispatcher` command runs it on (uvloop), until `stop` is set; with `profile`, under cProfile
-    from the first consumed batch on, stats written to that path."""
+    from the first consumed batch on, stats written to that path; with `watch_lag`, beside a task timing
+    the event loop's lateness (a 2 ms sleep, 500 wake-ups a second: CPU of its own, so not in the
+    throughput runs, whose CPU per request it would inflate)."""
     from app.commands.event_loop import run_service
     from dispatcher.routing import BatchPlan
     from dispatcher.service import Dispatcher
@@ -124,7 +127,7 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
         service.policies = Counter()
         service.swaps = []
         lags: list[tuple[float, float]] = []
-        monitor = asyncio.create_task(lag_monitor(lags))
+        monitor = asyncio.create_task(lag_monitor(lags)) if watch_lag else None
         done = asyncio.Event()
         task = asyncio.create_task(service.run(done))
         while not stop.is_set():
@@ -133,7 +136,8 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
                 break
         done.set()
         await task
-        monitor.cancel()
+        if monitor is not None:
+            monitor.cancel()
         # the stall a swap causes: the event loop's worst lateness within 100 ms after each swap completed
         # (the announcement's read, verification and decoding run just before the swap itself)
         swap_lags = [max((lag for t, lag in lags if s - 0.1 <= t <= s + 0.1), default=0.0) for s in service.swaps]
@@ -155,12 +159,13 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
 class DispatcherProcess:
     """Start/stop the child and collect its timings."""
 
-    def __init__(self, settings: Settings, profile: str | None = None):
+    def __init__(self, settings: Settings, profile: str | None = None, watch_lag: bool = False):
         ctx = mp.get_context("spawn")
         self.stop = ctx.Event()
         self.results = ctx.Queue()
         # the settings object itself (a JSON dump would mask its secrets), pickled to our own child process
-        self.proc = ctx.Process(target=_dispatcher_process, args=(settings, self.stop, self.results, profile))
+        self.proc = ctx.Process(target=_dispatcher_process,
+                                args=(settings, self.stop, self.results, profile, watch_lag))
 
     def start(self) -> None:
         self.proc.start()
@@ -423,7 +428,7 @@ async def overhead_phase(n_workers: int, rate: float, duration: float, policy: s
     workers = await setup(settings, n_workers, policy)
     n = int(rate * duration)
     try:
-        proc = DispatcherProcess(settings)
+        proc = DispatcherProcess(settings, watch_lag=True)
         proc.start()
         producer = make_producer(settings, client_id="bench-producer")
         await producer.start()
