@@ -12,12 +12,20 @@ for equal scores (bytes, ascending) is the eviction tie-break: deepest block fir
 Per-worker capacities live in one hash (`RedisKeys.prefix_capacity`); absent means the default.
 A match finds the first missing block by galloping then bisecting, valid because every worker's set is
 closed under prefixes (see the semantics), so a match costs O(log matched) lookups per worker.
+
+Only the workers that hold a chain's first block can match any of it, so a match gallops through those
+alone: per chain root (a depth-0 member) a set of its holders (`RedisKeys.prefix_holders` + member), and
+per worker the set of its roots (`RedisKeys.prefix_roots` + id, to forget a removed worker's roots), kept
+by inserts and evictions. A match then costs one SMEMBERS plus the holders' gallops instead of a lookup
+in every listed worker's set (16k per batch of 64 requests at 256 workers, most of them misses). The
+holders may only ever be a superset of the true ones (the gallop checks each), so a lost holders set
+(e.g. evicted by a Redis under memory pressure) loses matches, never invents them.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -38,23 +46,37 @@ _MAX_DEPTH = 0xFFFFFFFF
 _MEMBER = np.dtype([("depth", ">u4"), ("hash", ">u8")])
 
 # KEYS[1] capacity hash, KEYS[1 + w] worker w's sorted set. ARGV[1] default capacity, ARGV[2] the worker
-# ids (comma-separated, in slot order), then per operation a comma-separated spec and, for I and M, one
-# binary argument holding the chain's 12-byte members back to back (few, large arguments: cheap to send):
+# ids (comma-separated, in slot order), ARGV[3] and ARGV[4] the starts of the holders and roots keys, then
+# per operation a comma-separated spec and, for I and M, one binary argument holding the chain's 12-byte
+# members back to back (few, large arguments: cheap to send):
 #   I,w,now + members   insert        M,k,w1,..,wk + members   match (k results)
 #   C,w,capacity        set capacity  R,w   remove worker       S,w   size (1 result)
 # Returns the results as one comma-separated string (cheap to parse, unlike thousands of integers).
+# The holders and roots keys are built here (a chain root's key holds its binary member), not in KEYS.
 _APPLY = """
 local cap_key = KEYS[1]
 local default_cap = tonumber(ARGV[1])
 local ids = {}
 for id in string.gmatch(ARGV[2], '[^,]+') do ids[#ids + 1] = id end
+local holders_key, roots_key = ARGV[3], ARGV[4]
 local out = {}
 local W = 12
+local ROOT = string.rep(string.char(255), 4)  -- the depth marker of a chain's first block
+
+local function forget_roots(w, members)
+  for _, m in ipairs(members) do
+    if string.sub(m, 1, 4) == ROOT then
+      redis.call('SREM', holders_key .. m, ids[w])
+      redis.call('SREM', roots_key .. ids[w], m)
+    end
+  end
+end
 
 local function evict(w)
   local cap = tonumber(redis.call('HGET', cap_key, ids[w]) or default_cap)
   local excess = redis.call('ZCARD', KEYS[1 + w]) - cap
   if excess > 0 then
+    forget_roots(w, redis.call('ZRANGE', KEYS[1 + w], 0, excess - 1))
     redis.call('ZREMRANGEBYRANK', KEYS[1 + w], 0, excess - 1)
   end
 end
@@ -85,10 +107,15 @@ local function leading(key, blob, n)
   return lo
 end
 
-local p = 3
+local specs = {}  -- a batch's matches share one spec string: split it once
+local p = 5
 while p <= #ARGV do
-  local spec = {}
-  for field in string.gmatch(ARGV[p], '[^,]+') do spec[#spec + 1] = field end
+  local spec = specs[ARGV[p]]
+  if spec == nil then
+    spec = {}
+    for field in string.gmatch(ARGV[p], '[^,]+') do spec[#spec + 1] = field end
+    specs[ARGV[p]] = spec
+  end
   local op = spec[1]
   if op == 'I' then
     local w, now, blob = tonumber(spec[2]), spec[3], ARGV[p + 1]
@@ -102,13 +129,22 @@ while p <= #ARGV do
       end
     end
     if #args > 0 then redis.call('ZADD', KEYS[1 + w], 'GT', unpack(args)) end
+    if #blob >= W then
+      redis.call('SADD', holders_key .. member(blob, 1), ids[w])
+      redis.call('SADD', roots_key .. ids[w], member(blob, 1))
+    end
     evict(w)
     p = p + 2
   elseif op == 'M' then
     local k, blob = tonumber(spec[2]), ARGV[p + 1]
     local n = #blob / W
+    local holding = {}
+    if n > 0 then
+      for _, id in ipairs(redis.call('SMEMBERS', holders_key .. member(blob, 1))) do holding[id] = true end
+    end
     for j = 1, k do
-      out[#out + 1] = leading(KEYS[1 + tonumber(spec[2 + j])], blob, n)
+      local w = tonumber(spec[2 + j])
+      if holding[ids[w]] then out[#out + 1] = leading(KEYS[1 + w], blob, n) else out[#out + 1] = 0 end
     end
     p = p + 2
   elseif op == 'C' then
@@ -118,7 +154,10 @@ while p <= #ARGV do
     p = p + 1
   elseif op == 'R' then
     local w = tonumber(spec[2])
-    redis.call('DEL', KEYS[1 + w])
+    for _, m in ipairs(redis.call('SMEMBERS', roots_key .. ids[w])) do
+      redis.call('SREM', holders_key .. m, ids[w])
+    end
+    redis.call('DEL', roots_key .. ids[w], KEYS[1 + w])
     redis.call('HDEL', cap_key, ids[w])
     p = p + 1
   elseif op == 'S' then
@@ -188,9 +227,13 @@ class RedisPrefixIndex:
 
     async def set_capacity(self, worker_id: str, capacity_blocks: int) -> None:
         """Set `worker_id`'s capacity in blocks, evicting at once if it holds more."""
-        if capacity_blocks < 0:
+        await self.set_capacities({worker_id: capacity_blocks})
+
+    async def set_capacities(self, capacities: Mapping[str, int]) -> None:
+        """Set each worker's capacity in blocks (evicting at once where it holds more), in one round trip."""
+        if any(c < 0 for c in capacities.values()):
             raise ValueError("capacity_blocks must be >= 0")
-        await self._run([SetCapacity(worker_id, capacity_blocks)])
+        await self._run([SetCapacity(wid, c) for wid, c in capacities.items()])
 
     async def remove_worker(self, worker_id: str) -> None:
         """Forget everything about `worker_id`."""
@@ -254,7 +297,7 @@ class RedisPrefixIndex:
         ids = list(slots)
         raw = await self._apply_script(
             keys=[self._keys.prefix_capacity, *(self._keys.prefix_index(w) for w in ids)],
-            args=[self.capacity_blocks, ",".join(ids), *body],
+            args=[self.capacity_blocks, ",".join(ids), self._keys.prefix_holders, self._keys.prefix_roots, *body],
         )
         text = raw.decode() if isinstance(raw, bytes) else str(raw)
         return np.fromstring(text, dtype=np.int64, sep=",") if text else np.zeros(0, dtype=np.int64), widths

@@ -196,6 +196,7 @@ class Dispatcher:
         self.tracer = tracing.get_tracer(SERVICE)
         self.model_version = 0
         self._capacities: dict[str, int] = {}
+        self._capacities_generation = -1  # the registry read the capacities were last synced with
         self._stop = asyncio.Event()
         self._commit_task: asyncio.Task[None] | None = None
         if not self.uses_snapshots:
@@ -356,8 +357,8 @@ class Dispatcher:
         started_at = time.perf_counter() if started_at is None else started_at
         failed: list[RouteFailure] = []
         try:
-            if await self.view.refresh():
-                await self._sync_capacities()
+            await self.view.refresh()
+            await self._sync_capacities()
             view = self.view.cluster_view()
             if not view.worker_ids:
                 raise NoRoutableWorker("no routable worker")
@@ -444,8 +445,8 @@ class Dispatcher:
 
     async def _ensure_workers(self, records: list[ConsumerRecord]) -> WaitOutcome:
         """Wait with backoff until a worker is routable, holding `records` uncommitted (see `_hold`)."""
-        if await self.view.refresh():
-            await self._sync_capacities()
+        await self.view.refresh()
+        await self._sync_capacities()
         if self.view.routable:
             return WaitOutcome.READY
         cfg = self.settings.dispatcher
@@ -562,19 +563,26 @@ class Dispatcher:
             log.warning("commit of %d records failed after a rebalance: %s", n_records, exc)
 
     async def _sync_capacities(self) -> None:
-        """Size each worker's prefix index to its KV cache (in blocks) when the worker reports it."""
+        """Size each worker's prefix index to its KV cache (in blocks) when the worker reports it: once per
+        registry read, whoever made it (the dead-worker takeover refreshes the view too), the changed ones in
+        one round trip (one per worker cost 256 round trips at 256 workers)."""
+        if self.view.generation == self._capacities_generation:
+            return
+        self._capacities_generation = self.view.generation
         tokens_per_block = self.settings.prefix.tokens_per_block
-        for w in self.view.routable:
-            blocks = w.max_kv_tokens // tokens_per_block
-            if blocks > 0 and self._capacities.get(w.worker_id) != blocks:
-                try:
-                    await self.prefix_index.set_capacity(w.worker_id, blocks)
-                except Exception as exc:  # a sizing hint: a Redis out of memory skips it (counted)
-                    if not is_redis_oom(exc):
-                        raise
-                    self.metrics.record_redis_write_skipped("prefix_capacity")
-                    continue
-                self._capacities[w.worker_id] = blocks
+        changed = {w.worker_id: blocks for w in self.view.routable
+                   if (blocks := w.max_kv_tokens // tokens_per_block) > 0
+                   and self._capacities.get(w.worker_id) != blocks}
+        if not changed:
+            return
+        try:
+            await self.prefix_index.set_capacities(changed)
+        except Exception as exc:  # a sizing hint: a Redis out of memory skips it (counted; retried next read)
+            if not is_redis_oom(exc):
+                raise
+            self.metrics.record_redis_write_skipped("prefix_capacity")
+            return
+        self._capacities.update(changed)
 
     async def _on_snapshot(self, snapshot: Snapshot) -> None:
         if snapshot.version <= self.model_version or not isinstance(self.policy, SnapshotPolicy):

@@ -52,6 +52,7 @@ class WorkerView:
         self._live: list[WorkerState] = []
         self._pending: dict[str, deque[Assignment]] = {}
         self._base = _RoutableArrays.of([])
+        self.generation = 0  # counts registry reads installed: who refreshed is not who reacts to a new listing
 
     @property
     def live(self) -> list[WorkerState]:
@@ -75,6 +76,7 @@ class WorkerView:
     def replace(self, live: list[WorkerState]) -> None:
         """Install a fresh registry listing and drop the local assignments the workers now report."""
         self._live = sorted(live, key=lambda w: w.worker_id)
+        self.generation += 1
         states = {w.worker_id: w for w in self._live}
         for wid in list(self._pending):
             state = states.get(wid)

@@ -90,6 +90,17 @@ class RedisKeys:
         return f"{self.prefix}prefix:{check_worker_id(worker_id)}"
 
     @property
+    def prefix_holders(self) -> str:
+        """Start of the key of a chain root's holders: the set of the workers whose prefix index holds that
+        first block (the rest of the key is the root's 12-byte member); `~` is in no worker id."""
+        return f"{self.prefix}prefix:~holders:"
+
+    @property
+    def prefix_roots(self) -> str:
+        """Start of the key of a worker's roots: the set of the first blocks it holds (then the worker id)."""
+        return f"{self.prefix}prefix:~roots:"
+
+    @property
     def prefix_capacity(self) -> str:
         """Hash of per-worker prefix index capacities in blocks (absent: the configured default)."""
         return f"{self.prefix}prefix-capacity"

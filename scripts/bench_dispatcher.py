@@ -9,8 +9,10 @@ service would), produces the requests and watches the dispatcher's committed off
 
 1. Throughput, for each worker count: requests are produced first (512-token prompts, 3/4 of them a
    shared 384-token system prompt out of 24), then the dispatcher starts; routed requests per second
-   from its first consumed batch to its last acknowledged publish, and the dispatcher process's CPU
-   time per routed request (what it would sustain on one free core).
+   from its first consumed batch to its last acknowledged publish, the dispatcher process's CPU
+   time per routed request (what it would sustain on one free core), and the Redis server's CPU time
+   per routed request (INFO cpu over the run: the prefix index and registry work done there; the server
+   is shared, so anything else using it meanwhile counts too).
 2. Routing overhead at steady rates (default 500 req/s, 8 workers): per request, from the moment its
    batch was consumed to the moment every publish of the batch was acknowledged (the commit follows);
    p50/p99 over all requests, and the batch sizes seen.
@@ -79,9 +81,14 @@ def bench_settings(policy: str) -> Settings:
 # --------------------------------------------------------------------------- the dispatcher process
 
 
-def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: str | None = None) -> None:
-    """Child process: run the production Dispatcher with its batch hook timed, until `stop` is set; with
-    `profile`, under cProfile from the first consumed batch on, stats written to that path."""
+def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: str | None = None,
+                        watch_lag: bool = False) -> None:
+    """Child process: run the production Dispatcher with its batch hook timed, on the event loop the
+    `lodestar dispatcher` command runs it on (uvloop), until `stop` is set; with `profile`, under cProfile
+    from the first consumed batch on, stats written to that path; with `watch_lag`, beside a task timing
+    the event loop's lateness (a 2 ms sleep, 500 wake-ups a second: CPU of its own, so not in the
+    throughput runs, whose CPU per request it would inflate)."""
+    from app.commands.event_loop import run_service
     from dispatcher.routing import BatchPlan
     from dispatcher.service import Dispatcher
 
@@ -120,7 +127,7 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
         service.policies = Counter()
         service.swaps = []
         lags: list[tuple[float, float]] = []
-        monitor = asyncio.create_task(lag_monitor(lags))
+        monitor = asyncio.create_task(lag_monitor(lags)) if watch_lag else None
         done = asyncio.Event()
         task = asyncio.create_task(service.run(done))
         while not stop.is_set():
@@ -129,7 +136,8 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
                 break
         done.set()
         await task
-        monitor.cancel()
+        if monitor is not None:
+            monitor.cancel()
         # the stall a swap causes: the event loop's worst lateness within 100 ms after each swap completed
         # (the announcement's read, verification and decoding run just before the swap itself)
         swap_lags = [max((lag for t, lag in lags if s - 0.1 <= t <= s + 0.1), default=0.0) for s in service.swaps]
@@ -142,7 +150,7 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
         import cProfile
 
         profiler = cProfile.Profile()
-    asyncio.run(main())
+    run_service(main())
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(profile)
@@ -151,12 +159,13 @@ def _dispatcher_process(settings: Settings, stop: Any, results: Any, profile: st
 class DispatcherProcess:
     """Start/stop the child and collect its timings."""
 
-    def __init__(self, settings: Settings, profile: str | None = None):
+    def __init__(self, settings: Settings, profile: str | None = None, watch_lag: bool = False):
         ctx = mp.get_context("spawn")
         self.stop = ctx.Event()
         self.results = ctx.Queue()
         # the settings object itself (a JSON dump would mask its secrets), pickled to our own child process
-        self.proc = ctx.Process(target=_dispatcher_process, args=(settings, self.stop, self.results, profile))
+        self.proc = ctx.Process(target=_dispatcher_process,
+                                args=(settings, self.stop, self.results, profile, watch_lag))
 
     def start(self) -> None:
         self.proc.start()
@@ -364,6 +373,13 @@ def check_split(policies: dict[str, int], policy: str, min_share: float) -> str:
 # --------------------------------------------------------------------------- phases
 
 
+async def redis_cpu_s(client: Any) -> float:
+    """The Redis server's CPU seconds so far (user + system, INFO cpu): its share of a run is the difference.
+    The server is shared, so whatever else uses it meanwhile counts too."""
+    info = await client.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 async def setup(settings: Settings, n_workers: int, policy: str) -> FakeWorkers:
     await ensure_topics(settings, fixed_topic_partitions(settings))
     workers = FakeWorkers(settings, n_workers)
@@ -387,9 +403,11 @@ async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: b
             print(f"  produced {n_requests} requests in {time.perf_counter() - t0:.1f} s")
         finally:
             await producer.stop()
+        redis_cpu_before = await redis_cpu_s(workers.client)
         proc = DispatcherProcess(settings, profile)
         proc.start()
         await wait_committed(settings, topic, n_requests, timeout=600)
+        redis_cpu = await redis_cpu_s(workers.client) - redis_cpu_before
         out = proc.finish()
     finally:
         await workers.stop()
@@ -400,7 +418,8 @@ async def throughput_phase(n_workers: int, n_requests: int, policy: str, keep: b
     span = max(e for _, _, e in samples) - min(s for _, s, _ in samples)
     cpu_ms = (out["cpu"][-1] - out["cpu"][0]) * 1e3 / (routed - samples[0][0])
     return {"workers": n_workers, "routed": routed, "seconds": span, "rate": routed / span, "cpu_ms": cpu_ms,
-            "mean_batch": routed / len(samples), "policies": out["policies"], "model_version": out["model_version"]}
+            "redis_cpu_ms": redis_cpu * 1e3 / routed, "mean_batch": routed / len(samples),
+            "policies": out["policies"], "model_version": out["model_version"]}
 
 
 async def overhead_phase(n_workers: int, rate: float, duration: float, policy: str, keep: bool) -> dict[str, Any]:
@@ -409,7 +428,7 @@ async def overhead_phase(n_workers: int, rate: float, duration: float, policy: s
     workers = await setup(settings, n_workers, policy)
     n = int(rate * duration)
     try:
-        proc = DispatcherProcess(settings)
+        proc = DispatcherProcess(settings, watch_lag=True)
         proc.start()
         producer = make_producer(settings, client_id="bench-producer")
         await producer.start()
@@ -481,12 +500,14 @@ async def main() -> None:
 
     print("\nthroughput (one dispatcher process, requests pre-produced)")
     print(f"{'workers':>8} {'routed':>8} {'seconds':>8} {'req/s':>8} {'CPU ms/req':>11} {'req/CPU-s':>10} "
-          f"{'mean batch':>11}  decisions (model / fallback)")
+          f"{'Redis ms/req':>13} {'mean batch':>11}  decisions (model / fallback)")
     for r in rows:
         print(f"{r['workers']:>8} {r['routed']:>8} {r['seconds']:>8.2f} {r['rate']:>8.0f} {r['cpu_ms']:>11.3f} "
-              f"{1000 / r['cpu_ms']:>10.0f} {r['mean_batch']:>11.1f}  {check_split(r['policies'], args.policy, 0)}")
+              f"{1000 / r['cpu_ms']:>10.0f} {r['redis_cpu_ms']:>13.3f} {r['mean_batch']:>11.1f}  "
+              f"{check_split(r['policies'], args.policy, 0)}")
     print(f"(host load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          "CPU ms/req is the dispatcher process's own CPU time, steadier than wall time on a busy host)")
+          "CPU ms/req is the dispatcher process's own CPU time, steadier than wall time on a busy host; "
+          "Redis ms/req the shared Redis server's CPU over the run per routed request)")
     print("\nrouting overhead per request, batch consumed -> every publish of the batch acknowledged")
     for over in overheads:
         print(f"  at {over['rate']:.0f} req/s ({over['workers']} workers, {over['requests']} requests): "

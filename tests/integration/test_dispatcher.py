@@ -45,8 +45,8 @@ async def test_routes_requests_with_decisions_then_commits(settings: Settings) -
     await ensure_topics(settings, fixed_topic_partitions(settings))
     requests = shared_prefix_requests(24)
     async with FakeWorkers(settings) as workers:
-        await workers.add("wa", "H100")
-        await workers.add("wb", "A100", running=3)
+        await workers.add("wa", "H100", max_kv_tokens=64_000)
+        await workers.add("wb", "A100", running=3, max_kv_tokens=32_000)
         await produce_requests(settings, requests)
         async with running_dispatcher(settings) as service, \
                 TopicReader(settings, topics.worker("wa"), topics.worker("wb")) as reader:
@@ -54,6 +54,10 @@ async def test_routes_requests_with_decisions_then_commits(settings: Settings) -
             await wait_until(lambda: service.stats.routed >= len(requests), 10, "routing")
             got = await committed_total(settings, settings.dispatcher.consumer_group, topics.requests)
             assert got == len(requests)
+            # each worker's prefix index is sized to its KV cache, in blocks
+            capacities = await service.redis.hgetall(RedisKeys(settings.redis.key_prefix).prefix_capacity)
+            tpb = settings.prefix.tokens_per_block
+            assert {k.decode(): int(v) for k, v in capacities.items()} == {"wa": 64_000 // tpb, "wb": 32_000 // tpb}
             await reader.poll(0.5)
     routed = {wid: [RoutedRequest.model_validate(m) for m in reader.messages[topics.worker(wid)]]
               for wid in ("wa", "wb")}

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 
-from lodestar.hashing import text_block_hashes, token_block_hashes, trace_block_hashes
+import numpy as np
+import pytest
+import xxhash
+
+from lodestar.hashing import ROOT_SEED, text_block_hashes, token_block_hashes, trace_block_hashes
 
 
 def test_equal_prefixes_give_equal_chains() -> None:
@@ -49,3 +53,19 @@ def test_a_salt_gives_a_chain_of_its_own() -> None:
     assert token_block_hashes(ids, 1, "") == plain  # an empty salt is no salt
     assert token_block_hashes(ids, 1, "tenant-a") == salted  # deterministic
     assert not set(plain) & set(salted) and not set(salted) & set(other)
+
+
+def test_token_blocks_hash_the_ids_as_4_byte_unsigned_integers() -> None:
+    """The wire format of the chain (hashes live in Redis, shared by dispatchers of any version): each
+    block is its ids as uint32 in machine order, the first seeded with ROOT_SEED."""
+    ids = [0, 1, 31_999, 2**32 - 1, 7, 8, 9, 10, 123_456, 5, 4, 3]
+    raw = np.asarray(ids, dtype=np.uint32).tobytes()
+    seed, want = ROOT_SEED, []
+    for i in range(0, 12 * 4, 16):
+        seed = xxhash.xxh64_intdigest(raw[i:i + 16], seed)
+        want.append(seed)
+    assert token_block_hashes(ids, 4) == want
+    assert token_block_hashes(np.asarray(ids, dtype=np.int64), 4) == want  # an array of ids too
+    for bad in (-1, 2**32):
+        with pytest.raises(OverflowError):
+            token_block_hashes([1, bad, 2, 3], 4)
