@@ -145,18 +145,47 @@ def estimate_ttft_ms(request: RequestInfo, view: ClusterView, model: str = DEFAU
     queued_out = (np.maximum(view.waiting, busy) + 1.0) * out - free
 
     # This request's terms, as matched (row 0) and, when anything matched, as a full miss (row 1).
-    matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
-    stale = matched.any()
-    hit = matched * _HIT_AND_MISS if stale else matched[None, :]
+    hit, stale_risk = _match_rows(request, view, kv_usage)
     uncached = prompt - hit
     total = backlog + uncached
-    full = np.ceil(total / c.chunked_prefill_size) - 1.0
-    prefill = full * c.full_chunk + _prefill_iteration_s(c, total - full * c.chunked_prefill_size)
-    own_attn = uncached * (hit + 0.5 * uncached) * c.attn_flop
     finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
     kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (out / (running + 1.0))
-    ttft = 1000.0 * (state_s + prefill + own_attn + kv_steps * decode_step)
-    if not stale:
-        return ttft[0]
-    p = (STALE_MATCH_RATE * kv_usage) * (matched > 0)
-    return ttft[0] + p * (ttft[1] - ttft[0])
+    ttft = 1000.0 * (state_s + _chunked_prefill_s(c, total) + uncached * (hit + 0.5 * uncached) * c.attn_flop
+                     + kv_steps * decode_step)
+    return _expected(ttft, stale_risk)
+
+
+def own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:
+    """This request's own prefill time (ms) on every worker, shape (n_workers,): its uncached tokens in
+    chunked-prefill iterations with their attention, expected over the same stale-match risk, without
+    anything queued ahead of it. SGLang runs a prefill before the next decode step and before the
+    prefills queued after it, so this is also the delay the request adds to each request outstanding on
+    that worker (their next token) and to each one that will queue behind it."""
+    c = _coefficients(tuple(view.gpu_types), model)
+    hit, stale_risk = _match_rows(request, view, np.minimum(view.kv_usage, 1.0))
+    uncached = float(request.prompt_tokens) - hit
+    own = 1000.0 * (_chunked_prefill_s(c, uncached) + uncached * (hit + 0.5 * uncached) * c.attn_flop)
+    return _expected(own, stale_risk)
+
+
+def _match_rows(request: RequestInfo, view: ClusterView, kv_usage: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The cached tokens per worker as matched (row 0) and, when anything matched, as a full miss (row 1),
+    with the probability per worker that the match is already evicted (None when nothing matched)."""
+    prompt = float(request.prompt_tokens)
+    matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
+    if not matched.any():
+        return matched[None, :], None
+    return matched * _HIT_AND_MISS, (STALE_MATCH_RATE * kv_usage) * (matched > 0)
+
+
+def _chunked_prefill_s(c: _Coefficients, tokens: np.ndarray) -> np.ndarray:
+    """`tokens` new tokens in chunked-prefill iterations (full chunks, then the rest), without attention."""
+    full = np.ceil(tokens / c.chunked_prefill_size) - 1.0
+    return full * c.full_chunk + _prefill_iteration_s(c, tokens - full * c.chunked_prefill_size)
+
+
+def _expected(rows: np.ndarray, stale_risk: np.ndarray | None) -> np.ndarray:
+    """The expected value over the stale-match risk of per-worker values given as matched / missed rows."""
+    if stale_risk is None:
+        return rows[0]
+    return rows[0] + stale_risk * (rows[1] - rows[0])

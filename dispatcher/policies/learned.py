@@ -12,6 +12,14 @@ extrapolate (a candidate's features outside its training range) the candidate ge
 predictions, never the model's optimistic guess below the physics. A dispatcher-side WorkerCorrection
 (dispatcher/policies/worker_correction.py) scales each worker's prediction by how much slower than
 predicted it has recently been relative to the others (smoothed, dead-banded).
+
+The policy minimises a cost, not the request's TTFT alone: a request's prefill also delays the requests
+already on that worker (their next token, and the backlog queued behind it), so each candidate's cost is
+its predicted TTFT plus the request's own prefill time there (lodestar.ttft_estimate.own_prefill_ms)
+times a weighted count of the requests outstanding and queued on it. A long uncached prompt then goes
+where it holds up the fewest others; a short or cached one, whose prefill is cheap, still goes where
+its TTFT is least. Greedy per-request TTFT (the oracle's objective) loses to cache-affine heuristics on
+small-KV pools with shared prefixes; this term is what closes that gap (docs/learning.md).
 """
 
 from __future__ import annotations
@@ -23,12 +31,12 @@ import numpy as np
 from pydantic import Field
 
 from dispatcher.policies.analytic import NAME as ANALYTIC
-from dispatcher.policies.baselines.common import argmin_random_tie, require_workers
+from dispatcher.policies.baselines.common import argmin_random_tie, outstanding_requests, require_workers
 from dispatcher.policies.worker_correction import WorkerCorrection
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, PRIOR_FEATURES, candidate_matrix, prior_matrix
 from lodestar.snapshot import Snapshot
-from lodestar.ttft_estimate import estimate_ttft_ms
+from lodestar.ttft_estimate import estimate_ttft_ms, own_prefill_ms
 from lodestar.ttft_model import TTFTModel
 
 NAME = "learned"
@@ -49,8 +57,17 @@ class LearnedPolicy:
                                                        "training range, never predict below the estimate")] = True,
         worker_correction: Annotated[bool, Field(description="scale each worker's prediction by its recent TTFT "
                                                              "relative to the others (a slow host)")] = True,
+        delay_outstanding: Annotated[float, Field(ge=0, le=10, description=(
+            "routing cost per request outstanding on a worker, in units of this request's own prefill time "
+            "there: the delay its prefill adds to each of them (a tail-aware cost, not the request's TTFT "
+            "alone)"))] = 0.15,
+        delay_queued: Annotated[float, Field(ge=0, le=10, description=(
+            "routing cost per request queued on a worker and not yet started, in the same unit: a congested "
+            "worker's backlog grows behind this prefill"))] = 0.5,
         seed: int = 0,
     ):
+        self.delay_outstanding = delay_outstanding
+        self.delay_queued = delay_queued
         self.correction = WorkerCorrection() if worker_correction else None
         self.require_validated = require_validated
         self.check_range = check_range
@@ -96,14 +113,25 @@ class LearnedPolicy:
                 pred = np.where(outside, np.maximum(pred, prior), pred)
         return pred, full, True
 
+    def delay_cost(self, request: RequestInfo, view: ClusterView) -> np.ndarray | float:
+        """What routing this request to each worker costs the requests already there (ms): its own prefill
+        time times the weighted count of requests outstanding and queued on the worker."""
+        if self.delay_outstanding == 0 and self.delay_queued == 0:
+            return 0.0
+        queued = np.maximum(view.inflight - view.running, view.waiting)
+        weight = self.delay_outstanding * outstanding_requests(view) + self.delay_queued * queued
+        return own_prefill_ms(request, view) * weight
+
     def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
-        """The candidate with the least predicted (and per-worker corrected) TTFT, random among exact ties."""
+        """The candidate with the least cost: predicted (and per-worker corrected) TTFT plus the delay its
+        prefill adds to the requests already there; random among exact ties."""
         require_workers(view)
         pred, x, learned = self.predict(request, view)
-        cost = pred if self.correction is None else pred * self.correction.factors(view)
+        ttft = pred if self.correction is None else pred * self.correction.factors(view)
+        cost = ttft + self.delay_cost(request, view)
         index = argmin_random_tie(cost.tolist(), self._rng)
         if self.correction is not None:
             self.correction.routed(index, float(pred[index]))
         return Decision(index=index, worker_id=view.worker_ids[index], policy=NAME if learned else self.prior_label,
-                        scores=-cost, predicted_ttft_ms=float(cost[index]), model_version=self.model_version,
+                        scores=-cost, predicted_ttft_ms=float(ttft[index]), model_version=self.model_version,
                         fallback=not learned, features=None if x is None else x[index])

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from policy_views import cluster, request
 
+from dispatcher.policies.baselines.common import outstanding_requests
 from dispatcher.policies.learned import LearnedPolicy
 from dispatcher.policies.registry import follows_snapshots, make_policy
 from lodestar.cluster_view import ClusterView
 from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, N_FEATURES, candidate_matrix
 from lodestar.snapshot import Snapshot, SnapshotError
-from lodestar.ttft_estimate import estimate_ttft_ms
+from lodestar.ttft_estimate import estimate_ttft_ms, own_prefill_ms
 from lodestar.ttft_model import TTFTModel
 
 REQ = request(2000)
@@ -63,6 +64,35 @@ def test_a_busy_fast_worker_loses_to_an_idle_slower_one_when_the_estimate_says_s
     view = cluster(3, gpu_types=["L4", "H100", "A100"], pending_prefill_tokens=[0, 40_000, 0], waiting=[0, 10, 0],
                    max_kv_tokens=[25_000, 400_000, 400_000])
     assert LearnedPolicy().choose(REQ, view).worker_id == "w2"
+
+
+def test_the_cost_adds_the_delay_the_prefill_imposes_on_the_requests_already_there() -> None:
+    view = cluster(3, gpu_types=["H100", "A100", "L4"], running=[12, 3, 0], inflight=[14, 5, 1], waiting=[1, 0, 1],
+                   pending_prefill_tokens=[900, 0, 300], matched=[0, 512, 0], kv_usage=[0.4, 0.7, 0.1],
+                   max_kv_tokens=[400_000, 400_000, 25_000])
+    p = LearnedPolicy(delay_outstanding=0.2, delay_queued=0.7)
+    d = p.choose(REQ, view)
+    queued = np.maximum(view.inflight - view.running, view.waiting)
+    delay = own_prefill_ms(REQ, view) * (0.2 * outstanding_requests(view) + 0.7 * queued)
+    assert np.allclose(-d.scores, estimate_ttft_ms(REQ, view) + delay)
+    assert d.predicted_ttft_ms == pytest.approx(estimate_ttft_ms(REQ, view)[d.index])  # a TTFT, not the cost
+    zero = LearnedPolicy(delay_outstanding=0, delay_queued=0).choose(REQ, view)
+    assert np.allclose(-zero.scores, estimate_ttft_ms(REQ, view))
+
+
+def test_a_long_prefill_avoids_stalling_many_decoding_requests() -> None:
+    # w0 decodes 16 requests, w1 has one request queued: the request's TTFT is lower on w0, but its 2,000-token
+    # prefill would stall 16 requests there; the default cost sends it to w1, the TTFT alone to w0.
+    view = cluster(2, running=[16, 0], inflight=[16, 1], waiting=[0, 1], pending_prefill_tokens=[0, 1500],
+                   max_kv_tokens=[400_000] * 2)
+    est = estimate_ttft_ms(REQ, view)
+    assert est[0] < est[1]
+    assert LearnedPolicy().choose(REQ, view).worker_id == "w1"
+    assert LearnedPolicy(delay_outstanding=0, delay_queued=0).choose(REQ, view).worker_id == "w0"
+    # A cached request's prefill is short: it goes where its TTFT is least.
+    hit = cluster(2, running=[16, 0], inflight=[16, 1], waiting=[0, 1], pending_prefill_tokens=[0, 1500],
+                  matched=[1984, 0], max_kv_tokens=[400_000] * 2)
+    assert LearnedPolicy().choose(REQ, hit).worker_id == "w0"
 
 
 def test_a_cached_prefix_wins_on_equal_gpus() -> None:

@@ -12,7 +12,7 @@ from engine_driver import make_request
 from policy_views import cluster
 
 from lodestar.cluster_view import ClusterView, RequestInfo
-from lodestar.ttft_estimate import estimate_ttft_ms, gpu_coefficients
+from lodestar.ttft_estimate import estimate_ttft_ms, gpu_coefficients, own_prefill_ms
 from sim.engine import Engine, EngineRequest
 from sim.oracle import first_token_at
 
@@ -137,3 +137,18 @@ def test_unknown_gpu_falls_back_to_the_reference_gpu() -> None:
     est = estimate_ttft_ms(RequestInfo("x", 2000), view)
     assert np.isfinite(est).all()
     assert est[0] == pytest.approx(est[1])
+
+
+def test_own_prefill_is_the_estimate_on_an_idle_worker() -> None:
+    """own_prefill_ms is the request's own part of the estimate: equal to it with nothing running or queued
+    (matched or not, at any KV usage: the same stale-match risk), below it on a busy worker."""
+    req = RequestInfo("x", 3000)
+    for matched, usage in (([0.0, 0.0, 0.0], [0.0, 0.5, 0.9]), ([0.0, 1024.0, 2048.0], [0.2, 0.6, 0.95])):
+        idle = cluster(3, gpu_types=["H100", "A30", "L4"], matched=matched, kv_usage=usage,
+                       max_kv_tokens=[400_000, 37_800, 25_000])
+        assert np.allclose(own_prefill_ms(req, idle), estimate_ttft_ms(req, idle), rtol=1e-12)
+    busy = cluster(3, gpu_types=["H100", "A30", "L4"], running=[8, 8, 8], waiting=[2, 2, 2],
+                   pending_prefill_tokens=[4000, 4000, 4000], max_kv_tokens=[400_000, 37_800, 25_000])
+    assert (own_prefill_ms(req, busy) < estimate_ttft_ms(req, busy)).all()
+    cached = cluster(1, matched=[2048.0], max_kv_tokens=[400_000])
+    assert own_prefill_ms(req, cached)[0] < 0.5 * own_prefill_ms(req, cluster(1, max_kv_tokens=[400_000]))[0]
