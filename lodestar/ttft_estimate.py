@@ -106,7 +106,14 @@ _HIT_AND_MISS = np.array([[1.0], [0.0]])  # row 0: the prefix as matched; row 1:
 
 
 def estimate_ttft_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:
-    """Estimated TTFT (ms) of `request` on every worker of `view`, shape (n_workers,): the expected value
+    """Estimated TTFT (ms) of `request` on every worker of `view` (see `estimate_with_own_prefill_ms`)."""
+    return estimate_with_own_prefill_ms(request, view, model, own=False)[0]
+
+
+def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL,
+                                 own: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """Estimated TTFT (ms) of `request` on every worker of `view`, and (with `own`) its own prefill time
+    there as `own_prefill_ms` computes it, from the terms they share in one pass. Each is the expected value
     over the risk that the matched prefix is no longer cached (then the whole prompt is prefilled).
 
     TTFT = half the iteration in progress (a prefill chunk if a backlog is queued, else a decode step)
@@ -150,9 +157,11 @@ def estimate_ttft_ms(request: RequestInfo, view: ClusterView, model: str = DEFAU
     total = backlog + uncached
     finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
     kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (out / (running + 1.0))
-    ttft = 1000.0 * (state_s + _chunked_prefill_s(c, total) + uncached * (hit + 0.5 * uncached) * c.attn_flop
-                     + kv_steps * decode_step)
-    return _expected(ttft, stale_risk)
+    own_attn = uncached * (hit + 0.5 * uncached) * c.attn_flop
+    ttft = 1000.0 * (state_s + _chunked_prefill_s(c, total) + own_attn + kv_steps * decode_step)
+    if not own:
+        return _expected(ttft, stale_risk), None
+    return _expected(ttft, stale_risk), _expected(1000.0 * (_chunked_prefill_s(c, uncached) + own_attn), stale_risk)
 
 
 def own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:

@@ -36,7 +36,7 @@ from dispatcher.policies.worker_correction import WorkerCorrection
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, PRIOR_FEATURES, candidate_matrix, prior_matrix
 from lodestar.snapshot import Snapshot
-from lodestar.ttft_estimate import estimate_ttft_ms, own_prefill_ms
+from lodestar.ttft_estimate import estimate_with_own_prefill_ms, own_prefill_ms
 from lodestar.ttft_model import TTFTModel
 
 NAME = "learned"
@@ -93,15 +93,20 @@ class LearnedPolicy:
     def _model_usable(self) -> bool:
         return self.model is not None and (self.model.validated or not self.require_validated)
 
-    def predict(self, request: RequestInfo, view: ClusterView) -> tuple[np.ndarray, np.ndarray | None, bool]:
-        """Predicted TTFT (ms) per candidate, the full candidate matrix if it was computed, and whether the
-        learned model made the prediction."""
+    def predict(self, request: RequestInfo, view: ClusterView
+                ) -> tuple[np.ndarray, np.ndarray | None, bool, np.ndarray | None]:
+        """Predicted TTFT (ms) per candidate, the full candidate matrix if it was computed, whether the
+        learned model made the prediction, and the request's own prefill time per candidate when the
+        estimate was computed with it (the delay cost needs it; one pass gives both)."""
+        own_needed = self.delay_outstanding > 0 or self.delay_queued > 0
         if not self._model_usable():
-            return estimate_ttft_ms(request, view), None, False
+            estimate, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
+            return estimate, None, False, own
         assert self.model is not None
         full: np.ndarray | None = None
+        own = None
         if self._prior_only:
-            prior = estimate_ttft_ms(request, view)
+            prior, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
             x = prior_matrix(view, prior)
         else:
             x = full = candidate_matrix(request, view)
@@ -111,24 +116,24 @@ class LearnedPolicy:
             outside = self.model.out_of_range(x)
             if outside.any():
                 pred = np.where(outside, np.maximum(pred, prior), pred)
-        return pred, full, True
+        return pred, full, True, own
 
-    def delay_cost(self, request: RequestInfo, view: ClusterView) -> np.ndarray | float:
+    def delay_cost(self, request: RequestInfo, view: ClusterView, own: np.ndarray | None = None) -> np.ndarray | float:
         """What routing this request to each worker costs the requests already there (ms): its own prefill
-        time times the weighted count of requests outstanding and queued on the worker."""
+        time (`own`, or computed here) times the weighted count of requests outstanding and queued there."""
         if self.delay_outstanding == 0 and self.delay_queued == 0:
             return 0.0
         queued = np.maximum(view.inflight - view.running, view.waiting)
         weight = self.delay_outstanding * outstanding_requests(view) + self.delay_queued * queued
-        return own_prefill_ms(request, view) * weight
+        return (own_prefill_ms(request, view) if own is None else own) * weight
 
     def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
         """The candidate with the least cost: predicted (and per-worker corrected) TTFT plus the delay its
         prefill adds to the requests already there; random among exact ties."""
         require_workers(view)
-        pred, x, learned = self.predict(request, view)
+        pred, x, learned, own = self.predict(request, view)
         ttft = pred if self.correction is None else pred * self.correction.factors(view)
-        cost = ttft + self.delay_cost(request, view)
+        cost = ttft + self.delay_cost(request, view, own)
         index = argmin_random_tie(cost.tolist(), self._rng)
         if self.correction is not None:
             self.correction.routed(index, float(pred[index]))

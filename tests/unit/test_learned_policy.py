@@ -120,11 +120,11 @@ def test_extrapolation_never_goes_below_the_estimate() -> None:
     snap = feature_snapshot("gpu_speed", -0.0001, hi=1.5)  # predicts ~1 ms everywhere, H100 out of range
     view = hetero_view()
     est = estimate_ttft_ms(REQ, view)
-    pred, _, learned = with_snapshot(snap).predict(REQ, view)
+    pred, _, learned, _ = with_snapshot(snap).predict(REQ, view)
     assert learned
     assert pred[1] == pytest.approx(est[1])  # the estimate, not the model's 1 ms
     assert pred[0] == pytest.approx(1.0 - 0.0001 * (121 / 312))  # in range: the model
-    unchecked, _, _ = with_snapshot(snap, check_range=False).predict(REQ, view)
+    unchecked, _, _, _ = with_snapshot(snap, check_range=False).predict(REQ, view)
     assert unchecked[1] < 2.0
 
 

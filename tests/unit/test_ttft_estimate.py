@@ -12,7 +12,7 @@ from engine_driver import make_request
 from policy_views import cluster
 
 from lodestar.cluster_view import ClusterView, RequestInfo
-from lodestar.ttft_estimate import estimate_ttft_ms, gpu_coefficients, own_prefill_ms
+from lodestar.ttft_estimate import estimate_ttft_ms, estimate_with_own_prefill_ms, gpu_coefficients, own_prefill_ms
 from sim.engine import Engine, EngineRequest
 from sim.oracle import first_token_at
 
@@ -150,5 +150,8 @@ def test_own_prefill_is_the_estimate_on_an_idle_worker() -> None:
     busy = cluster(3, gpu_types=["H100", "A30", "L4"], running=[8, 8, 8], waiting=[2, 2, 2],
                    pending_prefill_tokens=[4000, 4000, 4000], max_kv_tokens=[400_000, 37_800, 25_000])
     assert (own_prefill_ms(req, busy) < estimate_ttft_ms(req, busy)).all()
+    both = estimate_with_own_prefill_ms(req, busy)  # one pass, the same numbers
+    assert np.array_equal(both[0], estimate_ttft_ms(req, busy)) and both[1] is not None
+    assert np.allclose(both[1], own_prefill_ms(req, busy), rtol=1e-12)
     cached = cluster(1, matched=[2048.0], max_kv_tokens=[400_000])
     assert own_prefill_ms(req, cached)[0] < 0.5 * own_prefill_ms(req, cluster(1, max_kv_tokens=[400_000]))[0]
