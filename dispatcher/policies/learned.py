@@ -45,7 +45,8 @@ _PRIOR_ONLY = frozenset(FEATURE_INDEX[name] for name in PRIOR_FEATURES)
 
 
 class LearnedPolicy:
-    """Least predicted TTFT: the analytic estimate, corrected by the learned model once it beats the estimate."""
+    """Least cost: the predicted TTFT (the analytic estimate, corrected by the learned model once it beats the
+    estimate) plus the delay the request's own prefill adds to the requests already on the worker."""
 
     name = NAME
 
