@@ -157,11 +157,11 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     total = backlog + uncached
     finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
     kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (out / (running + 1.0))
-    own_attn = uncached * (hit + 0.5 * uncached) * c.attn_flop
+    own_attn = _own_attention_s(c, hit, uncached)
     ttft = 1000.0 * (state_s + _chunked_prefill_s(c, total) + own_attn + kv_steps * decode_step)
     if not own:
         return _expected(ttft, stale_risk), None
-    return _expected(ttft, stale_risk), _expected(1000.0 * (_chunked_prefill_s(c, uncached) + own_attn), stale_risk)
+    return _expected(ttft, stale_risk), _expected(_own_prefill_ms(c, uncached, own_attn), stale_risk)
 
 
 def own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:
@@ -173,8 +173,17 @@ def own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT
     c = _coefficients(tuple(view.gpu_types), model)
     hit, stale_risk = _match_rows(request, view, np.minimum(view.kv_usage, 1.0))
     uncached = float(request.prompt_tokens) - hit
-    own = 1000.0 * (_chunked_prefill_s(c, uncached) + uncached * (hit + 0.5 * uncached) * c.attn_flop)
-    return _expected(own, stale_risk)
+    return _expected(_own_prefill_ms(c, uncached, _own_attention_s(c, hit, uncached)), stale_risk)
+
+
+def _own_attention_s(c: _Coefficients, hit: np.ndarray, uncached: np.ndarray) -> np.ndarray:
+    """Attention of the request's uncached tokens over its cached prefix and themselves."""
+    return uncached * (hit + 0.5 * uncached) * c.attn_flop
+
+
+def _own_prefill_ms(c: _Coefficients, uncached: np.ndarray, own_attn: np.ndarray) -> np.ndarray:
+    """The request's uncached tokens in chunked-prefill iterations alone, with their attention (ms)."""
+    return 1000.0 * (_chunked_prefill_s(c, uncached) + own_attn)
 
 
 def _match_rows(request: RequestInfo, view: ClusterView, kv_usage: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
