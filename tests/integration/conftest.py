@@ -22,6 +22,8 @@ Fixtures:
                       CI do), read from its kafka.env and redis.env in $LODESTAR_SECURE_ENV_DIR, default
                       .run/secure; checked to answer
     engine_url        (module) base URL of an H100 emulator (`lodestar emulator`) shared by a test module
+    isolated_service_settings  settings whose topics, Redis keys and signing key no other test shares
+                      (worker_harness.isolated_settings), once the broker and Redis answer
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any, TypeVar
 import pytest
 import redis.asyncio as aioredis
 from emulator_process import emulator
+from worker_harness import isolated_settings, require_services
 
 from app.local_services import read_env_file, secure_env_dir, settings_from_env
 from lodestar.kafka_io import make_admin
@@ -164,6 +167,13 @@ def _topics_to_delete(kafka_bootstrap: str) -> Iterator[list[str]]:
         run_in_fresh_loop(delete)
     except Exception as exc:
         print(f"warning: could not delete test topics {names}: {exc}")
+
+
+@pytest.fixture
+def isolated_service_settings() -> Settings:
+    settings = isolated_settings()
+    require_services(settings)
+    return settings
 
 
 @pytest.fixture(scope="module")

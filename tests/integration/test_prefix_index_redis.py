@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from worker_harness import isolated_settings, require_services
 
 from dispatcher.prefix_index import (
     Clear,
@@ -28,16 +27,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def settings() -> Settings:
-    s = isolated_settings()
-    require_services(s)
-    return s
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[RedisPrefixIndex]:
-    client = make_redis(settings)
-    index = RedisPrefixIndex(client, RedisKeys(settings.redis.key_prefix), capacity_blocks=32)
+async def store(isolated_service_settings: Settings) -> AsyncIterator[RedisPrefixIndex]:
+    client = make_redis(isolated_service_settings)
+    index = RedisPrefixIndex(client, RedisKeys(isolated_service_settings.redis.key_prefix), capacity_blocks=32)
     try:
         yield index
     finally:
@@ -115,11 +107,11 @@ async def _holders(store: RedisPrefixIndex, keys: RedisKeys) -> tuple[dict[bytes
     return stored, implied
 
 
-async def test_root_holders_follow_inserts_evictions_and_removals(settings: Settings,
+async def test_root_holders_follow_inserts_evictions_and_removals(isolated_service_settings: Settings,
                                                                   store: RedisPrefixIndex) -> None:
     """The match only gallops through the holders of a chain's root: they must be exactly the workers whose
     set holds it after any sequence (none leaked by evictions, removals or clears)."""
-    keys = RedisKeys(settings.redis.key_prefix)
+    keys = RedisKeys(isolated_service_settings.redis.key_prefix)
     ops = [op for op in conformance_ops(5, n_ops=1500) if not isinstance(op, Clear)]
     assert any(isinstance(op, RemoveWorker) for op in ops)
     await store.apply(ops)

@@ -9,7 +9,6 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 from redis.exceptions import NoPermissionError
-from worker_harness import isolated_settings, require_services
 
 from lodestar import worker_registry
 from lodestar.names import RedisKeys
@@ -22,16 +21,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def settings() -> Settings:
-    s = isolated_settings()
-    require_services(s)
-    return s
-
-
-@pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[tuple[aioredis.Redis, RedisKeys]]:
-    keys = RedisKeys(settings.redis.key_prefix)
-    redis = make_redis(settings)
+async def client(isolated_service_settings: Settings) -> AsyncIterator[tuple[aioredis.Redis, RedisKeys]]:
+    keys = RedisKeys(isolated_service_settings.redis.key_prefix)
+    redis = make_redis(isolated_service_settings)
     try:
         yield redis, keys
     finally:
@@ -72,7 +64,8 @@ async def test_no_worker_is_an_empty_list(client: tuple[aioredis.Redis, RedisKey
 
 
 async def test_a_user_that_may_only_read_the_registry_lists_it(
-        settings: Settings, client: tuple[aioredis.Redis, RedisKeys], monkeypatch: pytest.MonkeyPatch) -> None:
+        isolated_service_settings: Settings, client: tuple[aioredis.Redis, RedisKeys],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The gateway's ACL (docs/security.md) reads the registry read-only: the listing script runs as EVALSHA_RO
     (a plain EVALSHA is refused such a user), and is loaded by EVAL_RO when the server does not know it."""
     redis, keys = client
@@ -81,7 +74,8 @@ async def test_a_user_that_may_only_read_the_registry_lists_it(
     user, password = f"lodestar-test-ro-{secrets.token_hex(4)}", secrets.token_hex(16)
     await redis.execute_command("ACL", "SETUSER", user, "on", f">{password}", "resetkeys",
                                 f"%R~{keys.prefix}worker:*", f"%R~{keys.prefix}workers", "+@all", "-@dangerous")
-    reader = make_redis(settings.redis.model_copy(update={"username": user, "password": SecretStr(password)}))
+    login = {"username": user, "password": SecretStr(password)}
+    reader = make_redis(isolated_service_settings.redis.model_copy(update=login))
     try:
         registry = WorkerRegistry(reader, keys, state_ttl_s=30)
         assert [(w.worker_id, w.running) for w in await registry.live_workers()] == [("a", 2)]
