@@ -12,7 +12,7 @@ from lodestar.settings import Settings
 # Kafka's wire codes (org.apache.kafka.common.resource.ResourceType, PatternType, acl.AclOperation, ...)
 RESOURCE = {"topic": 2, "group": 3}
 PATTERN = {False: 3, True: 4}  # LITERAL, PREFIXED
-OPERATION = {"Read": 3, "Write": 4, "Create": 5, "Describe": 8}
+OPERATION = {"Read": 3, "Write": 4, "Create": 5, "Delete": 6, "Describe": 8}
 ALLOW = 3
 
 

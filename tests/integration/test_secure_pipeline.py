@@ -51,6 +51,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 DISPATCHER = "sec-1"
 GATEWAY = "sec-g1"
+DELETING_GATEWAY = "sec-g2"  # told to delete its reply topic when it stops (the Helm chart's setting)
 ENGINE_KEY = secrets.token_hex(16)
 GATEWAY_KEY = f"sk-{secrets.token_hex(16)}"
 WAVE_1, WAVE_2 = 30, 20
@@ -336,3 +337,30 @@ async def test_a_gateway_may_not_even_see_another_gateways_reply_topic(pipeline:
             await asyncio.wait_for(producer.send_and_wait(other, b"{}"), 30)
     finally:
         await producer.stop()
+
+
+async def test_a_gateway_told_to_delete_its_reply_topic_may_and_does_when_it_stops(pipeline: Pipeline) -> None:
+    """`gateway.delete_reply_topic` adds Delete on its own reply topic to the gateway's ACLs; a gateway running
+    under exactly those ACLs removes the topic on its way out (a failure there is only logged, so the test
+    looks at the broker)."""
+    settings = _with(pipeline.settings, "gateway", gateway_id=DELETING_GATEWAY, delete_reply_topic=True)
+    acls = service_acls(settings, "gateway")
+    assert any("Delete" in acl.operations for acl in acls)
+    await grant(pipeline.settings, "User:lodestar-gateway", acls)
+    env = {"LODESTAR_GATEWAY__DELETE_REPLY_TOPIC": "true",
+           "LODESTAR_GATEWAY__API_KEY_HASHES": json.dumps([key_digest(GATEWAY_KEY)])}
+    await start_gateways(pipeline.stack, pipeline.probes, [DELETING_GATEWAY], env, timeout_s=120)
+    reply = pipeline.topics.reply(DELETING_GATEWAY)
+    admin = make_admin(pipeline.settings, client_id="test-deleted-reply")
+    await admin.start()
+    try:
+        assert reply in await admin.list_topics()  # created at start, as its own principal
+        statuses = await asyncio.to_thread(pipeline.stack.stop, [f"gateway-{DELETING_GATEWAY}"])
+        assert statuses == {f"gateway-{DELETING_GATEWAY}": 0}
+        for _ in range(50):  # the broker deletes a topic asynchronously
+            if reply not in await admin.list_topics():
+                break
+            await asyncio.sleep(0.2)
+        assert reply not in await admin.list_topics()
+    finally:
+        await admin.close()
