@@ -335,6 +335,9 @@ class Settings(BaseSettings):
     snapshot_signing: SnapshotSigningSettings = SnapshotSigningSettings()
     telemetry: TelemetrySettings = TelemetrySettings()
     dev_mode: bool = False  # development only: accept a missing, short or published snapshot signing key
+    stop_step_timeout_s: float = Field(10.0, gt=0, le=3600, description=(
+        "the longest one step of a service's stop may take (its background tasks, each stop step, each client's "
+        "stop and flush); then the step is abandoned with a WARNING naming it and its stack (lodestar/lifecycle.py)"))
     data_dir: Path = PROJECT_ROOT.parent / "shared" / "data"  # folder of the public traces and GPU profiles
 
     @classmethod

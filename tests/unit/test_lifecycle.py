@@ -1,9 +1,12 @@
-"""The services' shared start/stop sequence (lodestar/lifecycle.py): order on the way in and out, and
-cleanup when a start fails midway, with in-memory clients that record what happens to them."""
+"""The services' shared start/stop sequence (lodestar/lifecycle.py): order on the way in and out, cleanup
+when a start fails midway, and a stop that completes when a task loses its cancellation or a step hangs,
+with in-memory clients that record what happens to them."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 
 import pytest
 
@@ -26,8 +29,9 @@ class Recorder:
 
         monkeypatch.setattr(lifecycle, "ensure_topics", ensure_topics)
 
-    def client(self, name: str, *, start_fails: bool = False, stop_fails: bool = False) -> FakeClient:
-        return FakeClient(self.events, name, start_fails=start_fails, stop_fails=stop_fails)
+    def client(self, name: str, *, start_fails: bool = False, stop_fails: bool = False,
+               stop_hangs: bool = False) -> FakeClient:
+        return FakeClient(self.events, name, start_fails=start_fails, stop_fails=stop_fails, stop_hangs=stop_hangs)
 
     def step(self, name: str):
         async def run() -> None:
@@ -36,8 +40,9 @@ class Recorder:
 
 
 class FakeClient:
-    def __init__(self, events: list[str], name: str, *, start_fails: bool, stop_fails: bool):
+    def __init__(self, events: list[str], name: str, *, start_fails: bool, stop_fails: bool, stop_hangs: bool):
         self.events, self.name, self.start_fails, self.stop_fails = events, name, start_fails, stop_fails
+        self.stop_hangs = stop_hangs
 
     async def start(self) -> None:
         self.events.append(f"start {self.name}")
@@ -48,14 +53,16 @@ class FakeClient:
         self.events.append(f"stop {self.name}")
         if self.stop_fails:
             raise RuntimeError(f"{self.name} failed to stop")
+        if self.stop_hangs:  # e.g. a flush to a broker that does not answer
+            await asyncio.Event().wait()
 
 
 TEARDOWN = ["stop c2", "stop c1", "stop producer", "close redis", "close engine"]
 
 
-def _running(rec: Recorder, **clients: FakeClient):
+def _running(rec: Recorder, settings: Settings | None = None, **clients: FakeClient):
     return service_lifecycle(
-        Settings(), TOPICS,
+        settings or Settings(), TOPICS,
         producer=clients.get("producer") or rec.client("producer"),
         consumers=[clients.get("c1") or rec.client("c1"), clients.get("c2") or rec.client("c2")],
         closers=[rec.step("close redis"), rec.step("close engine")],
@@ -166,3 +173,102 @@ async def test_check_background_reports_a_helper_that_ended(monkeypatch: pytest.
         await asyncio.sleep(0)
         with pytest.raises(RuntimeError, match=r"background task .*returns ended"):
             scope.check_background()
+
+
+STEP_TIMEOUT_S = 0.3  # a stuck step is abandoned this fast in these tests (the default is 10 s)
+
+
+@pytest.fixture
+def quick_stop(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Settings:
+    """Settings whose stop steps are abandoned after STEP_TIMEOUT_S, a lost cancellation repeated after 50 ms."""
+    monkeypatch.setattr(lifecycle, "RECANCEL_S", 0.05)
+    caplog.set_level(logging.WARNING, logger="lodestar.lifecycle")
+    return Settings(stop_step_timeout_s=STEP_TIMEOUT_S)
+
+
+async def test_a_cancellation_lost_in_wait_for_is_repeated_and_the_stop_completes(
+        monkeypatch: pytest.MonkeyPatch, quick_stop: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """What held the worker's stop: on Python 3.11 `asyncio.wait_for` returns the result when the cancellation
+    arrives as the awaited operation completes (redis-py sends each command through it), so a heartbeat loop
+    that was mid-call when the stop cancelled it runs on."""
+    rec = Recorder(monkeypatch)
+    reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    calls: list[int] = []
+
+    async def heartbeat_loop() -> None:
+        try:
+            while True:
+                calls.append(len(calls))
+                await asyncio.wait_for(reply if len(calls) == 1 else asyncio.Event().wait(), 5)
+        finally:
+            rec.events.append("heartbeat ended")
+
+    async with asyncio.timeout(5):
+        async with _running(rec, quick_stop) as scope:
+            task = scope.spawn(heartbeat_loop())
+            await asyncio.sleep(0)  # the loop awaits its first "command"
+            reply.set_result(None)  # its reply arrives in the same step as the stop's cancellation
+    assert task.done() and rec.events[-6:] == ["heartbeat ended", *TEARDOWN]
+    if sys.version_info < (3, 12):  # the lost cancellation (3.12's wait_for no longer loses it)
+        assert len(calls) == 2 and "heartbeat_loop still runs" in caplog.text and "cancelling it again" in caplog.text
+
+
+async def test_a_task_that_ignores_cancellation_is_named_and_the_stop_completes(
+        monkeypatch: pytest.MonkeyPatch, quick_stop: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recorder(monkeypatch)
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not release.is_set():
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                rec.events.append("stubborn ignored a cancellation")
+
+    async with asyncio.timeout(5):
+        async with _running(rec, quick_stop) as scope:
+            scope.on_stop(rec.step("deregister"))
+            task = scope.spawn(stubborn())
+            scope.spawn(_heartbeat(rec.events))
+            await asyncio.sleep(0)
+    assert not task.done()  # abandoned, still running
+    assert rec.events.count("stubborn ignored a cancellation") >= 2  # cancelled again and again
+    assert "heartbeat cancelled" in rec.events and rec.events[-6:] == ["deregister", *TEARDOWN]
+    abandoned = [r for r in caplog.records if "abandoned background task" in r.getMessage()]
+    assert len(abandoned) == 1 and abandoned[0].levelno == logging.WARNING
+    message = abandoned[0].getMessage()
+    assert "stubborn" in message and "test_lifecycle.py" in message and "await asyncio.sleep(10)" in message
+    release.set()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_stuck_stop_step_is_abandoned_and_the_later_steps_run(
+        monkeypatch: pytest.MonkeyPatch, quick_stop: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recorder(monkeypatch)
+
+    async def leave_group() -> None:
+        rec.events.append("leave group")
+        await asyncio.Event().wait()  # e.g. a coordinator that never answers
+
+    async with asyncio.timeout(5):
+        async with _running(rec, quick_stop) as scope:
+            scope.on_stop(rec.step("deregister"))
+            scope.on_stop(leave_group)
+    assert rec.events[-7:] == ["leave group", "deregister", *TEARDOWN]
+    (warning,) = [r.getMessage() for r in caplog.records if "abandoned step" in r.getMessage()]
+    assert "leave_group" in warning and f"after {STEP_TIMEOUT_S:.1f} s" in warning and "Event().wait()" in warning
+
+
+async def test_a_producer_flush_that_hangs_is_abandoned_and_the_closers_still_run(
+        monkeypatch: pytest.MonkeyPatch, quick_stop: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    rec = Recorder(monkeypatch)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        async with _running(rec, quick_stop, producer=rec.client("producer", stop_hangs=True)):
+            pass
+    assert rec.events[-5:] == TEARDOWN
+    assert loop.time() - started >= STEP_TIMEOUT_S  # the flush had its full bound
+    (warning,) = [r.getMessage() for r in caplog.records if "abandoned step" in r.getMessage()]
+    assert "FakeClient.stop" in warning and "in stop" in warning and "Event().wait()" in warning
