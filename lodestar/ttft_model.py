@@ -44,7 +44,7 @@ def inverse_target(z: np.ndarray | float, transform: str) -> np.ndarray:
     """A model's output back to TTFT in ms (never negative)."""
     z = np.asarray(z, dtype=np.float64)
     if transform == "log1p":
-        return np.expm1(np.clip(z, 0.0, _MAX_LOG_TTFT))
+        return np.expm1(np.minimum(np.maximum(z, 0.0), _MAX_LOG_TTFT))  # a clip, without np.clip's dispatch
     return np.maximum(z, 0.0)
 
 
@@ -130,15 +130,25 @@ class TTFTModel:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Predicted TTFT in ms for each row of a (n, N_FEATURES) candidate matrix."""
+        return self.predict_from(self.network_output(x), None if self.base_column is None else x[:, self.base_column])
+
+    def network_output(self, x: np.ndarray) -> np.ndarray:
+        """The model's own term per row, in the target space before the base feature is added (what `predict`
+        turns into TTFT with `predict_from`): a caller whose rows repeat can keep it."""
         z = np.array(x, dtype=np.float64)  # a copy: the log1p below is in place
         z[:, self._log1p_columns] = np.log1p(np.maximum(z[:, self._log1p_columns], 0.0))
         h = z[:, self.columns] @ self._w0 + self._b0
         for w, b in self.layers[1:]:
             np.maximum(h, 0.0, out=h)
             h = h @ w + b
-        out = h[:, 0] * self.target_scale + self.target_center
+        return h[:, 0] * self.target_scale + self.target_center
+
+    def predict_from(self, network_output: np.ndarray, base: np.ndarray | None) -> np.ndarray:
+        """Predicted TTFT in ms from `network_output` and the rows' base feature (`base_column` of the
+        candidate matrix; ignored when the model has none)."""
+        out = network_output
         if self.base_column is not None:
-            out = out + forward_target(x[:, self.base_column], self.target_transform)
+            out = out + forward_target(base, self.target_transform)
         return inverse_target(out, self.target_transform)
 
     def out_of_range(self, x: np.ndarray) -> np.ndarray:
