@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field
 
 from dispatcher.policies.analytic import NAME as ANALYTIC
-from dispatcher.policies.baselines.common import argmin_random_tie, outstanding_requests, require_workers
+from dispatcher.policies.baselines.common import argmin_random_tie_array, outstanding_requests, require_workers
 from dispatcher.policies.worker_correction import WorkerCorrection
 from lodestar.cluster_view import ClusterView, Decision, GpuSetMemo, RequestInfo
 from lodestar.features import (
@@ -173,7 +173,7 @@ class LearnedPolicy:
         pred, x, learned, own = self.predict(request, view)
         ttft = pred if self.correction is None else pred * self.correction.factors(view)
         cost = ttft + self.delay_cost(request, view, own)
-        index = argmin_random_tie(cost.tolist(), self._rng)
+        index = argmin_random_tie_array(cost, self._rng)
         if self.correction is not None:
             self.correction.routed(index, float(pred[index]))
         return Decision(index=index, worker_id=view.worker_ids[index], policy=NAME if learned else self.prior_label,
