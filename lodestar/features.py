@@ -117,14 +117,16 @@ def candidate_matrix_with_own_prefill(request: RequestInfo, view: ClusterView, o
     _fill_prior_columns(x, view.gpu_speed, mem_bw, estimate)
     x[:, 11] = view.recent_ttft_ms
     x[:, 12] = uncached / speed
-    x[:, 13] = (view.pending_prefill_tokens + uncached) / speed
+    backlog = view.pending_prefill_tokens + uncached
+    x[:, 13] = backlog / speed
     x[:, 14] = queue / speed
     x[:, 15] = view.running / mem_bw
     # KV headroom: once the prefill backlog plus this request outgrow the free KV cache, the request
     # waits for running sequences to finish, not just for prefill compute. Unknown capacity counts as 0.
-    free = np.where(view.max_kv_tokens > 0, (1.0 - np.clip(view.kv_usage, 0.0, 1.0)) * view.max_kv_tokens, 0.0)
+    known = view.max_kv_tokens > 0
+    free = np.where(known, (1.0 - np.minimum(np.maximum(view.kv_usage, 0.0), 1.0)) * view.max_kv_tokens, 0.0)
     x[:, 16] = free
-    x[:, 17] = np.where(view.max_kv_tokens > 0, (view.pending_prefill_tokens + uncached) / np.maximum(free, 1.0), 0.0)
+    x[:, 17] = np.where(known, backlog / np.maximum(free, 1.0), 0.0)
     return x, own_ms
 
 

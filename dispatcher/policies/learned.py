@@ -149,10 +149,12 @@ class LearnedPolicy:
             else:
                 x, own = candidate_matrix_with_own_prefill(request, view, own=own_needed)
                 full, prior = x, x[:, _ESTIMATE_COLUMN]
-            pred = model.predict(x)
-            outside = model.out_of_range(x) if self.check_range else None
-            if outside is not None and not outside.any():
-                outside = None
+            if self.check_range:
+                pred, outside = model.predict_and_range(x)
+                if not outside.any():
+                    outside = None
+            else:
+                pred, outside = model.predict(x), None
         if self.check_range and outside is not None:
             pred = np.where(outside, np.maximum(pred, prior), pred)
         return pred, full, True, own
