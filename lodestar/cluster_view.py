@@ -6,7 +6,10 @@ dispatcher fills them from Redis, the simulator from its engines (with the same 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -110,3 +113,30 @@ class Decision:
     model_version: int = 0
     fallback: bool = False
     features: np.ndarray | None = None
+
+
+T = TypeVar("T")
+
+
+class GpuSetMemo(Generic[T]):
+    """A value that depends only on a view's GPUs (`gpu_types` and `gpu_speed`), computed once per worker set
+    instead of once per decision: `memo(view)` is `build(tuple(view.gpu_types), view.gpu_speed)`.
+
+    The last view's type list is recognised by identity (the simulator keeps one list for its whole run, the
+    views of one dispatcher batch share theirs) and its contents are still compared with a copy (the same
+    string objects: a pointer comparison each) and the speeds with their bytes, so a list or an array changed
+    in place is never served a stale value. Other worker sets go through a small LRU cache of the contents.
+    """
+
+    def __init__(self, build: Callable[[tuple[str, ...], np.ndarray], T], maxsize: int = 16):
+        self._cached = lru_cache(maxsize)(lambda types, speed: build(types, np.frombuffer(speed)))
+        self._last: tuple[list[str], list[str], bytes, T] | None = None
+
+    def __call__(self, view: ClusterView) -> T:
+        types, speed = view.gpu_types, view.gpu_speed.astype(np.float64, copy=False).tobytes()
+        last = self._last
+        if last is not None and last[0] is types and last[2] == speed and last[1] == types:
+            return last[3]
+        value = self._cached(tuple(types), speed)
+        self._last = (types, list(types), speed, value)
+        return value

@@ -19,13 +19,11 @@ and meaningful for a type never seen in training).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 
-from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.cluster_view import ClusterView, Decision, GpuSetMemo, RequestInfo
 from lodestar.hardware import GPUS, REFERENCE_GPU, gpu
-from lodestar.ttft_estimate import estimate_ttft_ms
+from lodestar.ttft_estimate import cached_tokens, estimate_with_own_prefill_ms
 
 FEATURE_NAMES: tuple[str, ...] = (
     "prompt_tokens",
@@ -73,8 +71,7 @@ HEAVY_TAILED: tuple[str, ...] = (
 )
 
 
-@lru_cache(maxsize=256)
-def _mem_bw(gpu_types: tuple[str, ...]) -> np.ndarray:
+def _relative_mem_bw(gpu_types: tuple[str, ...], _speed: np.ndarray) -> np.ndarray:
     """Memory bandwidth relative to the reference GPU; unknown types count as 1.0."""
     ref = GPUS[REFERENCE_GPU].mem_bw_gbs
     out = np.ones(len(gpu_types), dtype=np.float64)
@@ -87,16 +84,25 @@ def _mem_bw(gpu_types: tuple[str, ...]) -> np.ndarray:
     return out
 
 
+_mem_bw = GpuSetMemo(_relative_mem_bw)  # once per worker set, not per decision
+
+
 def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     """Features of (request, worker i) for every worker at once: shape (n_workers, N_FEATURES)."""
+    return candidate_matrix_with_own_prefill(request, view, own=False)[0]
+
+
+def candidate_matrix_with_own_prefill(request: RequestInfo, view: ClusterView, own: bool = True
+                                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """The candidate matrix and (with `own`) the request's own prefill time per worker
+    (lodestar.ttft_estimate.own_prefill_ms), from the one pass that computes the estimate column."""
     n = view.size
     x = np.empty((n, N_FEATURES), dtype=np.float64)
     prompt = float(request.prompt_tokens)
-    # An engine always recomputes at least the last prompt token (SGLang caps cached at prompt - 1).
-    matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
+    matched = cached_tokens(request, view)
     uncached = prompt - matched
     speed = np.maximum(view.gpu_speed, 1e-6)
-    mem_bw = _mem_bw(tuple(view.gpu_types))
+    mem_bw = _mem_bw(view)
     queue = view.waiting + view.inflight
     x[:, 0] = prompt
     x[:, 1] = matched
@@ -107,38 +113,52 @@ def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     x[:, 6] = view.inflight
     x[:, 7] = view.pending_prefill_tokens
     x[:, 8] = view.kv_usage
-    _fill_prior_columns(x, view, mem_bw, estimate_ttft_ms(request, view))
+    estimate, own_ms = estimate_with_own_prefill_ms(request, view, own=own, cached=matched)
+    _fill_prior_columns(x, view.gpu_speed, mem_bw, estimate)
     x[:, 11] = view.recent_ttft_ms
     x[:, 12] = uncached / speed
-    x[:, 13] = (view.pending_prefill_tokens + uncached) / speed
+    backlog = view.pending_prefill_tokens + uncached
+    x[:, 13] = backlog / speed
     x[:, 14] = queue / speed
     x[:, 15] = view.running / mem_bw
     # KV headroom: once the prefill backlog plus this request outgrow the free KV cache, the request
     # waits for running sequences to finish, not just for prefill compute. Unknown capacity counts as 0.
-    free = np.where(view.max_kv_tokens > 0, (1.0 - np.clip(view.kv_usage, 0.0, 1.0)) * view.max_kv_tokens, 0.0)
+    known = view.max_kv_tokens > 0
+    free = np.where(known, (1.0 - np.minimum(np.maximum(view.kv_usage, 0.0), 1.0)) * view.max_kv_tokens, 0.0)
     x[:, 16] = free
-    x[:, 17] = np.where(view.max_kv_tokens > 0, (view.pending_prefill_tokens + uncached) / np.maximum(free, 1.0), 0.0)
-    return x
+    x[:, 17] = np.where(known, backlog / np.maximum(free, 1.0), 0.0)
+    return x, own_ms
 
 
+# The features of a worker's GPU alone: constant while the worker set is. A model that reads only these (and
+# perhaps the estimate as its base) is evaluated once per worker set, not per decision (the learned policy).
+GPU_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw")
 # The features a router has without per-request work beyond the analytic estimate: the GPU type's figures
 # and the estimate itself. A model that reads only these is evaluated on `prior_matrix`, which skips the
 # rest of the candidate matrix (the learned policy's decision cost).
-PRIOR_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw", ESTIMATE_FEATURE)
+PRIOR_FEATURES: tuple[str, ...] = (*GPU_FEATURES, ESTIMATE_FEATURE)
 
 
-def _fill_prior_columns(x: np.ndarray, view: ClusterView, mem_bw: np.ndarray, estimate: np.ndarray) -> None:
-    x[:, FEATURE_INDEX["gpu_speed"]] = view.gpu_speed
+def _fill_prior_columns(x: np.ndarray, gpu_speed: np.ndarray, mem_bw: np.ndarray, estimate: np.ndarray | None) -> None:
+    x[:, FEATURE_INDEX["gpu_speed"]] = gpu_speed
     x[:, FEATURE_INDEX["gpu_mem_bw"]] = mem_bw
     # The calibrated engine model's analytic TTFT on this worker (lodestar.ttft_estimate): a prior that is
     # right from the first request, which a model can learn a correction of.
-    x[:, FEATURE_INDEX[ESTIMATE_FEATURE]] = estimate
+    if estimate is not None:
+        x[:, FEATURE_INDEX[ESTIMATE_FEATURE]] = estimate
 
 
 def prior_matrix(view: ClusterView, estimate: np.ndarray) -> np.ndarray:
     """A candidate matrix with only PRIOR_FEATURES filled in (the other columns are zero)."""
     x = np.zeros((view.size, N_FEATURES), dtype=np.float64)
-    _fill_prior_columns(x, view, _mem_bw(tuple(view.gpu_types)), estimate)
+    _fill_prior_columns(x, view.gpu_speed, _mem_bw(view), estimate)
+    return x
+
+
+def gpu_matrix(gpu_types: tuple[str, ...], gpu_speed: np.ndarray) -> np.ndarray:
+    """A candidate matrix of these workers with only GPU_FEATURES filled in (the other columns are zero)."""
+    x = np.zeros((len(gpu_types), N_FEATURES), dtype=np.float64)
+    _fill_prior_columns(x, gpu_speed, _relative_mem_bw(gpu_types, gpu_speed), None)
     return x
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.cluster_view import ClusterView, GpuSetMemo, RequestInfo
 from lodestar.hardware import REFERENCE_GPU, gpu
 
 COEFFICIENTS_FILE = Path(__file__).with_name("engine_coefficients.json")
@@ -81,25 +81,39 @@ class _Coefficients:
         # A prefill iteration emits logits for a few sequences: lm_head reads its weights once (at <100
         # sequences its FLOPs stay under that floor), plus the fixed per-iteration latencies.
         self.prefill_fixed = self.fixed + self.lm_weight
-        self.full_chunk = _prefill_iteration_s(self, self.chunked_prefill_size)
+        self.full_chunk = _prefill_iteration_s(self, self.chunked_prefill_size,
+                                               _gemm_s(self, self.chunked_prefill_size))
         self.decode_per_seq = self.per_token + self.sampler_seq + self.dec_seq
         self.half_attn_flop = 0.5 * self.attn_flop
 
 
-@lru_cache(maxsize=64)
-def _coefficients(gpu_types: tuple[str, ...], model: str) -> _Coefficients:
-    return _Coefficients(gpu_types, model)
+# Per model: the coefficient arrays of a view's GPU types, built once per worker set (lodestar.cluster_view).
+_COEFFICIENTS: dict[str, GpuSetMemo[_Coefficients]] = {}
+
+
+def _coefficients(view: ClusterView, model: str) -> _Coefficients:
+    memo = _COEFFICIENTS.get(model)
+    if memo is None:
+        memo = _COEFFICIENTS.setdefault(model, GpuSetMemo(lambda types, _speed: _Coefficients(types, model)))
+    return memo(view)
 
 
 def _gemm_s(c: _Coefficients, tokens: np.ndarray | float) -> np.ndarray:
-    """Linear layers on `tokens` tokens: the engine model's smooth max (a^p + b^p)^(1/p) of the FLOP time and
-    the weight-read time."""
-    return ((tokens * c.gemm_flop) ** c.gemm_p + c.weight_p) ** c.inv_p
+    """Linear layers on `tokens` tokens (one row per worker, or several rows of workers): the engine model's
+    smooth max (a^p + b^p)^(1/p) of the FLOP time and the weight-read time."""
+    out = np.multiply(tokens, c.gemm_flop)
+    out **= c.gemm_p
+    out += c.weight_p
+    out **= c.inv_p
+    return out
 
 
-def _prefill_iteration_s(c: _Coefficients, tokens: np.ndarray | float) -> np.ndarray:
-    """A prefill iteration of `tokens` new tokens, without attention (its few sampled sequences cost <0.1%)."""
-    return c.prefill_fixed + tokens * c.per_token + _gemm_s(c, tokens)
+def _prefill_iteration_s(c: _Coefficients, tokens: np.ndarray | float, gemm: np.ndarray) -> np.ndarray:
+    """A prefill iteration of `tokens` new tokens, without attention (its few sampled sequences cost <0.1%);
+    `gemm` is `_gemm_s(c, tokens)`."""
+    out = c.prefill_fixed + tokens * c.per_token
+    out += gemm
+    return out
 
 
 _HIT_AND_MISS = np.array([[1.0], [0.0]])  # row 0: the prefix as matched; row 1: nothing cached (stale match)
@@ -110,11 +124,19 @@ def estimate_ttft_ms(request: RequestInfo, view: ClusterView, model: str = DEFAU
     return estimate_with_own_prefill_ms(request, view, model, own=False)[0]
 
 
+def cached_tokens(request: RequestInfo, view: ClusterView) -> np.ndarray:
+    """The request's matched prefix per worker as an engine can use it: an engine always recomputes at least
+    the last prompt token (SGLang caps cached at prompt - 1)."""
+    return np.minimum(view.matched_prefix_tokens, max(float(request.prompt_tokens) - 1.0, 0.0))
+
+
 def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL,
-                                 own: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+                                 own: bool = True, cached: np.ndarray | None = None
+                                 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Estimated TTFT (ms) of `request` on every worker of `view`, and (with `own`) its own prefill time
     there as `own_prefill_ms` computes it, from the terms they share in one pass. Each is the expected value
     over the risk that the matched prefix is no longer cached (then the whole prompt is prefilled).
+    `cached` is `cached_tokens(request, view)` when the caller has it already.
 
     TTFT = half the iteration in progress (a prefill chunk if a backlog is queued, else a decode step)
          + the backlog's and this request's uncached tokens in chunked prefill iterations, with attention
@@ -127,8 +149,13 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     The wait is pessimistic on purpose: once a running request must finish first it is half an output's
     decode steps (requests that started together finish together, and a retraction raises the reservation),
     a fraction of that for a partial overflow.
+
+    Evaluated on stacked rows (the decode batch with the prefill chunk in progress; the matched and missed
+    rows of the request's total and own tokens) so that each term is one numpy call however many rows use
+    it: a decision's cost is numpy's per-call overhead, not the arithmetic.
     """
-    c = _coefficients(tuple(view.gpu_types), model)
+    c = _coefficients(view, model)
+    n = view.size
     prompt = float(request.prompt_tokens)
     out = float(min(request.max_new_tokens, CLIP_MAX_NEW_TOKENS))
     others_out = _others_output_tokens(view, out)
@@ -137,16 +164,23 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     # requests it sent there and that have not finished (less those still waiting), whichever is larger.
     # Between two load snapshots many decisions read the same `running`; `inflight` moves with each, so
     # the decode step of a worker that was just given requests grows at once (no herding onto it).
-    running = np.maximum(view.running, view.inflight - view.waiting)
+    # Row 1: the prefill chunk in progress when a backlog is queued. Both go through the linear layers.
+    batch = np.empty((2, n))
+    running = np.maximum(view.running, view.inflight - view.waiting, out=batch[0])
+    chunk = np.minimum(backlog, c.chunked_prefill_size, out=batch[1])
+    gemm = _gemm_s(c, batch)
     kv_usage = np.minimum(view.kv_usage, 1.0)
     used = kv_usage * view.max_kv_tokens
     busy = backlog > 0
     decoding = running > 0
 
     # Worker state terms (shape n).
-    decode_step = (c.fixed + running * c.decode_per_seq + _gemm_s(c, running)
-                   + np.maximum(running * c.lm_flop, c.lm_weight) + used * c.dec_ctx) * decoding
-    in_progress = np.where(busy, _prefill_iteration_s(c, np.minimum(backlog, c.chunked_prefill_size)), decode_step)
+    decode_step = c.fixed + running * c.decode_per_seq
+    decode_step += gemm[0]
+    decode_step += np.maximum(running * c.lm_flop, c.lm_weight)
+    decode_step += used * c.dec_ctx
+    decode_step *= decoding
+    in_progress = np.where(busy, _prefill_iteration_s(c, chunk, gemm[1]), decode_step)
     state_s = 0.5 * in_progress + backlog * backlog / np.maximum(view.waiting, 1.0) * c.half_attn_flop
     half = 0.5 * others_out
     free = view.max_kv_tokens - used - (KV_RESERVE_RATIO * half) * running
@@ -154,17 +188,26 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
                                                                   + KV_RESERVE_RATIO * half)
     queued_out = np.maximum(view.waiting, busy) * others_out + out - free
 
-    # This request's terms, as matched (row 0) and, when anything matched, as a full miss (row 1).
-    hit, stale_risk = _match_rows(request, view, kv_usage)
-    uncached = prompt - hit
-    total = backlog + uncached
+    # This request's terms, as matched and, when anything matched, as a full miss (k rows each): the
+    # backlog and its uncached tokens (`total`), then, for its own prefill time, its uncached tokens alone.
+    hit, stale_risk = _match_rows(request, view, kv_usage, cached)
+    k = len(hit)
+    tokens = np.empty((2 * k if own else k, n))
+    uncached = np.subtract(prompt, hit, out=tokens[k:]) if own else prompt - hit
+    total = np.add(backlog, uncached, out=tokens[:k])
+    prefill = _chunked_prefill_s(c, tokens)
     finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
     kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (others_out / (running + 1.0))
     own_attn = _own_attention_s(c, hit, uncached)
-    ttft = 1000.0 * (state_s + _chunked_prefill_s(c, total) + own_attn + kv_steps * decode_step)
-    if not own:
-        return _expected(ttft, stale_risk), None
-    return _expected(ttft, stale_risk), _expected(_own_prefill_ms(c, uncached, own_attn), stale_risk)
+    seconds = np.empty((2 if own else 1, k, n))  # TTFT, then the own prefill time
+    ttft = np.add(state_s, prefill[:k], out=seconds[0])
+    ttft += own_attn
+    ttft += kv_steps * decode_step
+    if own:
+        np.add(prefill[k:], own_attn, out=seconds[1])
+    seconds *= 1000.0
+    expected = _expected(seconds, stale_risk)
+    return expected[0], (expected[1] if own else None)
 
 
 def _others_output_tokens(view: ClusterView, out: float) -> np.ndarray | float:
@@ -183,10 +226,13 @@ def own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT
     anything queued ahead of it. SGLang runs a prefill before the next decode step and before the
     prefills queued after it, so this is also the delay the request adds to each request outstanding on
     that worker (their next token) and to each one that will queue behind it."""
-    c = _coefficients(tuple(view.gpu_types), model)
+    c = _coefficients(view, model)
     hit, stale_risk = _match_rows(request, view, np.minimum(view.kv_usage, 1.0))
     uncached = float(request.prompt_tokens) - hit
-    return _expected(_own_prefill_ms(c, uncached, _own_attention_s(c, hit, uncached)), stale_risk)
+    seconds = _chunked_prefill_s(c, uncached)
+    seconds += _own_attention_s(c, hit, uncached)
+    seconds *= 1000.0
+    return _expected(seconds[None], stale_risk)[0]
 
 
 def _own_attention_s(c: _Coefficients, hit: np.ndarray, uncached: np.ndarray) -> np.ndarray:
@@ -194,16 +240,11 @@ def _own_attention_s(c: _Coefficients, hit: np.ndarray, uncached: np.ndarray) ->
     return uncached * (hit + 0.5 * uncached) * c.attn_flop
 
 
-def _own_prefill_ms(c: _Coefficients, uncached: np.ndarray, own_attn: np.ndarray) -> np.ndarray:
-    """The request's uncached tokens in chunked-prefill iterations alone, with their attention (ms)."""
-    return 1000.0 * (_chunked_prefill_s(c, uncached) + own_attn)
-
-
-def _match_rows(request: RequestInfo, view: ClusterView, kv_usage: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+def _match_rows(request: RequestInfo, view: ClusterView, kv_usage: np.ndarray, cached: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
     """The cached tokens per worker as matched (row 0) and, when anything matched, as a full miss (row 1),
     with the probability per worker that the match is already evicted (None when nothing matched)."""
-    prompt = float(request.prompt_tokens)
-    matched = np.minimum(view.matched_prefix_tokens, max(prompt - 1.0, 0.0))
+    matched = cached_tokens(request, view) if cached is None else cached
     if not matched.any():
         return matched[None, :], None
     return matched * _HIT_AND_MISS, (STALE_MATCH_RATE * kv_usage) * (matched > 0)
@@ -211,12 +252,18 @@ def _match_rows(request: RequestInfo, view: ClusterView, kv_usage: np.ndarray) -
 
 def _chunked_prefill_s(c: _Coefficients, tokens: np.ndarray) -> np.ndarray:
     """`tokens` new tokens in chunked-prefill iterations (full chunks, then the rest), without attention."""
-    full = np.ceil(tokens / c.chunked_prefill_size) - 1.0
-    return full * c.full_chunk + _prefill_iteration_s(c, tokens - full * c.chunked_prefill_size)
+    full = np.ceil(tokens / c.chunked_prefill_size)
+    full -= 1.0
+    rest = tokens - full * c.chunked_prefill_size
+    out = full * c.full_chunk
+    out += _prefill_iteration_s(c, rest, _gemm_s(c, rest))
+    return out
 
 
 def _expected(rows: np.ndarray, stale_risk: np.ndarray | None) -> np.ndarray:
-    """The expected value over the stale-match risk of per-worker values given as matched / missed rows."""
+    """The expected value over the stale-match risk of per-worker values given as matched / missed rows
+    (axis -2; any leading axes are separate quantities)."""
     if stale_risk is None:
-        return rows[0]
-    return rows[0] + stale_risk * (rows[1] - rows[0])
+        return rows[..., 0, :]
+    matched = rows[..., 0, :]
+    return matched + stale_risk * (rows[..., 1, :] - matched)

@@ -2,14 +2,14 @@
 
     .venv/bin/python scripts/bench_learned_policy.py [--workers 8,64,256] [--calls 2000] [--reference REV]
 
-Times `choose` (best of 5 repeats of the mean per call) on random views of a fixed mixed-GPU cluster:
-the `learned` policy as it is at git revision `--reference` (a 2x64 MLP snapshot; exported with `git
-archive` into a temporary directory and run there in a subprocess, so its own feature code is timed), and
-`learned` on this tree with the analytic estimate only (cold start), with a trained ridge correction of
-the GPU types (the default family), and with a ridge over every feature (the full candidate matrix per
-decision). Prints microseconds per decision, decisions per CPU-second, the ratio to the reference, and the
-host load (issue 11: within 1.5x of the old `learned` at 64 workers; issue 12: >= 5,000 decisions per
-CPU-second at 64 workers).
+Times `choose` (best of 5 repeats of the mean CPU time per call, the same timing for both trees) on random
+views of a fixed mixed-GPU cluster: the `learned` policy as it is at git revision `--reference` (a 2x64
+MLP snapshot; exported with `git archive` into a temporary directory and run there in a subprocess, so its
+own feature code is timed), and `learned` on this tree with the analytic estimate only (cold start), with
+a trained ridge correction of the GPU types (the default family), and with a ridge over every feature (the
+full candidate matrix per decision). Prints microseconds per decision, decisions per CPU-second, the ratio
+to the reference, and the host load (issue 11: within 1.5x of the old `learned` at 64 workers; issue 12:
+>= 5,000 decisions per CPU-second at 64 workers).
 """
 
 from __future__ import annotations
@@ -21,19 +21,18 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-SCRIPTS = Path(__file__).resolve().parent
-# In the reference run (cwd: the exported tree) the timing helper comes from that tree's scripts too.
-sys.path.insert(0, str(Path.cwd() / "scripts" if "--reference-only" in sys.argv else SCRIPTS))
-from bench_policies import per_call_us  # noqa: E402
+from lodestar.cluster_view import ClusterView, RequestInfo
+from lodestar.features import candidate_matrix
+from lodestar.snapshot import Snapshot
 
-from lodestar.cluster_view import ClusterView, RequestInfo  # noqa: E402
-from lodestar.features import candidate_matrix  # noqa: E402
-from lodestar.snapshot import Snapshot  # noqa: E402
+SCRIPTS = Path(__file__).resolve().parent
 
 # The last revision whose `learned` was the 2x64 MLP with epsilon-greedy exploration and a heuristic fallback.
 REFERENCE = "7d48b34"
@@ -55,6 +54,17 @@ def views(n: int, count: int, rng: random.Random) -> list[tuple[RequestInfo, Clu
             max_kv_tokens=np.full(n, 400_000.0), recent_ttft_ms=arr(500),
             matched_prefix_tokens=(arr(prompt) // 16) * 16, now_ms=100.0 * t)))
     return out
+
+
+def per_call_us(fn: Callable[[], object], calls: int) -> float:
+    """Best of 5 repeats of the mean CPU time (this process's, `time.process_time`) per call, in microseconds:
+    on a shared host the wall clock counts the time other processes held the core."""
+    runs = []
+    for _ in range(5):
+        start = time.process_time()
+        fn()
+        runs.append((time.process_time() - start) / calls * 1e6)
+    return min(runs)
 
 
 def trained_snapshot(samples: list[tuple[RequestInfo, ClusterView]], family: str, **params: object) -> Snapshot:

@@ -31,17 +31,39 @@ import numpy as np
 from pydantic import Field
 
 from dispatcher.policies.analytic import NAME as ANALYTIC
-from dispatcher.policies.baselines.common import argmin_random_tie, outstanding_requests, require_workers
+from dispatcher.policies.baselines.common import argmin_random_tie_array, outstanding_requests, require_workers
 from dispatcher.policies.worker_correction import WorkerCorrection
-from lodestar.cluster_view import ClusterView, Decision, RequestInfo
-from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, PRIOR_FEATURES, candidate_matrix, prior_matrix
+from lodestar.cluster_view import ClusterView, Decision, GpuSetMemo, RequestInfo
+from lodestar.features import (
+    ESTIMATE_FEATURE,
+    FEATURE_INDEX,
+    GPU_FEATURES,
+    PRIOR_FEATURES,
+    candidate_matrix_with_own_prefill,
+    gpu_matrix,
+    prior_matrix,
+)
 from lodestar.snapshot import Snapshot
 from lodestar.ttft_estimate import estimate_with_own_prefill_ms, own_prefill_ms
 from lodestar.ttft_model import TTFTModel
 
 NAME = "learned"
 _ESTIMATE_COLUMN = FEATURE_INDEX[ESTIMATE_FEATURE]
+_GPU_ONLY = frozenset(FEATURE_INDEX[name] for name in GPU_FEATURES)
 _PRIOR_ONLY = frozenset(FEATURE_INDEX[name] for name in PRIOR_FEATURES)
+# How a snapshot is evaluated, chosen once per snapshot by the features it reads: the GPU's figures only (its
+# own term and range check are per worker set, kept), those and the estimate (`prior_matrix`), or any
+# feature (the full candidate matrix per decision).
+_BY_GPU, _BY_PRIOR, _FULL = "gpu", "prior", "full"
+
+
+def _gpu_terms(model: TTFTModel, gpu_types: tuple[str, ...], gpu_speed: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray | None]:
+    """A model of the GPU figures on these workers: its own term per worker and where it is out of its range
+    (None when nowhere)."""
+    x = gpu_matrix(gpu_types, gpu_speed)
+    outside = model.out_of_range(x)
+    return model.network_output(x), (outside if outside.any() else None)
 
 
 class LearnedPolicy:
@@ -75,17 +97,26 @@ class LearnedPolicy:
         self.prior_label = f"{NAME}/{ANALYTIC}"
         self._rng = random.Random(seed)
         self.model: TTFTModel | None = None
-        self._prior_only = False
+        self._evaluation = _FULL
+        self._gpu_part: GpuSetMemo[tuple[np.ndarray, np.ndarray | None]] | None = None
 
     def fallback_name(self) -> str:
         """What routes while no model is usable: the analytic estimate."""
         return ANALYTIC
 
     def load_snapshot(self, snapshot: Snapshot) -> None:
-        """Swap in a new model (SnapshotError, model kept, if this build cannot evaluate it); note whether it
-        reads only the prior's features (then the full candidate matrix is not computed per decision)."""
-        self.model = TTFTModel(snapshot)
-        self._prior_only = set(self.model.columns.tolist()) <= _PRIOR_ONLY
+        """Swap in a new model (SnapshotError, model kept, if this build cannot evaluate it) and choose how to
+        evaluate it from the features it reads: a model of the GPU figures (with the estimate as its base)
+        costs a decision no model evaluation at all, one of the prior's features no full candidate matrix."""
+        model = TTFTModel(snapshot)
+        columns = set(model.columns.tolist())
+        if columns <= _GPU_ONLY and model.base_column in (None, _ESTIMATE_COLUMN):
+            self._evaluation = _BY_GPU
+            self._gpu_part = GpuSetMemo(lambda types, speed: _gpu_terms(model, types, speed), maxsize=4)
+        else:
+            self._evaluation = _BY_PRIOR if columns <= _PRIOR_ONLY else _FULL
+            self._gpu_part = None
+        self.model = model
 
     @property
     def model_version(self) -> int:
@@ -103,20 +134,29 @@ class LearnedPolicy:
         if not self._model_usable():
             estimate, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
             return estimate, None, False, own
-        assert self.model is not None
+        model = self.model
+        assert model is not None
         full: np.ndarray | None = None
-        own = None
-        if self._prior_only:
+        if self._evaluation is _BY_GPU:
+            assert self._gpu_part is not None
             prior, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
-            x = prior_matrix(view, prior)
+            network, outside = self._gpu_part(view)
+            pred = model.predict_from(network, prior)
         else:
-            x = full = candidate_matrix(request, view)
-            prior = x[:, _ESTIMATE_COLUMN]
-        pred = self.model.predict(x)
-        if self.check_range:
-            outside = self.model.out_of_range(x)
-            if outside.any():
-                pred = np.where(outside, np.maximum(pred, prior), pred)
+            if self._evaluation is _BY_PRIOR:
+                prior, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
+                x = prior_matrix(view, prior)
+            else:
+                x, own = candidate_matrix_with_own_prefill(request, view, own=own_needed)
+                full, prior = x, x[:, _ESTIMATE_COLUMN]
+            if self.check_range:
+                pred, outside = model.predict_and_range(x)
+                if not outside.any():
+                    outside = None
+            else:
+                pred, outside = model.predict(x), None
+        if self.check_range and outside is not None:
+            pred = np.where(outside, np.maximum(pred, prior), pred)
         return pred, full, True, own
 
     def delay_cost(self, request: RequestInfo, view: ClusterView, own: np.ndarray | None = None) -> np.ndarray | float:
@@ -135,7 +175,7 @@ class LearnedPolicy:
         pred, x, learned, own = self.predict(request, view)
         ttft = pred if self.correction is None else pred * self.correction.factors(view)
         cost = ttft + self.delay_cost(request, view, own)
-        index = argmin_random_tie(cost.tolist(), self._rng)
+        index = argmin_random_tie_array(cost, self._rng)
         if self.correction is not None:
             self.correction.routed(index, float(pred[index]))
         return Decision(index=index, worker_id=view.worker_ids[index], policy=NAME if learned else self.prior_label,

@@ -21,13 +21,11 @@ import numpy as np
 from pydantic import AfterValidator, Field
 
 from learner.models.base import InputLayout
-from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, HEAVY_TAILED, column_indices
+from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, GPU_FEATURES, HEAVY_TAILED, column_indices
 from lodestar.snapshot import Snapshot, decode_array, encode_array
 from lodestar.ttft_model import KIND_DENSE, forward_target, inverse_target, transform_inputs
 
 TARGET = "log1p"
-# The default inputs of the correction: the GPU type's public figures (a bias per GPU type).
-GPU_TYPE_FEATURES: tuple[str, ...] = ("gpu_speed", "gpu_mem_bw")
 
 
 def _known_feature(name: str) -> str:
@@ -51,7 +49,7 @@ class RidgeResidualModel:
         features: Annotated[tuple[Annotated[str, AfterValidator(_known_feature)], ...] | None, Field(description=(
             "the features the correction reads (none: every feature). The default is the GPU type's figures "
             "only: a per-GPU-type bias of the prior. A correction that reads the prior itself or a load "
-            "feature re-ranks the candidates badly (docs/learning.md)"))] = GPU_TYPE_FEATURES,
+            "feature re-ranks the candidates badly (docs/learning.md)"))] = GPU_FEATURES,
         seed: int = 0,
     ):
         if l2 <= 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lodestar.cluster_view import ClusterView, Decision, RequestInfo
+from lodestar.cluster_view import ClusterView, Decision, GpuSetMemo, RequestInfo
 from lodestar.features import (
     FEATURE_INDEX,
     FEATURE_NAMES,
@@ -13,11 +13,13 @@ from lodestar.features import (
     N_FEATURES,
     as_dict,
     candidate_matrix,
+    candidate_matrix_with_own_prefill,
     chosen_features,
     column_indices,
     from_dict,
 )
 from lodestar.hardware import relative_speed
+from lodestar.ttft_estimate import estimate_with_own_prefill_ms
 
 
 def view() -> ClusterView:
@@ -100,3 +102,34 @@ def test_the_chosen_row_alone_equals_its_row_of_the_full_matrix(prompt: int) -> 
         np.testing.assert_allclose(row, full[i], rtol=1e-12)
     given = np.arange(N_FEATURES, dtype=np.float64)
     assert chosen_features(req, v, Decision(index=0, worker_id="a", policy="p", features=given)) is given
+
+
+def test_the_matrix_with_the_own_prefill_time_is_the_matrix_and_the_estimates_own_prefill_time() -> None:
+    """One pass for the full-feature model path: the same matrix and the same own prefill time, to the bit."""
+    req = RequestInfo("r", 4000, max_new_tokens=300)
+    v = view()
+    x, own = candidate_matrix_with_own_prefill(req, v)
+    assert np.array_equal(x, candidate_matrix(req, v))
+    assert own is not None and np.array_equal(own, estimate_with_own_prefill_ms(req, v)[1])
+    assert candidate_matrix_with_own_prefill(req, v, own=False)[1] is None
+
+
+def test_gpu_values_are_kept_per_worker_set_and_never_stale() -> None:
+    """GpuSetMemo: built once while the view's GPUs stay the same (the same list, or an equal one), rebuilt
+    when the list is changed in place or the speeds differ."""
+    built: list[tuple[str, ...]] = []
+
+    def build(types: tuple[str, ...], speed: np.ndarray) -> float:
+        built.append(types)
+        return float(speed.sum())
+
+    memo = GpuSetMemo(build)
+    v = view()
+    assert memo(v) == memo(v.with_matched(np.zeros(3))) == memo(view()) == float(v.gpu_speed.sum())
+    assert built == [("H100", "L4", "mystery")]
+    v.gpu_types[1] = "H100"  # changed in place: the same list object, other contents
+    v.gpu_speed = np.array([relative_speed(t) for t in v.gpu_types])
+    assert memo(v) == pytest.approx(2 * relative_speed("H100") + relative_speed("mystery"))
+    v.gpu_speed = v.gpu_speed * 2  # the same types at other speeds
+    assert memo(v) == pytest.approx(2 * (2 * relative_speed("H100") + relative_speed("mystery")))
+    assert len(built) == 3

@@ -172,3 +172,42 @@ def test_range_is_checked_in_the_models_log_space() -> None:
     x[:, FEATURE_INDEX["inflight"]] = [0.0, 43.0, 45.0]
     assert model.out_of_range(x).tolist() == [False, False, True]
     np.testing.assert_allclose(model.predict(x), x[:, FEATURE_INDEX["inflight"]])  # expm1(log1p(v)) = v
+
+
+def gpu_snapshot(hi: float = 1e9) -> Snapshot:
+    """A log1p residual over the estimate of the GPU figures (the default ridge's shape), trained on gpu_speed
+    up to `hi`."""
+    return Snapshot(
+        version=5, family="ridge_residual", kind="dense", feature_names=("gpu_speed", "gpu_mem_bw"),
+        arrays={"x_center": np.array([1.0, 1.0]), "x_inv_scale": np.array([2.0, 0.5]),
+                "layer0_w": np.array([[0.3], [-0.2]]), "layer0_b": np.array([0.0]),
+                "feature_min": np.array([0.0, 0.0]), "feature_max": np.array([hi, 1e9])},
+        meta={"layers": 1, "log1p_features": [], "range_margin": 0.0, "validated": True,
+              "target": {"transform": "log1p", "center": 0.1, "scale": 1.0, "base_feature": ESTIMATE_FEATURE}},
+    )
+
+
+@pytest.mark.parametrize("hi", [1e9, 1.5])
+def test_a_model_of_the_gpu_figures_predicts_what_the_model_says_on_the_full_matrix(hi: float) -> None:
+    """Its own term is kept per worker set: the predictions equal the model's on the candidate matrix to the
+    bit, including after the worker set changes (a new list, or the same list changed in place)."""
+    snap = gpu_snapshot(hi)
+    p = with_snapshot(snap)
+    model = TTFTModel(snap)
+    view = hetero_view()
+    for v in (view, view.with_matched(np.array([0.0, 1024.0, 512.0])),
+              cluster(4, gpu_types=["A10G", "H100", "L4", "H100"], pending_prefill_tokens=[0, 900, 0, 20],
+                      max_kv_tokens=[25_000] * 4)):
+        x = candidate_matrix(REQ, v)
+        expected = model.predict(x)
+        if hi < 1e9:  # H100s are outside the range: there never below the estimate
+            outside = model.out_of_range(x)
+            assert outside.any()
+            expected = np.where(outside, np.maximum(expected, x[:, FEATURE_INDEX[ESTIMATE_FEATURE]]), expected)
+        pred, full, learned, _ = p.predict(REQ, v)
+        assert learned and full is None and np.array_equal(pred, expected)
+    view.gpu_types[0] = "H100"  # changed in place: the kept terms must not be reused
+    view.gpu_speed[0] = view.gpu_speed[1]
+    view.max_kv_tokens[0] = view.max_kv_tokens[1]
+    pred = p.predict(REQ, view)[0]
+    assert pred[0] == pred[1]  # two identical idle H100s now

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import random
 from collections import Counter
+from collections.abc import Callable
 
+import numpy as np
 import pytest
 from policy_views import cluster, request
 
+from dispatcher.policies.baselines.common import argmin_random_tie, argmin_random_tie_array
 from dispatcher.policies.baselines.simple import LeastRequest, PowerOfTwo, RoundRobin, UniformRandom
 
 
@@ -83,3 +88,23 @@ def test_power_of_two_with_one_worker() -> None:
 def test_empty_cluster_is_an_error() -> None:
     with pytest.raises(ValueError):
         LeastRequest().choose(request(64), cluster(0))
+
+
+def test_the_array_argmin_is_the_list_argmin_with_the_same_draws() -> None:
+    """argmin_random_tie_array: the index and the random draws of argmin_random_tie, NaN included (where the
+    list version fails, so does the array version)."""
+
+    def outcome(pick: Callable[[], int]) -> int | str:
+        try:
+            return pick()
+        except ValueError as exc:
+            return str(exc)
+
+    rng = random.Random(0)
+    for _ in range(500):
+        values = np.array([rng.choice([1.0, 2.0, 3.0, rng.random(), math.nan if rng.random() < 0.1 else 4.0])
+                           for _ in range(rng.randint(1, 9))])
+        a, b = random.Random(7), random.Random(7)
+        assert outcome(lambda: argmin_random_tie_array(values, a)) == outcome(  # noqa: B023
+            lambda: argmin_random_tie(values.tolist(), b))  # noqa: B023
+        assert a.random() == b.random()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -78,3 +79,19 @@ def test_the_policy_routes_around_a_slow_worker_it_has_measured() -> None:
     assert est is not None
     picks = [p.choose(req, view_at(2_000.0 + k * 100.0, [3 * est, est])).worker_id for k in range(600)]
     assert picks[-100:].count("w0") == 0
+
+
+def test_with_no_time_passed_the_factors_are_the_last_ones_as_a_full_evaluation_gives_them() -> None:
+    """Decisions of one batch share their view's clock: the factors are returned as they were, and equal (to
+    the bit) what advancing the state by zero seconds computes, whatever was routed in between."""
+    c = WorkerCorrection(time_constant_s=1.0, dead_band=0.05)
+    feed(c, [300.0, 100.0, 150.0, 90.0], seconds=20.0)
+    v = view_at(20_000.0, [310.0, 95.0, 150.0, 0.0])
+    first = c.factors(v)
+    for i in (0, 1, 1, 3):
+        c.routed(i, 120.0)
+    again = c.factors(v)
+    fresh = copy.deepcopy(c)
+    fresh._factors = None  # forces the full evaluation at dt = 0
+    assert np.array_equal(again, first) and np.array_equal(fresh.factors(v), first)
+    assert not np.all(first == 1.0)

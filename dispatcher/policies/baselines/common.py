@@ -10,8 +10,9 @@ Scores. Every Decision carries per-worker `scores` where higher is preferred: co
 negated cost, so a consumer can always read the choice as an argmax of the rule's own quantity.
 
 Ties. The anchors break exact ties at random; here that randomness comes from the policy's own seeded
-`random.Random`, so a run is reproducible. Selection works on Python lists: for up to 64 workers that is
-faster than numpy's per-call overhead.
+`random.Random`, so a run is reproducible. Selection works on Python lists (for up to 64 workers that is
+faster than numpy's per-call overhead), or on the array a policy computed its costs in
+(`argmin_random_tie_array`: no conversion to a list, which costs more than the selection).
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ def argmin_random_tie(values: list[float], rng: random.Random) -> int:
     best = min(values)
     ties = [i for i, x in enumerate(values) if x == best]
     return ties[0] if len(ties) == 1 else ties[rng.randrange(len(ties))]
+
+
+def argmin_random_tie_array(values: np.ndarray, rng: random.Random) -> int:
+    """`argmin_random_tie` of a numpy array, without converting it to a list (cheaper from ~50 workers on):
+    the same index and the same draw from `rng`; an array with a NaN goes through `argmin_random_tie`."""
+    i = int(values.argmin())  # the first smallest, or the first NaN
+    best = values[i]
+    if best != best:
+        return argmin_random_tie(values.tolist(), rng)
+    ties = values == best
+    if np.count_nonzero(ties) == 1:
+        return i
+    ties_at = np.flatnonzero(ties)
+    return int(ties_at[rng.randrange(len(ties_at))])
 
 
 def argmax_random_tie(values: list[float], rng: random.Random) -> int:
