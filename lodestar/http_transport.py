@@ -12,6 +12,8 @@ stream with httpx's transport, 3.0-3.3 ms with this one, 2.7-3.0 ms with aiohttp
 
 Errors keep httpx's classes (httpx_aiohttp maps them): a refused or dropped connection is an `httpx.ConnectTimeout`
 or `httpx.ConnectError`, a read past its timeout an `httpx.ReadTimeout`, a body cut short an `httpx.ReadError`.
+Unlike httpx's own transport, this one does not read proxies from the environment (HTTP_PROXY, NO_PROXY): the
+engine is the worker's neighbour, reached directly. HTTPS is verified against the system's certificates.
 """
 
 from __future__ import annotations
