@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from app.commands.event_loop import run_service
 from app.demo import namespaced
@@ -36,7 +37,10 @@ from app.namespace import remove_namespace
 from app.readiness import StackProbes
 from app.stack import Stack
 from gateway.auth import key_digest
+from lodestar.http_transport import aiohttp_transport
 from lodestar.kafka_admin import ensure_topics, fixed_topic_partitions
+from lodestar.kafka_io import make_consumer
+from lodestar.names import Topics
 from lodestar.settings import Settings, load_settings
 from sim.cluster import WorkerSpec
 
@@ -66,6 +70,7 @@ class Phase:
     load_after: str
     wall_s: float
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds each process of the stack used
+    replies: int = 0  # messages the phase put on the gateway's reply topic (chunks and results)
 
     def ttfts(self) -> np.ndarray:
         return np.array([o.ttft_ms for o in self.outcomes if o.ttft_ms is not None])
@@ -89,6 +94,11 @@ def cpu_seconds(stack: Stack) -> dict[str, float]:
             continue
         out[proc.name.split("-")[0]] = (int(fields[11]) + int(fields[12])) / tick
     return out
+
+
+async def reply_messages(offsets: AIOKafkaConsumer, partitions: list[TopicPartition]) -> int:
+    """How many messages the gateway's reply topic holds so far (the sum of its partitions' end offsets)."""
+    return sum((await offsets.end_offsets(partitions)).values())
 
 
 def prompts(n: int, words: int, seed: int) -> list[str]:
@@ -147,8 +157,9 @@ def consume(out: Outcome, data: str, now: float) -> None:
 
 async def drive(url: str, texts: list[str], at: np.ndarray, max_tokens: int, headers: dict[str, str]) -> list[Outcome]:
     """Send request i at at[i] seconds (open loop: sends never wait for answers); every outcome, in order."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=512)
-    async with httpx.AsyncClient(timeout=120, limits=limits, headers=headers) as http:
+    # aiohttp's transport: httpx's own costs the load generator twice the CPU per stream, and more the more
+    # connections are open (lodestar/http_transport.py)
+    async with httpx.AsyncClient(timeout=120, headers=headers, transport=aiohttp_transport()) as http:
         start = time.perf_counter()
 
         async def later(i: int) -> Outcome:
@@ -187,6 +198,10 @@ async def run(settings: Settings, log_dir: Path, *, rate: float, duration_s: flo
     expected = "".join(f" tok{i}" for i in range(max_tokens))
     stack = Stack(log_dir, env=child_env(settings))
     phases: list[Phase] = []
+    reply_topic = Topics(settings.kafka.topic_prefix).reply("bench")
+    partitions = [TopicPartition(reply_topic, p) for p in range(settings.gateway.reply_partitions)]
+    offsets = make_consumer(settings, group_id=None, client_id="bench-offsets")
+    await offsets.start()
     try:
         await ensure_topics(settings, fixed_topic_partitions(settings))
         async with StackProbes(settings) as probes:
@@ -208,16 +223,19 @@ async def run(settings: Settings, log_dir: Path, *, rate: float, duration_s: flo
                     (await http.post(f"{engine}/flush_cache")).raise_for_status()
                     await asyncio.sleep(1.0)
                     url, headers = targets[label]
+                    replied = await reply_messages(offsets, partitions)
                     before, cpu, mine = loadavg(), cpu_seconds(stack), time.process_time()
                     t0 = time.perf_counter()
                     outcomes = await drive(url, texts, at, max_tokens, headers)
                     used = {k: v - cpu.get(k, 0.0) for k, v in cpu_seconds(stack).items()}
                     used["client"] = time.process_time() - mine
-                    phase = Phase(f"{label} r{r + 1}", outcomes, before, loadavg(), time.perf_counter() - t0, used)
+                    phase = Phase(f"{label} r{r + 1}", outcomes, before, loadavg(), time.perf_counter() - t0, used,
+                                  await reply_messages(offsets, partitions) - replied)
                     phases.append(phase)
                     echo(line(phase))
         stack.check()
     finally:
+        await offsets.stop()
         stack.stop_all()
         await remove_namespace(settings)
     return report(phases, expected, rounds, echo)
@@ -228,9 +246,11 @@ def line(phase: Phase) -> str:
     ok = sum(o.error is None for o in phase.outcomes)
     n = max(len(phase.outcomes), 1)
     cpu = " ".join(f"{k} {1000 * v / n:.1f}" for k, v in sorted(phase.cpu_s.items()) if v > 0)
+    replies = f" | Kafka replies/request {phase.replies / n:.1f}" if phase.replies else ""
     return (f"{phase.label:<11} {ok:>5}/{len(phase.outcomes):<5} TTFT p50 {percentile(t, 50):7.2f} p99 "
             f"{percentile(t, 99):7.2f} ms | inter-chunk p50 {percentile(g, 50):6.2f} p99 {percentile(g, 99):6.2f} "
-            f"ms | {phase.wall_s:5.1f} s | load {phase.load_before} -> {phase.load_after} | CPU ms/request: {cpu}")
+            f"ms | {phase.wall_s:5.1f} s | load {phase.load_before} -> {phase.load_after} | CPU ms/request: {cpu}"
+            f"{replies}")
 
 
 def report(phases: list[Phase], expected: str, rounds: int, echo: Callable[[str], None]) -> int:
