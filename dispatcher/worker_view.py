@@ -125,9 +125,11 @@ class _RoutableArrays:
             max_kv_tokens=column("max_kv_tokens"),
             recent_ttft_ms=column("recent_ttft_ms"),
             matched_prefix_tokens=np.zeros(len(workers), dtype=np.float64),
+            recent_output_tokens=column("recent_output_tokens"),
         )
         for arr in (template.running, template.waiting, template.kv_usage, template.max_kv_tokens,
-                    template.recent_ttft_ms, template.matched_prefix_tokens, template.gpu_speed):
+                    template.recent_ttft_ms, template.matched_prefix_tokens, template.gpu_speed,
+                    template.recent_output_tokens):
             arr.setflags(write=False)  # shared by every view: routing changes only inflight and pending prefill
         return cls({w.worker_id: i for i, w in enumerate(workers)}, template)
 
@@ -141,4 +143,4 @@ class _RoutableArrays:
         t = self.view_template
         return ClusterView(list(t.worker_ids), list(t.gpu_types), t.running, t.waiting, t.inflight.copy(),
                            t.pending_prefill_tokens.copy(), t.kv_usage, t.max_kv_tokens, t.recent_ttft_ms,
-                           t.matched_prefix_tokens, t.gpu_speed, now_ms())
+                           t.matched_prefix_tokens, t.gpu_speed, now_ms(), t.recent_output_tokens)

@@ -44,11 +44,15 @@ class ClusterView:
     matched_prefix_tokens: np.ndarray
     gpu_speed: np.ndarray = field(default_factory=lambda: np.zeros(0))
     now_ms: float = 0.0
+    # each worker's smoothed completion tokens (lodestar.worker_averages); 0 where none finished yet
+    recent_output_tokens: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
         n = len(self.worker_ids)
         if len(self.gpu_speed) != n:
             self.gpu_speed = np.array([relative_speed(t) for t in self.gpu_types], dtype=np.float64)
+        if len(self.recent_output_tokens) != n:
+            self.recent_output_tokens = np.zeros(n)
         for name in ("running", "waiting", "inflight", "pending_prefill_tokens", "kv_usage",
                      "max_kv_tokens", "recent_ttft_ms", "matched_prefix_tokens"):
             arr = getattr(self, name)
@@ -75,7 +79,8 @@ class ClusterView:
         s = slice(index, index + 1)
         return ClusterView([self.worker_ids[index]], [self.gpu_types[index]], self.running[s], self.waiting[s],
                            self.inflight[s], self.pending_prefill_tokens[s], self.kv_usage[s], self.max_kv_tokens[s],
-                           self.recent_ttft_ms[s], self.matched_prefix_tokens[s], self.gpu_speed[s], self.now_ms)
+                           self.recent_ttft_ms[s], self.matched_prefix_tokens[s], self.gpu_speed[s], self.now_ms,
+                           self.recent_output_tokens[s])
 
     @classmethod
     def empty_like(cls, worker_ids: list[str], gpu_types: list[str]) -> ClusterView:

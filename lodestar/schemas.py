@@ -376,6 +376,7 @@ class WorkerState(BaseModel):
     kv_usage: float = Field(0.0, ge=0.0)
     max_kv_tokens: NonNegInt = 0
     recent_ttft_ms: NonNegFloat = 0.0
+    recent_output_tokens: NonNegFloat = 0.0  # smoothed completion tokens of its finished requests (0: none yet)
     draining: bool = False
     updated_at: float = Field(default_factory=now_ms)
 

@@ -12,11 +12,11 @@ scripts/export_engine_coefficients.py (a test keeps them equal to the engine mod
 
 What the router cannot see makes this an estimate, not a simulation: the composition of the queue (its
 attention cost assumes equal-length fresh prompts), when running requests will finish (the KV wait assumes
-they are halfway through outputs as long as this request's, and is pessimistic about it), whether a prefix
-the router's index matches is still in the engine's cache (the index holds a whole KV pool's worth of
-blocks, the engine shares that pool with its running requests, so on a busy small-memory GPU some matches
-are already evicted: the estimate is the expected TTFT over that risk), and a worker running slower than
-its GPU type. The learned policy corrects it online (dispatcher/policies/learned.py).
+they are halfway through outputs as long as the worker's recent completions, and is pessimistic about it),
+whether a prefix the router's index matches is still in the engine's cache (the index holds a whole KV
+pool's worth of blocks, the engine shares that pool with its running requests, so on a busy small-memory
+GPU some matches are already evicted: the estimate is the expected TTFT over that risk), and a worker
+running slower than its GPU type. The learned policy corrects it online (dispatcher/policies/learned.py).
 """
 
 from __future__ import annotations
@@ -143,10 +143,12 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
          + a wait for KV memory when they and their outputs do not fit (see below).
     KV admission: SGLang admits a prefill only if its tokens plus the output it may still write fit beside
     what the running requests may still write (scaled by its new-token ratio, KV_RESERVE_RATIO here);
-    otherwise it waits for running requests to finish. Outputs are taken to be as long as this request's
-    `max_new_tokens`, running ones halfway through. The wait is pessimistic on purpose: once a running
-    request must finish first it is half an output's decode steps (requests that started together finish
-    together, and a retraction raises the reservation), a fraction of that for a partial overflow.
+    otherwise it waits for running requests to finish. This request's output is its `max_new_tokens`; the
+    outputs of the requests running and queued on a worker are as long as that worker's recent completions
+    (`recent_output_tokens`), or as this request's where none finished yet; running ones are halfway through.
+    The wait is pessimistic on purpose: once a running request must finish first it is half an output's
+    decode steps (requests that started together finish together, and a retraction raises the reservation),
+    a fraction of that for a partial overflow.
 
     Evaluated on stacked rows (the decode batch with the prefill chunk in progress; the matched and missed
     rows of the request's total and own tokens) so that each term is one numpy call however many rows use
@@ -156,6 +158,7 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     n = view.size
     prompt = float(request.prompt_tokens)
     out = float(min(request.max_new_tokens, CLIP_MAX_NEW_TOKENS))
+    others_out = _others_output_tokens(view, out)
     backlog = view.pending_prefill_tokens
     # The decode batch: what the engine last reported running, or the router's own fresher count of the
     # requests it sent there and that have not finished (less those still waiting), whichever is larger.
@@ -179,11 +182,11 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     decode_step *= decoding
     in_progress = np.where(busy, _prefill_iteration_s(c, chunk, gemm[1]), decode_step)
     state_s = 0.5 * in_progress + backlog * backlog / np.maximum(view.waiting, 1.0) * c.half_attn_flop
-    half = 0.5 * out
+    half = 0.5 * others_out
     free = view.max_kv_tokens - used - (KV_RESERVE_RATIO * half) * running
     finishes_per_token = ((view.max_kv_tokens > 0) & decoding) / (used / np.maximum(running, 1.0)
                                                                   + KV_RESERVE_RATIO * half)
-    queued_out = (np.maximum(view.waiting, busy) + 1.0) * out - free
+    queued_out = np.maximum(view.waiting, busy) * others_out + out - free
 
     # This request's terms, as matched and, when anything matched, as a full miss (k rows each): the
     # backlog and its uncached tokens (`total`), then, for its own prefill time, its uncached tokens alone.
@@ -194,7 +197,7 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     total = np.add(backlog, uncached, out=tokens[:k])
     prefill = _chunked_prefill_s(c, tokens)
     finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
-    kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (out / (running + 1.0))
+    kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (others_out / (running + 1.0))
     own_attn = _own_attention_s(c, hit, uncached)
     seconds = np.empty((2 if own else 1, k, n))  # TTFT, then the own prefill time
     ttft = np.add(state_s, prefill[:k], out=seconds[0])
@@ -205,6 +208,16 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     seconds *= 1000.0
     expected = _expected(seconds, stale_risk)
     return expected[0], (expected[1] if own else None)
+
+
+def _others_output_tokens(view: ClusterView, out: float) -> np.ndarray | float:
+    """The output length of the requests running and queued on each worker: its recent completions (clipped
+    as SGLang clips max_new_tokens), or this request's `out` where none finished yet (a scalar when none has
+    anywhere, as at a cold start)."""
+    recent = view.recent_output_tokens
+    if not recent.any():
+        return out
+    return np.where(recent > 0, np.minimum(recent, CLIP_MAX_NEW_TOKENS), out)
 
 
 def own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:

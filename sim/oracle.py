@@ -33,6 +33,7 @@ def first_token_at(engine: Engine, request: EngineRequest, start_s: float, give_
     copy = engine.clone()
     copy.add(request, request.arrival_s)
     t = start_s
+    idle = False
     for _ in range(MAX_STEPS):
         if t > give_up_s:
             return math.inf
@@ -40,8 +41,14 @@ def first_token_at(engine: Engine, request: EngineRequest, start_s: float, give_
         t += outcome.duration_s
         if any(ft.rid == request.rid for ft in outcome.first_tokens):
             return t
-        if outcome.iterations == 0 and outcome.duration_s <= 0:
+        if outcome.iterations or outcome.duration_s > 0 or outcome.finished:
+            idle = False
+        elif idle:
             return math.inf
+        else:
+            # As in the simulator (Simulator._kick): an idle iteration can unblock the queue (the engine
+            # resets its full-batch flag and evicts for the next admission), a second one means no progress.
+            idle = True
     return math.inf
 
 

@@ -36,6 +36,7 @@ from dispatcher.prefix_index import InMemoryPrefixIndex
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import chosen_features
 from lodestar.hardware import relative_speed
+from lodestar.worker_averages import OUTPUT_ALPHA, TTFT_ALPHA, smoothed
 from sim.cluster import ClusterSpec, WorkerSpec
 from sim.engine import Engine, EngineConfig, EngineRequest, QueueFull, RequestTooLarge, StepOutcome
 from sim.records import CompletedRequest
@@ -45,7 +46,6 @@ from sim.workloads import Slowdown, WorkloadRequest
 # Event kinds, in processing order among events of the same instant.
 _STEP_DONE, _EVENT, _ARRIVAL, _KICK = 0, 1, 2, 3
 # Smoothing of each worker's recent TTFT, as a worker reports it in its heartbeat.
-RECENT_TTFT_ALPHA = 0.2
 # Engine finish reasons that count as a successful completion (as bench_serving's `success`).
 _OK_REASONS = frozenset({"stop", "length"})
 
@@ -118,6 +118,8 @@ class Simulator:
         self._kv_usage = np.zeros(n)
         self._recent_ttft_view = np.zeros(n)
         self._recent_ttft = np.zeros(n)
+        self._recent_output_view = np.zeros(n)
+        self._recent_output = np.zeros(n)
         self._inflight = np.zeros(n)
         self.policy = policy
         bind = getattr(policy, "bind_simulator", None)
@@ -194,7 +196,7 @@ class Simulator:
         """What the router sees now (arrays shared with the simulator: policies must not write to them)."""
         return ClusterView(self.worker_ids, self.gpu_types, self._running, self._waiting, self._inflight,
                            self._pending_prefill, self._kv_usage, self._max_kv, self._recent_ttft_view,
-                           matched_prefix_tokens, self._gpu_speed, self.now * 1000.0)
+                           matched_prefix_tokens, self._gpu_speed, self.now * 1000.0, self._recent_output_view)
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -218,6 +220,7 @@ class Simulator:
             self._pending_prefill[i] = self._awaiting_first_token[i]
             self._kv_usage[i] = load.token_usage
         self._recent_ttft_view[:] = self._recent_ttft
+        self._recent_output_view[:] = self._recent_output
 
     def _arrive(self, req: WorkloadRequest) -> None:
         now = self.now
@@ -334,8 +337,7 @@ class Simulator:
             rec.first_token_s = now
             self._awaiting_first_token[i] -= rec.request.prompt_tokens - rec.matched_prefix_tokens
             ttft_ms = (now - rec.arrival_s) * 1000.0
-            prev = self._recent_ttft[i]
-            self._recent_ttft[i] = ttft_ms if prev == 0 else prev + RECENT_TTFT_ALPHA * (ttft_ms - prev)
+            self._recent_ttft[i] = smoothed(self._recent_ttft[i], ttft_ms, TTFT_ALPHA)
 
     def _finished(self, outcome: StepOutcome, now: float) -> None:
         inflight = self._inflight_reqs
@@ -353,6 +355,9 @@ class Simulator:
                                     rec.matched_prefix_tokens, rec.arrival_s, rec.first_token_s, now,
                                     fin.prompt_tokens, fin.cached_tokens, fin.completion_tokens, fin.reason)
             self._records.append(done)
+            if fin.completion_tokens:
+                self._recent_output[rec.worker] = smoothed(self._recent_output[rec.worker], fin.completion_tokens,
+                                                           OUTPUT_ALPHA)
             if self.sink is not None:
                 self.sink.observe(done)
 

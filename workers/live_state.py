@@ -2,7 +2,8 @@
 
 The engine reports running/waiting requests and KV usage; the worker adds what only it knows: its
 in-flight count, the uncached prompt tokens of its requests still waiting for a first token
-(pending prefill), a moving average of recent TTFT, and whether it is draining.
+(pending prefill), moving averages of recent TTFT and output length (lodestar.worker_averages), and whether
+it is draining.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import math
 
 from lodestar.chat import render_messages
 from lodestar.schemas import RoutedRequest, WorkerState, now_ms
+from lodestar.worker_averages import OUTPUT_ALPHA, TTFT_ALPHA, smoothed
 from workers.sglang_client import EngineLoad
 
-TTFT_EWMA_ALPHA = 0.2
 CHARS_PER_TOKEN = 4  # the same rough text-to-token ratio the dispatcher uses for text prompts
 
 
@@ -38,6 +39,7 @@ class LiveState:
         self.draining = False
         self.engine = EngineLoad(running=0, waiting=0, kv_usage=0.0, max_kv_tokens=0, source="")
         self.recent_ttft_ms = 0.0
+        self.recent_output_tokens = 0.0
         self._awaiting_first_token: dict[str, int] = {}
         self._inflight: set[str] = set()
 
@@ -58,15 +60,14 @@ class LiveState:
         """The request's prefill is over."""
         self._awaiting_first_token.pop(request_id, None)
 
-    def finished(self, request_id: str, ttft_ms: float | None) -> None:
-        """The request left the engine; an observed TTFT feeds the moving average."""
+    def finished(self, request_id: str, ttft_ms: float | None, completion_tokens: int | None = None) -> None:
+        """The request left the engine; an observed TTFT and a completion feed their moving averages."""
         self._inflight.discard(request_id)
         self._awaiting_first_token.pop(request_id, None)
         if ttft_ms is not None:
-            if self.recent_ttft_ms == 0.0:
-                self.recent_ttft_ms = ttft_ms
-            else:
-                self.recent_ttft_ms += TTFT_EWMA_ALPHA * (ttft_ms - self.recent_ttft_ms)
+            self.recent_ttft_ms = smoothed(self.recent_ttft_ms, ttft_ms, TTFT_ALPHA)
+        if completion_tokens:
+            self.recent_output_tokens = smoothed(self.recent_output_tokens, float(completion_tokens), OUTPUT_ALPHA)
 
     def snapshot(self) -> WorkerState:
         """The state to publish in the registry."""
@@ -81,6 +82,7 @@ class LiveState:
             kv_usage=max(self.engine.kv_usage, 0.0),
             max_kv_tokens=self.engine.max_kv_tokens,
             recent_ttft_ms=self.recent_ttft_ms,
+            recent_output_tokens=self.recent_output_tokens,
             draining=self.draining,
             updated_at=now_ms(),
         )

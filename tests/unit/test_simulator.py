@@ -3,14 +3,19 @@ sanity of policy rankings on small scenarios (each runs in well under a second o
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from engine_driver import make_request
 
 from dispatcher.policies.registry import make_policy
 from lodestar.cluster_view import ClusterView, Decision, RequestInfo
 from lodestar.features import N_FEATURES
 from sim.bench import run_one
 from sim.cluster import ClusterSpec
+from sim.engine import Engine
+from sim.oracle import first_token_at
 from sim.policy_factory import PolicySpec, build_sim_policy
 from sim.records import CompletedRequest
 from sim.simulator import Simulator
@@ -173,3 +178,18 @@ def test_oracle_predicts_the_ttft_it_then_gets_when_alone() -> None:
     for rec in sink.records:
         assert rec.decision.worker_id == "a100-0"
         assert rec.decision.predicted_ttft_ms == pytest.approx(rec.ttft_s * 1000.0, rel=1e-9)
+
+
+def test_the_oracles_lookahead_runs_past_one_idle_iteration() -> None:
+    """An engine whose last running request just finished has an idle iteration before it admits the queued
+    ones (it evicts the finished requests' cache for them); the oracle's forward simulation goes on past it
+    as the simulator does, instead of calling the worker stuck (an infinite TTFT it would never pick)."""
+    engine = Engine("A10G")
+    for j in range(20):
+        engine.add(make_request(f"long{j}", 1800, max_new_tokens=300), 0.0)
+    t = 0.0
+    for _ in range(60):
+        t += engine.step(t).duration_s
+    assert engine.load().waiting > 0
+    first = first_token_at(engine, make_request("short", 800, max_new_tokens=16, arrival_s=t), t)
+    assert math.isfinite(first) and first > t

@@ -155,3 +155,28 @@ def test_own_prefill_is_the_estimate_on_an_idle_worker() -> None:
     assert np.allclose(both[1], own_prefill_ms(req, busy), rtol=1e-12)
     cached = cluster(1, matched=[2048.0], max_kv_tokens=[400_000])
     assert own_prefill_ms(req, cached)[0] < 0.5 * own_prefill_ms(req, cluster(1, max_kv_tokens=[400_000]))[0]
+
+
+def test_the_kv_wait_reads_the_outputs_the_worker_is_writing() -> None:
+    """On a worker whose KV is full of requests writing long outputs, a request asking for a short one still
+    waits for theirs: with the worker's recent output length (`recent_output_tokens`) the estimate comes
+    closer to the engine's TTFT than with the request's own `max_new_tokens` standing for every output (the
+    estimate before workers advertised it, and still where none has finished)."""
+    engine = Engine("A10G")
+    for j in range(20):
+        engine.add(make_request(f"long{j}", 1800, max_new_tokens=300), 0.0)
+    t = 0.0
+    for _ in range(60):  # past the first prefills: a full decode batch, the rest queued for memory
+        t += engine.step(t).duration_s
+    load = engine.load()
+    assert load.waiting > 0 and load.token_usage > 0.8
+    request = RequestInfo("short", 800, max_new_tokens=16)
+    true = true_ttft_ms(engine, make_request("short", 800, max_new_tokens=16), t)
+    view = engine_view([engine], [0.0])
+    own_only = estimate_ttft_ms(request, view)[0]
+    view.recent_output_tokens = np.array([300.0])
+    with_recent = estimate_ttft_ms(request, view)[0]
+    view.recent_output_tokens = np.array([16.0])
+    assert estimate_ttft_ms(request, view)[0] == pytest.approx(own_only)  # the same length: the same estimate
+    assert abs(np.log(with_recent / true)) < abs(np.log(own_only / true)), (own_only, with_recent, true)
+    assert 0.5 < with_recent / true < 2.0, (with_recent, true)

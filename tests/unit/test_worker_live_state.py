@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lodestar.schemas import InferenceRequest, RoutedRequest, RoutingDecision
-from workers.live_state import TTFT_EWMA_ALPHA, LiveState, estimate_uncached_tokens
+from lodestar.worker_averages import OUTPUT_ALPHA, TTFT_ALPHA
+from workers.live_state import LiveState, estimate_uncached_tokens
 from workers.sglang_client import EngineLoad
 
 
@@ -42,10 +43,24 @@ def test_recent_ttft_is_an_ewma_of_observed_ttfts():
     assert s.recent_ttft_ms == 100.0
     s.started("b", 1)
     s.finished("b", 200.0)
-    assert s.recent_ttft_ms == pytest.approx(100.0 + TTFT_EWMA_ALPHA * 100.0)
+    assert s.recent_ttft_ms == pytest.approx(100.0 + TTFT_ALPHA * 100.0)
     s.started("c", 1)
     s.finished("c", None)
-    assert s.recent_ttft_ms == pytest.approx(100.0 + TTFT_EWMA_ALPHA * 100.0)
+    assert s.recent_ttft_ms == pytest.approx(100.0 + TTFT_ALPHA * 100.0)
+
+
+def test_recent_output_is_an_ewma_of_completions_and_is_advertised():
+    s = LiveState("w1", "H100", "t")
+    s.started("a", 1)
+    s.finished("a", 50.0, 200)
+    assert s.recent_output_tokens == 200.0
+    s.started("b", 1)
+    s.finished("b", 50.0, 400)
+    assert s.recent_output_tokens == pytest.approx(200.0 + OUTPUT_ALPHA * 200.0)
+    for rid, tokens in (("c", None), ("d", 0)):  # failed before its first token, or nothing written: no sample
+        s.started(rid, 1)
+        s.finished(rid, None, tokens)
+    assert s.snapshot().recent_output_tokens == pytest.approx(200.0 + OUTPUT_ALPHA * 200.0)
 
 
 def test_snapshot_combines_engine_load_and_own_counts():
