@@ -1,7 +1,7 @@
 """The gateway in front of the real pipeline (an emulator, its worker, a dispatcher; the real Kafka broker and
 Redis): the official openai client for chat and completions, streamed and not, with n and logprobs, and its
 errors; a client that disconnects aborts its generation on the engine; two gateways each read only their own
-replies; plain Kafka clients and the client library stream too."""
+replies; plain Kafka clients, the client library and the demo's gateway traffic stream too."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 from gateway_stack import MODEL, GatewayPipeline, gateway_pipeline
 from worker_harness import TopicReader
 
+from app.gateway_traffic import GatewayTraffic
 from lodestar.client import LodestarClient
 from lodestar.kafka_admin import ensure_topics
 from lodestar.kafka_io import make_consumer, make_producer
@@ -215,3 +216,21 @@ async def test_the_client_library_streams(pipe: GatewayPipeline) -> None:
             pieces = [piece async for piece in reply]
         assert len(pieces) >= 2 and "".join(pieces) == reply.result.text
         assert reply.result.completion_tokens == 10
+
+
+async def test_the_demo_drives_its_traffic_through_a_gateway(pipe: GatewayPipeline) -> None:
+    """`lodestar up --gateway` (app.gateway_traffic): a request as the client library would send it, streamed
+    through the gateway and read back as an InferenceResult with the pipeline's id; a refused key is a rejection."""
+    request = InferenceRequest(prompt="Tell me a story", session_id="demo-s1",
+                               sampling=SamplingParams(max_new_tokens=8))
+    ids: list[str] = []
+    async with GatewayTraffic(pipe.urls[0], KEY, MODEL) as traffic:
+        traffic.on_request_id = ids.append
+        result = await traffic.request(request, timeout_s=60)
+    assert (result.status, result.request_id, result.completion_tokens) == ("ok", request.request_id, 8)
+    assert result.worker_id and result.ttft_ms is not None and 0 < result.ttft_ms <= result.e2e_ms
+    assert result.prompt_tokens > 0 and result.finish_reason == "length"
+    assert len(ids) == 1 and ids[0]  # the gateway's id of the request in the pipeline
+    async with GatewayTraffic(pipe.urls[0], "sk-not-a-key", MODEL) as refused:
+        rejected = await refused.request(request, timeout_s=60)
+    assert (rejected.status, rejected.error_status) == ("rejected", 401)
