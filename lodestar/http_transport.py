@@ -1,5 +1,5 @@
 """httpx on aiohttp: the transport of the HTTP clients that stream many responses at once (the worker's engine
-client, the gateway bench's load generator).
+client, the gateway bench's load generator, the demo's traffic through a gateway).
 
 httpx's own transport (httpcore, h11, anyio) costs about twice the CPU of aiohttp's per streamed response: its
 pure-Python HTTP/1.1 parser and layers run for every server-sent event, and its connection pool scans every
