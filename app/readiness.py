@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any
 
 import httpx
+from aiokafka.errors import GroupCoordinatorNotAvailableError, GroupLoadInProgressError, NotCoordinatorForGroupError
 
 from lodestar.kafka_admin import group_lag
 from lodestar.kafka_io import make_admin, make_consumer
@@ -31,6 +32,9 @@ class GroupState:
     @property
     def stable(self) -> bool:
         return self.state == "Stable"
+
+
+_COORDINATOR_NOT_READY = (GroupCoordinatorNotAvailableError, GroupLoadInProgressError, NotCoordinatorForGroupError)
 
 
 class StackProbes:
@@ -86,8 +90,13 @@ class StackProbes:
         return {w.worker_id for w in await self._registry.live_workers()}
 
     async def group(self, group_id: str) -> GroupState:
-        """The state and member client ids of a consumer group (`Dead`/empty if it has no members)."""
-        responses = await self._admin.describe_consumer_groups([group_id])
+        """The state and member client ids of a consumer group (`Dead`/empty if it has no members, or while the
+        broker has no coordinator for it yet: a fresh broker creates its offsets topic at the first group and
+        elects its leaders, and says so with these retriable errors, so a wait on the group goes on)."""
+        try:
+            responses = await self._admin.describe_consumer_groups([group_id])
+        except _COORDINATOR_NOT_READY:
+            return GroupState("Dead", ())
         for response in responses:
             for group in response.to_object()["groups"]:
                 if group["error_code"] == 0 and group["group"] == group_id:
