@@ -45,7 +45,6 @@ from sim.workloads import Slowdown, WorkloadRequest
 
 # Event kinds, in processing order among events of the same instant.
 _STEP_DONE, _EVENT, _ARRIVAL, _KICK = 0, 1, 2, 3
-# Smoothing of each worker's recent TTFT, as a worker reports it in its heartbeat.
 # Engine finish reasons that count as a successful completion (as bench_serving's `success`).
 _OK_REASONS = frozenset({"stop", "length"})
 
