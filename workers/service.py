@@ -506,8 +506,10 @@ class WorkerService:
                 # of the topic's fails its publishing too, which dead-letters the record (_publish_completed)
             finally:
                 self.metrics.inflight.dec()
-                self.state.finished(rid, *((gen.ttft_ms, gen.completion_tokens) if gen is not None else (None, None)))
-                if gen is not None:
+                if gen is None:
+                    self.state.finished(rid, None)
+                else:
+                    self.state.finished(rid, gen.ttft_ms, gen.completion_tokens)
                     tracing.record_usage(gen_span, input_tokens=gen.prompt_tokens, output_tokens=gen.completion_tokens,
                                          cached_tokens=gen.cached_tokens, finish_reason=gen.finish_reason)
         if error is not None:
