@@ -42,7 +42,6 @@ class WorkerCorrection:
         self._ids: list[str] = []
         self._pred = np.zeros(0)  # EWMA of (uncorrected) predictions for requests routed to the worker
         self._routed = np.zeros(0)
-        self._trusted = np.zeros(0, dtype=bool)  # routed >= MIN_ROUTED with a positive prediction
         self._log_factor = np.zeros(0)
         self._last_ms: float | None = None
         self._factors: np.ndarray | None = None  # what `factors` returned last, for the same workers
@@ -56,12 +55,11 @@ class WorkerCorrection:
         have = take >= 0
 
         def carry(arr: np.ndarray) -> np.ndarray:
-            out = np.zeros(len(ids), dtype=arr.dtype)
+            out = np.zeros(len(ids))
             out[have] = arr[take[have]]
             return out
 
         self._pred, self._routed, self._log_factor = carry(self._pred), carry(self._routed), carry(self._log_factor)
-        self._trusted = carry(self._trusted)
         self._ids = list(ids)
         self._factors = None
         return True
@@ -75,23 +73,17 @@ class WorkerCorrection:
             # No time to advance: the smoothing follows by 0 and forgets by a factor of 1, so the log factors
             # and therefore the factors are the last ones (finite recent TTFTs: the view's are validated).
             return self._factors
-        known = self._trusted & (view.recent_ttft_ms > 0)
+        known = (self._routed >= MIN_ROUTED) & (self._pred > 0) & (view.recent_ttft_ms > 0)
         g = self._log_factor
         count = np.count_nonzero(known)
         if count == 0 and not g.any():
             self._factors = np.ones(len(g))  # nothing measured yet: no correction, nothing to advance
             return self._factors
         if count >= 2:
-            if count == len(g):  # every worker measured: the same arithmetic without the masks
-                raw = np.log(view.recent_ttft_ms / self._pred)
-                raw -= np.partition(raw, count // 2)[count // 2]  # the (upper) median worker has no correction
-                follow = 1.0 - math.exp(-dt_s / self.time_constant_s)
-                g = g + follow * (raw - g)
-            else:
-                raw = np.log(np.where(known, view.recent_ttft_ms, 1.0) / np.where(known, self._pred, 1.0))
-                raw -= np.partition(raw[known], count // 2)[count // 2]
-                follow = 1.0 - math.exp(-dt_s / self.time_constant_s)
-                g = np.where(known, g + follow * (raw - g), g * math.exp(-dt_s / self.forget_s))
+            raw = np.log(np.where(known, view.recent_ttft_ms, 1.0) / np.where(known, self._pred, 1.0))
+            raw -= np.partition(raw[known], count // 2)[count // 2]  # the (upper) median worker has no correction
+            follow = 1.0 - math.exp(-dt_s / self.time_constant_s)
+            g = np.where(known, g + follow * (raw - g), g * math.exp(-dt_s / self.forget_s))
         else:
             g = g * math.exp(-dt_s / self.forget_s)
         self._log_factor = np.minimum(np.maximum(g, -self.max_log), self.max_log)
@@ -107,4 +99,3 @@ class WorkerCorrection:
         first = self._routed[index] == 0
         self._pred[index] = predicted_ms if first else prev + PREDICTION_ALPHA * (predicted_ms - prev)
         self._routed[index] += 1
-        self._trusted[index] = self._routed[index] >= MIN_ROUTED and self._pred[index] > 0
