@@ -44,7 +44,7 @@ from lodestar.features import (
     prior_matrix,
 )
 from lodestar.snapshot import Snapshot
-from lodestar.ttft_estimate import estimate_with_own_prefill_ms, own_prefill_ms
+from lodestar.ttft_estimate import estimate_with_own_prefill_ms
 from lodestar.ttft_model import TTFTModel
 
 NAME = "learned"
@@ -159,14 +159,16 @@ class LearnedPolicy:
             pred = np.where(outside, np.maximum(pred, prior), pred)
         return pred, full, True, own
 
-    def delay_cost(self, request: RequestInfo, view: ClusterView, own: np.ndarray | None = None) -> np.ndarray | float:
-        """What routing this request to each worker costs the requests already there (ms): its own prefill
-        time (`own`, or computed here) times the weighted count of requests outstanding and queued there."""
+    def delay_cost(self, view: ClusterView, own: np.ndarray | None) -> np.ndarray | float:
+        """What routing the request to each worker costs the requests already there (ms): its own prefill
+        time there (`own`, from `predict`: None only when both weights are 0) times the weighted count of
+        requests outstanding and queued there."""
         if self.delay_outstanding == 0 and self.delay_queued == 0:
             return 0.0
+        assert own is not None
         queued = np.maximum(view.inflight - view.running, view.waiting)
         weight = self.delay_outstanding * outstanding_requests(view) + self.delay_queued * queued
-        return (own_prefill_ms(request, view) if own is None else own) * weight
+        return own * weight
 
     def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
         """The candidate with the least cost: predicted (and per-worker corrected) TTFT plus the delay its
@@ -174,7 +176,7 @@ class LearnedPolicy:
         require_workers(view)
         pred, x, learned, own = self.predict(request, view)
         ttft = pred if self.correction is None else pred * self.correction.factors(view)
-        cost = ttft + self.delay_cost(request, view, own)
+        cost = ttft + self.delay_cost(view, own)
         index = argmin_random_tie_array(cost, self._rng)
         if self.correction is not None:
             self.correction.routed(index, float(pred[index]))
