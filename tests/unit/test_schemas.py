@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from lodestar.schemas import (
     SCHEMA_VERSION,
@@ -71,3 +72,15 @@ def test_worker_state_redis_round_trip() -> None:
     mapping = {k.encode(): v.encode() for k, v in state.to_redis().items()}
     back = WorkerState.from_redis(mapping)
     assert back.running == 3 and back.draining is True and back.gpu_type == "A30"
+
+
+@pytest.mark.parametrize("field", ["recent_ttft_ms", "recent_output_tokens"])
+@pytest.mark.parametrize("bad", ["inf", "nan", "-1", "many"])
+def test_worker_state_averages_from_redis_are_finite_and_not_negative(field: str, bad: str) -> None:
+    """A worker's advertised averages reach the TTFT estimate: a hash with one that is not a finite, non-negative
+    number is unreadable (the registry then lists no such worker), and a good one round-trips."""
+    state = WorkerState(worker_id="w0", gpu_type="A30", topic="lodestar.worker.w0", **{field: 182.5})
+    mapping = state.to_redis()
+    assert getattr(WorkerState.from_redis(mapping), field) == 182.5
+    with pytest.raises(ValidationError, match=field):
+        WorkerState.from_redis({**mapping, field: bad})
