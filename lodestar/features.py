@@ -23,7 +23,7 @@ import numpy as np
 
 from lodestar.cluster_view import ClusterView, Decision, GpuSetMemo, RequestInfo
 from lodestar.hardware import GPUS, REFERENCE_GPU, gpu
-from lodestar.ttft_estimate import cached_tokens, estimate_with_own_prefill_ms
+from lodestar.ttft_estimate import CostTerms, cached_tokens, estimate_with_cost_terms_ms
 
 FEATURE_NAMES: tuple[str, ...] = (
     "prompt_tokens",
@@ -89,13 +89,14 @@ _mem_bw = GpuSetMemo(_relative_mem_bw)  # once per worker set, not per decision
 
 def candidate_matrix(request: RequestInfo, view: ClusterView) -> np.ndarray:
     """Features of (request, worker i) for every worker at once: shape (n_workers, N_FEATURES)."""
-    return candidate_matrix_with_own_prefill(request, view, own=False)[0]
+    return candidate_matrix_with_cost_terms(request, view, terms=False)[0]
 
 
-def candidate_matrix_with_own_prefill(request: RequestInfo, view: ClusterView, own: bool = True
-                                      ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The candidate matrix and (with `own`) the request's own prefill time per worker
-    (lodestar.ttft_estimate.own_prefill_ms), from the one pass that computes the estimate column."""
+def candidate_matrix_with_cost_terms(request: RequestInfo, view: ClusterView, terms: bool = True
+                                     ) -> tuple[np.ndarray, CostTerms | None]:
+    """The candidate matrix and (with `terms`) the estimate's cost terms per worker (the request's own prefill
+    time and the iteration in progress, lodestar.ttft_estimate.CostTerms), from the one pass that computes
+    the estimate column."""
     n = view.size
     x = np.empty((n, N_FEATURES), dtype=np.float64)
     prompt = float(request.prompt_tokens)
@@ -113,7 +114,7 @@ def candidate_matrix_with_own_prefill(request: RequestInfo, view: ClusterView, o
     x[:, 6] = view.inflight
     x[:, 7] = view.pending_prefill_tokens
     x[:, 8] = view.kv_usage
-    estimate, own_ms = estimate_with_own_prefill_ms(request, view, own=own, cached=matched)
+    estimate, cost_terms = estimate_with_cost_terms_ms(request, view, terms=terms, cached=matched)
     _fill_prior_columns(x, view.gpu_speed, mem_bw, estimate)
     x[:, 11] = view.recent_ttft_ms
     x[:, 12] = uncached / speed
@@ -127,7 +128,7 @@ def candidate_matrix_with_own_prefill(request: RequestInfo, view: ClusterView, o
     free = np.where(known, (1.0 - np.minimum(np.maximum(view.kv_usage, 0.0), 1.0)) * view.max_kv_tokens, 0.0)
     x[:, 16] = free
     x[:, 17] = np.where(known, backlog / np.maximum(free, 1.0), 0.0)
-    return x, own_ms
+    return x, cost_terms
 
 
 # The features of a worker's GPU alone: constant while the worker set is. A model that reads only these (and

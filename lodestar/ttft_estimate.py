@@ -11,7 +11,10 @@ come from `engine_coefficients.json` beside this module, exported from sim/engin
 scripts/export_engine_coefficients.py (a test keeps them equal to the engine model's).
 
 What the router cannot see makes this an estimate, not a simulation: the composition of the queue (its
-attention cost assumes equal-length fresh prompts), when running requests will finish (the KV wait assumes
+attention cost assumes equal-length fresh prompts), the running requests' contexts (a decode step reads every
+sequence's KV, shared prefixes included, so the estimate takes each running request as long as this request's
+prompt plus half the worker's typical output, or the KV usage where that is more), which iteration the engine is in (with a
+prefill backlog queued, the longer of a decode step and a prefill chunk), when running requests will finish (the KV wait assumes
 they are halfway through outputs as long as the worker's recent completions, and is pessimistic about it),
 whether a prefix the router's index matches is still in the engine's cache (the index holds a whole KV
 pool's worth of blocks, the engine shares that pool with its running requests, so on a busy small-memory
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -119,9 +123,16 @@ def _prefill_iteration_s(c: _Coefficients, tokens: np.ndarray | float, gemm: np.
 _HIT_AND_MISS = np.array([[1.0], [0.0]])  # row 0: the prefix as matched; row 1: nothing cached (stale match)
 
 
+class CostTerms(NamedTuple):
+    """Per worker (ms), from the estimate's pass: what a routing cost adds to the predicted TTFT."""
+
+    own_prefill_ms: np.ndarray  # the request's own prefill there (`own_prefill_ms`): what it delays others by
+    iteration_ms: np.ndarray  # the engine iteration in progress there; the estimate waits for half of it
+
+
 def estimate_ttft_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL) -> np.ndarray:
-    """Estimated TTFT (ms) of `request` on every worker of `view` (see `estimate_with_own_prefill_ms`)."""
-    return estimate_with_own_prefill_ms(request, view, model, own=False)[0]
+    """Estimated TTFT (ms) of `request` on every worker of `view` (see `estimate_with_cost_terms_ms`)."""
+    return estimate_with_cost_terms_ms(request, view, model, terms=False)[0]
 
 
 def cached_tokens(request: RequestInfo, view: ClusterView) -> np.ndarray:
@@ -130,17 +141,23 @@ def cached_tokens(request: RequestInfo, view: ClusterView) -> np.ndarray:
     return np.minimum(view.matched_prefix_tokens, max(float(request.prompt_tokens) - 1.0, 0.0))
 
 
-def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL,
-                                 own: bool = True, cached: np.ndarray | None = None
-                                 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Estimated TTFT (ms) of `request` on every worker of `view`, and (with `own`) its own prefill time
-    there as `own_prefill_ms` computes it, from the terms they share in one pass. Each is the expected value
-    over the risk that the matched prefix is no longer cached (then the whole prompt is prefilled).
-    `cached` is `cached_tokens(request, view)` when the caller has it already.
+def estimate_with_cost_terms_ms(request: RequestInfo, view: ClusterView, model: str = DEFAULT_MODEL,
+                                terms: bool = True, cached: np.ndarray | None = None
+                                ) -> tuple[np.ndarray, CostTerms | None]:
+    """Estimated TTFT (ms) of `request` on every worker of `view`, and (with `terms`) its own prefill time
+    there as `own_prefill_ms` computes it and the iteration in progress, from one pass. TTFT and own prefill
+    are the expected value over the risk that the matched prefix is no longer cached (then the whole prompt
+    is prefilled). `cached` is `cached_tokens(request, view)` when the caller has it already.
 
-    TTFT = half the iteration in progress (a prefill chunk if a backlog is queued, else a decode step)
+    TTFT = half the iteration in progress (a decode step of the running batch; with a prefill backlog
+           queued, the longer of that and a prefill chunk: the backlog may be waiting for the decode step
+           to end or be in its prefill, the router cannot tell which)
          + the backlog's and this request's uncached tokens in chunked prefill iterations, with attention
          + a wait for KV memory when they and their outputs do not fit (see below).
+    A decode step reads every running sequence's KV, a shared prefix once per sequence: the context it
+    reads is the larger of the KV in use and the running count times this request's prompt plus half the
+    worker's typical output (the running requests' own lengths are not visible; a pool of shared system
+    prompts uses little KV for many long contexts).
     KV admission: SGLang admits a prefill only if its tokens plus the output it may still write fit beside
     what the running requests may still write (scaled by its new-token ratio, KV_RESERVE_RATIO here);
     otherwise it waits for running requests to finish. This request's output is its `max_new_tokens`; the
@@ -175,14 +192,14 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     decoding = running > 0
 
     # Worker state terms (shape n).
+    half = 0.5 * others_out
     decode_step = c.fixed + running * c.decode_per_seq
     decode_step += gemm[0]
     decode_step += np.maximum(running * c.lm_flop, c.lm_weight)
-    decode_step += used * c.dec_ctx
+    decode_step += np.maximum(used, running * (prompt + half)) * c.dec_ctx
     decode_step *= decoding
-    in_progress = np.where(busy, _prefill_iteration_s(c, chunk, gemm[1]), decode_step)
+    in_progress = np.maximum(np.where(busy, _prefill_iteration_s(c, chunk, gemm[1]), 0.0), decode_step)
     state_s = 0.5 * in_progress + backlog * backlog / np.maximum(view.waiting, 1.0) * c.half_attn_flop
-    half = 0.5 * others_out
     free = view.max_kv_tokens - used - (KV_RESERVE_RATIO * half) * running
     finishes_per_token = ((view.max_kv_tokens > 0) & decoding) / (used / np.maximum(running, 1.0)
                                                                   + KV_RESERVE_RATIO * half)
@@ -192,22 +209,24 @@ def estimate_with_own_prefill_ms(request: RequestInfo, view: ClusterView, model:
     # backlog and its uncached tokens (`total`), then, for its own prefill time, its uncached tokens alone.
     hit, stale_risk = _match_rows(request, view, kv_usage, cached)
     k = len(hit)
-    tokens = np.empty((2 * k if own else k, n))
-    uncached = np.subtract(prompt, hit, out=tokens[k:]) if own else prompt - hit
+    tokens = np.empty((2 * k if terms else k, n))
+    uncached = np.subtract(prompt, hit, out=tokens[k:]) if terms else prompt - hit
     total = np.add(backlog, uncached, out=tokens[:k])
     prefill = _chunked_prefill_s(c, tokens)
     finishes = np.maximum(total + queued_out, 0.0) * finishes_per_token
     kv_steps = half * np.minimum(finishes, 1.0) + np.maximum(finishes - 1.0, 0.0) * (others_out / (running + 1.0))
     own_attn = _own_attention_s(c, hit, uncached)
-    seconds = np.empty((2 if own else 1, k, n))  # TTFT, then the own prefill time
+    seconds = np.empty((2 if terms else 1, k, n))  # TTFT, then the own prefill time
     ttft = np.add(state_s, prefill[:k], out=seconds[0])
     ttft += own_attn
     ttft += kv_steps * decode_step
-    if own:
-        np.add(prefill[k:], own_attn, out=seconds[1])
+    if not terms:
+        seconds *= 1000.0
+        return _expected(seconds, stale_risk)[0], None
+    np.add(prefill[k:], own_attn, out=seconds[1])
     seconds *= 1000.0
     expected = _expected(seconds, stale_risk)
-    return expected[0], (expected[1] if own else None)
+    return expected[0], CostTerms(expected[1], in_progress * 1000.0)
 
 
 def _others_output_tokens(view: ClusterView, out: float) -> np.ndarray | float:

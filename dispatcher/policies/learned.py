@@ -19,7 +19,10 @@ its predicted TTFT plus the request's own prefill time there (lodestar.ttft_esti
 times a weighted count of the requests outstanding and queued on it. A long uncached prompt then goes
 where it holds up the fewest others; a short or cached one, whose prefill is cheap, still goes where
 its TTFT is least. Greedy per-request TTFT (the oracle's objective) loses to cache-affine heuristics on
-small-KV pools with shared prefixes; this term is what closes that gap (docs/learning.md).
+small-KV pools with shared prefixes; this term is what closes that gap (docs/learning.md). The cost also
+counts the whole engine iteration in progress where the predicted TTFT counts its expected half: a request
+arriving just after a long decode step started waits all of it, and that is the tail, so between a cached
+worker with a big batch and an equal one with a small batch the cost takes the small one.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from lodestar.features import (
     FEATURE_INDEX,
     GPU_FEATURES,
     PRIOR_FEATURES,
-    candidate_matrix_with_own_prefill,
+    candidate_matrix_with_cost_terms,
     gpu_matrix,
     prior_matrix,
 )
 from lodestar.snapshot import Snapshot
-from lodestar.ttft_estimate import estimate_with_own_prefill_ms
+from lodestar.ttft_estimate import CostTerms, estimate_with_cost_terms_ms
 from lodestar.ttft_model import TTFTModel
 
 NAME = "learned"
@@ -68,7 +71,8 @@ def _gpu_terms(model: TTFTModel, gpu_types: tuple[str, ...], gpu_speed: np.ndarr
 
 class LearnedPolicy:
     """Least cost: the predicted TTFT (the analytic estimate, corrected by the learned model once it beats the
-    estimate) plus the delay the request's own prefill adds to the requests already on the worker."""
+    estimate), plus the delay the request's own prefill adds to the requests already on the worker, plus the
+    tail of the wait for the iteration in progress there."""
 
     name = NAME
 
@@ -87,10 +91,15 @@ class LearnedPolicy:
         delay_queued: Annotated[float, Field(ge=0, le=10, description=(
             "routing cost per request queued on a worker and not yet started, in the same unit: a congested "
             "worker's backlog grows behind this prefill"))] = 0.5,
+        iteration_risk: Annotated[float, Field(ge=0, le=4, description=(
+            "routing cost per engine iteration in progress on a worker, in units of the half of it that the "
+            "predicted TTFT does not count: 1 counts the whole iteration (the wait's worst case, which makes "
+            "the tail), 0 only its expected half"))] = 1.0,
         seed: int = 0,
     ):
         self.delay_outstanding = delay_outstanding
         self.delay_queued = delay_queued
+        self.iteration_risk = iteration_risk
         self.correction = WorkerCorrection() if worker_correction else None
         self.require_validated = require_validated
         self.check_range = check_range
@@ -125,29 +134,32 @@ class LearnedPolicy:
     def _model_usable(self) -> bool:
         return self.model is not None and (self.model.validated or not self.require_validated)
 
+    def _terms_needed(self) -> bool:
+        return self.delay_outstanding > 0 or self.delay_queued > 0 or self.iteration_risk > 0
+
     def predict(self, request: RequestInfo, view: ClusterView
-                ) -> tuple[np.ndarray, np.ndarray | None, bool, np.ndarray | None]:
+                ) -> tuple[np.ndarray, np.ndarray | None, bool, CostTerms | None]:
         """Predicted TTFT (ms) per candidate, the full candidate matrix if it was computed, whether the
-        learned model made the prediction, and the request's own prefill time per candidate when the
-        estimate was computed with it (the delay cost needs it; one pass gives both)."""
-        own_needed = self.delay_outstanding > 0 or self.delay_queued > 0
+        learned model made the prediction, and the estimate's cost terms per candidate (the request's own
+        prefill time, the iteration in progress) when the cost uses them (one pass gives both)."""
+        terms_needed = self._terms_needed()
         if not self._model_usable():
-            estimate, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
-            return estimate, None, False, own
+            estimate, terms = estimate_with_cost_terms_ms(request, view, terms=terms_needed)
+            return estimate, None, False, terms
         model = self.model
         assert model is not None
         full: np.ndarray | None = None
         if self._evaluation is _BY_GPU:
             assert self._gpu_part is not None
-            prior, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
+            prior, terms = estimate_with_cost_terms_ms(request, view, terms=terms_needed)
             network, outside = self._gpu_part(view)
             pred = model.predict_from(network, prior)
         else:
             if self._evaluation is _BY_PRIOR:
-                prior, own = estimate_with_own_prefill_ms(request, view, own=own_needed)
+                prior, terms = estimate_with_cost_terms_ms(request, view, terms=terms_needed)
                 x = prior_matrix(view, prior)
             else:
-                x, own = candidate_matrix_with_own_prefill(request, view, own=own_needed)
+                x, terms = candidate_matrix_with_cost_terms(request, view, terms=terms_needed)
                 full, prior = x, x[:, _ESTIMATE_COLUMN]
             if self.check_range:
                 pred, outside = model.predict_and_range(x)
@@ -157,26 +169,30 @@ class LearnedPolicy:
                 pred, outside = model.predict(x), None
         if self.check_range and outside is not None:
             pred = np.where(outside, np.maximum(pred, prior), pred)
-        return pred, full, True, own
+        return pred, full, True, terms
 
-    def delay_cost(self, view: ClusterView, own: np.ndarray | None) -> np.ndarray | float:
-        """What routing the request to each worker costs the requests already there (ms): its own prefill
-        time there (`own`, from `predict`: None only when both weights are 0) times the weighted count of
-        requests outstanding and queued there."""
-        if self.delay_outstanding == 0 and self.delay_queued == 0:
+    def extra_cost(self, view: ClusterView, terms: CostTerms | None) -> np.ndarray | float:
+        """What the cost adds to each worker's predicted TTFT (ms), from the estimate's terms (`predict`; None
+        only when every weight is 0): what routing the request there costs the requests already there (its own
+        prefill time times the weighted count of requests outstanding and queued there), and the half of the
+        iteration in progress that the prediction does not wait for, times `iteration_risk`."""
+        if terms is None:
             return 0.0
-        assert own is not None
         queued = np.maximum(view.inflight - view.running, view.waiting)
         weight = self.delay_outstanding * outstanding_requests(view) + self.delay_queued * queued
-        return own * weight
+        cost = terms.own_prefill_ms * weight
+        if self.iteration_risk:
+            cost += (0.5 * self.iteration_risk) * terms.iteration_ms
+        return cost
 
     def choose(self, request: RequestInfo, view: ClusterView) -> Decision:
         """The candidate with the least cost: predicted (and per-worker corrected) TTFT plus the delay its
-        prefill adds to the requests already there; random among exact ties."""
+        prefill adds to the requests already there and the tail of the iteration in progress; random among
+        exact ties."""
         require_workers(view)
-        pred, x, learned, own = self.predict(request, view)
+        pred, x, learned, terms = self.predict(request, view)
         ttft = pred if self.correction is None else pred * self.correction.factors(view)
-        cost = ttft + self.delay_cost(view, own)
+        cost = ttft + self.extra_cost(view, terms)
         index = argmin_random_tie_array(cost, self._rng)
         if self.correction is not None:
             self.correction.routed(index, float(pred[index]))

@@ -13,13 +13,13 @@ from lodestar.features import (
     N_FEATURES,
     as_dict,
     candidate_matrix,
-    candidate_matrix_with_own_prefill,
+    candidate_matrix_with_cost_terms,
     chosen_features,
     column_indices,
     from_dict,
 )
 from lodestar.hardware import relative_speed
-from lodestar.ttft_estimate import estimate_with_own_prefill_ms
+from lodestar.ttft_estimate import estimate_with_cost_terms_ms
 
 
 def view() -> ClusterView:
@@ -104,14 +104,17 @@ def test_the_chosen_row_alone_equals_its_row_of_the_full_matrix(prompt: int) -> 
     assert chosen_features(req, v, Decision(index=0, worker_id="a", policy="p", features=given)) is given
 
 
-def test_the_matrix_with_the_own_prefill_time_is_the_matrix_and_the_estimates_own_prefill_time() -> None:
-    """One pass for the full-feature model path: the same matrix and the same own prefill time, to the bit."""
+def test_the_matrix_with_the_cost_terms_is_the_matrix_and_the_estimates_cost_terms() -> None:
+    """One pass for the full-feature model path: the same matrix and the same cost terms, to the bit."""
     req = RequestInfo("r", 4000, max_new_tokens=300)
     v = view()
-    x, own = candidate_matrix_with_own_prefill(req, v)
+    x, terms = candidate_matrix_with_cost_terms(req, v)
     assert np.array_equal(x, candidate_matrix(req, v))
-    assert own is not None and np.array_equal(own, estimate_with_own_prefill_ms(req, v)[1])
-    assert candidate_matrix_with_own_prefill(req, v, own=False)[1] is None
+    expected = estimate_with_cost_terms_ms(req, v)[1]
+    assert terms is not None and expected is not None
+    assert np.array_equal(terms.own_prefill_ms, expected.own_prefill_ms)
+    assert np.array_equal(terms.iteration_ms, expected.iteration_ms)
+    assert candidate_matrix_with_cost_terms(req, v, terms=False)[1] is None
 
 
 def test_gpu_values_are_kept_per_worker_set_and_never_stale() -> None:

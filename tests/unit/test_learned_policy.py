@@ -13,7 +13,7 @@ from dispatcher.policies.registry import follows_snapshots, make_policy
 from lodestar.cluster_view import ClusterView
 from lodestar.features import ESTIMATE_FEATURE, FEATURE_INDEX, N_FEATURES, candidate_matrix
 from lodestar.snapshot import Snapshot, SnapshotError
-from lodestar.ttft_estimate import estimate_ttft_ms, own_prefill_ms
+from lodestar.ttft_estimate import estimate_ttft_ms, estimate_with_cost_terms_ms, own_prefill_ms
 from lodestar.ttft_model import TTFTModel
 
 REQ = request(2000)
@@ -70,14 +70,34 @@ def test_the_cost_adds_the_delay_the_prefill_imposes_on_the_requests_already_the
     view = cluster(3, gpu_types=["H100", "A100", "L4"], running=[12, 3, 0], inflight=[14, 5, 1], waiting=[1, 0, 1],
                    pending_prefill_tokens=[900, 0, 300], matched=[0, 512, 0], kv_usage=[0.4, 0.7, 0.1],
                    max_kv_tokens=[400_000, 400_000, 25_000])
-    p = LearnedPolicy(delay_outstanding=0.2, delay_queued=0.7)
+    p = LearnedPolicy(delay_outstanding=0.2, delay_queued=0.7, iteration_risk=0.0)
     d = p.choose(REQ, view)
     queued = np.maximum(view.inflight - view.running, view.waiting)
     delay = own_prefill_ms(REQ, view) * (0.2 * outstanding_requests(view) + 0.7 * queued)
     assert np.allclose(-d.scores, estimate_ttft_ms(REQ, view) + delay)
     assert d.predicted_ttft_ms == pytest.approx(estimate_ttft_ms(REQ, view)[d.index])  # a TTFT, not the cost
-    zero = LearnedPolicy(delay_outstanding=0, delay_queued=0).choose(REQ, view)
+    zero = LearnedPolicy(delay_outstanding=0, delay_queued=0, iteration_risk=0.0).choose(REQ, view)
     assert np.allclose(-zero.scores, estimate_ttft_ms(REQ, view))
+    # the iteration risk adds its share of the iteration in progress, and nothing to the predicted TTFT
+    terms = estimate_with_cost_terms_ms(REQ, view)[1]
+    assert terms is not None
+    risky = LearnedPolicy(delay_outstanding=0.2, delay_queued=0.7, iteration_risk=1.5).choose(REQ, view)
+    assert np.allclose(-risky.scores, estimate_ttft_ms(REQ, view) + delay + 0.75 * terms.iteration_ms)
+    assert risky.predicted_ttft_ms == pytest.approx(estimate_ttft_ms(REQ, view)[risky.index])
+
+
+def test_the_cost_counts_the_whole_iteration_in_progress() -> None:
+    """Both workers hold the prompt. w1 decodes fewer requests but has an 800-token prefill queued: a request
+    arriving there may wait all of a long prefill iteration. With the expected half of the iteration only
+    (iteration_risk 0) w1 costs less; the default counts the whole iteration and takes w0."""
+    view = cluster(2, gpu_types=["L40S", "L40S"], running=[32, 16], inflight=[32, 17], waiting=[0, 1],
+                   pending_prefill_tokens=[0, 800], matched=[1600, 1600], kv_usage=[0.1, 0.05],
+                   max_kv_tokens=[185_000] * 2)
+    req = request(1700)
+    terms = estimate_with_cost_terms_ms(req, view)[1]
+    assert terms is not None and terms.iteration_ms[1] > terms.iteration_ms[0] > 0
+    assert LearnedPolicy(iteration_risk=0.0).choose(req, view).worker_id == "w1"
+    assert LearnedPolicy().choose(req, view).worker_id == "w0"
 
 
 def test_a_long_prefill_avoids_stalling_many_decoding_requests() -> None:

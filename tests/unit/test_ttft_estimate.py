@@ -12,7 +12,7 @@ from engine_driver import make_request
 from policy_views import cluster
 
 from lodestar.cluster_view import ClusterView, RequestInfo
-from lodestar.ttft_estimate import estimate_ttft_ms, estimate_with_own_prefill_ms, gpu_coefficients, own_prefill_ms
+from lodestar.ttft_estimate import estimate_ttft_ms, estimate_with_cost_terms_ms, gpu_coefficients, own_prefill_ms
 from sim.engine import Engine, EngineRequest
 from sim.oracle import first_token_at
 
@@ -118,6 +118,47 @@ def test_decode_step_in_progress_is_waited_for() -> None:
     assert est == pytest.approx(true, rel=0.05)
 
 
+def shared_prefix_batch(gpu: str, n: int) -> Engine:
+    """An engine decoding `n` requests that share one 1,600-token system prompt (little KV for long contexts)."""
+    engine = Engine(gpu)
+    for j in range(n):
+        engine.add(make_request(f"s{j}", 1700, max_new_tokens=400, prefix_id=5, shared_blocks=100), 0.0)
+    t = 0.0
+    while engine.load().waiting or engine.load().pending_prefill_tokens:
+        t += engine.step(t).duration_s
+    return engine
+
+
+@pytest.mark.parametrize("gpu", ["L40S", "H100"])
+def test_a_decode_step_reads_every_sequences_shared_prefix(gpu: str) -> None:
+    """A decode batch sharing one system prompt uses little KV but reads the prompt once per sequence: a short
+    request arriving mid-step waits for that step, which the estimate follows (the KV usage alone, ~0.1 of a
+    big pool, would put the step at half its length)."""
+    engine = shared_prefix_batch(gpu, 64)
+    assert engine.load().token_usage < 0.2
+    step = engine.step(0.0).duration_s
+    arrival = step / 2
+    est = estimate_ttft_ms(RequestInfo("x", 1700), engine_view([engine], [1600.0]))[0]
+    late = make_request("x", 1700, arrival_s=arrival, prefix_id=5, shared_blocks=100)
+    true = (first_token_at(engine, late, step) - arrival) * 1000.0
+    assert est == pytest.approx(true, rel=0.15)
+
+
+def test_the_cost_terms_carry_the_iteration_in_progress() -> None:
+    """The iteration the estimate waits half of: none on an idle worker, the decode step of a running batch, and
+    with a backlog queued at least that step (the backlog may be waiting for it to end)."""
+    req = RequestInfo("x", 500)
+    idle = estimate_with_cost_terms_ms(req, cluster(1, max_kv_tokens=[185_000]))[1]
+    decoding = estimate_with_cost_terms_ms(req, cluster(1, running=[40], inflight=[40],
+                                                       max_kv_tokens=[185_000]))[1]
+    backlog = estimate_with_cost_terms_ms(req, cluster(1, running=[40], inflight=[41], waiting=[1],
+                                                      pending_prefill_tokens=[200], max_kv_tokens=[185_000]))[1]
+    assert idle is not None and decoding is not None and backlog is not None
+    assert idle.iteration_ms[0] == 0.0
+    assert decoding.iteration_ms[0] > 10.0
+    assert backlog.iteration_ms[0] >= decoding.iteration_ms[0]
+
+
 def test_orders_workers_like_the_engines() -> None:
     """Across GPU types and loads, the estimate ranks candidates as their true TTFTs do."""
     rng = np.random.default_rng(11)
@@ -150,9 +191,9 @@ def test_own_prefill_is_the_estimate_on_an_idle_worker() -> None:
     busy = cluster(3, gpu_types=["H100", "A30", "L4"], running=[8, 8, 8], waiting=[2, 2, 2],
                    pending_prefill_tokens=[4000, 4000, 4000], max_kv_tokens=[400_000, 37_800, 25_000])
     assert (own_prefill_ms(req, busy) < estimate_ttft_ms(req, busy)).all()
-    both = estimate_with_own_prefill_ms(req, busy)  # one pass, the same numbers
+    both = estimate_with_cost_terms_ms(req, busy)  # one pass, the same numbers
     assert np.array_equal(both[0], estimate_ttft_ms(req, busy)) and both[1] is not None
-    assert np.allclose(both[1], own_prefill_ms(req, busy), rtol=1e-12)
+    assert np.allclose(both[1].own_prefill_ms, own_prefill_ms(req, busy), rtol=1e-12)
     cached = cluster(1, matched=[2048.0], max_kv_tokens=[400_000])
     assert own_prefill_ms(req, cached)[0] < 0.5 * own_prefill_ms(req, cluster(1, max_kv_tokens=[400_000]))[0]
 
