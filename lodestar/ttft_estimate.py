@@ -13,13 +13,13 @@ scripts/export_engine_coefficients.py (a test keeps them equal to the engine mod
 What the router cannot see makes this an estimate, not a simulation: the composition of the queue (its
 attention cost assumes equal-length fresh prompts), the running requests' contexts (a decode step reads every
 sequence's KV, shared prefixes included, so the estimate takes each running request as long as this request's
-prompt plus half the worker's typical output, or the KV usage where that is more), which iteration the engine is in (with a
-prefill backlog queued, the longer of a decode step and a prefill chunk), when running requests will finish (the KV wait assumes
-they are halfway through outputs as long as the worker's recent completions, and is pessimistic about it),
-whether a prefix the router's index matches is still in the engine's cache (the index holds a whole KV
-pool's worth of blocks, the engine shares that pool with its running requests, so on a busy small-memory
-GPU some matches are already evicted: the estimate is the expected TTFT over that risk), and a worker
-running slower than its GPU type. The learned policy corrects it online (dispatcher/policies/learned.py).
+prompt plus half the worker's typical output, or the KV usage where that is more), which iteration the engine
+is in (with a prefill backlog queued, the longer of a decode step and a prefill chunk), when running requests
+will finish (the KV wait assumes they are halfway through outputs as long as the worker's recent completions,
+and is pessimistic about it), whether a prefix the router's index matches is still in the engine's cache (the
+index holds a whole KV pool's worth of blocks, the engine shares that pool with its running requests, so on a
+busy small-memory GPU some matches are already evicted: the estimate is the expected TTFT over that risk), and
+a worker running slower than its GPU type. The learned policy corrects it online (dispatcher/policies/learned.py).
 """
 
 from __future__ import annotations
@@ -220,13 +220,11 @@ def estimate_with_cost_terms_ms(request: RequestInfo, view: ClusterView, model: 
     ttft = np.add(state_s, prefill[:k], out=seconds[0])
     ttft += own_attn
     ttft += kv_steps * decode_step
-    if not terms:
-        seconds *= 1000.0
-        return _expected(seconds, stale_risk)[0], None
-    np.add(prefill[k:], own_attn, out=seconds[1])
+    if terms:
+        np.add(prefill[k:], own_attn, out=seconds[1])
     seconds *= 1000.0
     expected = _expected(seconds, stale_risk)
-    return expected[0], CostTerms(expected[1], in_progress * 1000.0)
+    return expected[0], (CostTerms(expected[1], in_progress * 1000.0) if terms else None)
 
 
 def _others_output_tokens(view: ClusterView, out: float) -> np.ndarray | float:
